@@ -1,0 +1,1 @@
+"""mmfl: multi-modal federated prompt tuning on frozen CLIP-style backbones."""

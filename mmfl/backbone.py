@@ -1,0 +1,237 @@
+"""The frozen CLIP-style backbone: the only module that touches open_clip and tower internals."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+_CONFIGS_REGISTERED = False
+
+
+def register_model_configs() -> None:
+    """Register mmfl's bundled open_clip model configs (idempotent)."""
+    global _CONFIGS_REGISTERED
+    if _CONFIGS_REGISTERED:
+        return
+    open_clip.add_model_config(Path(__file__).parent / "model_configs")
+    _CONFIGS_REGISTERED = True
+
+
+def _check_model_name(model_name: str, pretrained: str | None) -> None:
+    """Raise a clear error for an unknown model name or a pretrained tag/path that cannot be found."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if model_name not in known:
+        close = [m for m in known if model_name.lower().split("-")[0] in m.lower()][:8]
+        raise ValueError(
+            f"backbone.model_name={model_name!r} is not an open_clip model. "
+            f"Similar names: {close or known[:8]}. Use a name from open_clip.list_models(), an "
+            "'hf-hub:org/repo' id, or register a config with open_clip.add_model_config()."
+        )
+    if pretrained is None or pretrained == "":
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained in tags:
+        return
+    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(
+                f"backbone.pretrained={pretrained!r}: no such checkpoint file. Give an existing path, "
+                f"a pretrained tag of {model_name!r} ({tags or 'none known'}), or null for random weights."
+            )
+        return
+    raise ValueError(
+        f"backbone.pretrained={pretrained!r} is neither a pretrained tag of {model_name!r} "
+        f"({tags or 'none known'}) nor a checkpoint file path. Use null for random weights."
+    )
+
+
+class Backbone:
+    """A frozen open_clip model with the hooks prompt methods need.
+
+    The backbone is deliberately *not* an ``nn.Module``: modules that hold it (one per client) do not
+    own its weights, so its parameters never appear in their state dicts or checkpoints, Lightning's
+    ``train()`` never flips it out of eval mode, and one instance serves every client in the process.
+
+    Args:
+        model_name: an open_clip model name (``open_clip.list_models()``), an ``hf-hub:`` id, or a
+            config registered with ``open_clip.add_model_config``. mmfl registers ``mmfl-tiny``.
+        pretrained: an open_clip pretrained tag (e.g. ``openai``), a local checkpoint path, or
+            ``None`` for random weights.
+        device: where the frozen model lives at first; ``to()`` moves it.
+        precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
+        cache_dir: where open_clip caches downloaded weights.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "mmfl-tiny",
+        pretrained: str | None = None,
+        device: str = "cpu",
+        precision: str = "fp32",
+        cache_dir: str | None = None,
+    ) -> None:
+        register_model_configs()
+        _check_model_name(model_name, pretrained)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=pretrained or None,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+        )
+        self.model: nn.Module = model
+        self.preprocess_train: Callable[[Any], Tensor] = preprocess_train
+        self.preprocess_val: Callable[[Any], Tensor] = preprocess_val
+        self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self._hf = isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder)
+        # Native open_clip text transformer: attributes live on CLIP itself or on CustomTextCLIP.text.
+        self._text = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+        if self._text is None:
+            raise TypeError(f"{model_name!r} has no text tower mmfl knows how to drive.")
+        log.info(
+            "backbone %s (pretrained=%s): %.1f M frozen params, embed_dim=%d, text_width=%d",
+            model_name,
+            pretrained,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            self.embed_dim,
+            self.text_width,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        """Device of the frozen weights."""
+        return next(self.model.parameters()).device
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the joint image-text space."""
+        return int(self.model.embed_dim) if hasattr(self.model, "embed_dim") else self._probe_embed_dim()
+
+    @property
+    def text_width(self) -> int:
+        """Width of the text tower's token embeddings."""
+        return int(self._token_embedding().embedding_dim)
+
+    @property
+    def context_length(self) -> int:
+        """Number of tokens the tokenizer produces per text."""
+        return int(self.tokenizer.context_length)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """The model's learned log temperature; logits use ``logit_scale.exp()``. Shape []."""
+        return self.model.logit_scale.detach().reshape(())
+
+    @property
+    def pad_token_id(self) -> int:
+        """Id of the padding token."""
+        if self._hf:
+            return int(self.model.text.config.pad_token_id)
+        return int(getattr(self._text, "pad_id", 0))
+
+    def to(self, device: torch.device | str) -> Backbone:
+        """Move the frozen weights (no-op when already there)."""
+        if self.device != torch.device(device):
+            self.model.to(device)
+        return self
+
+    def _probe_embed_dim(self) -> int:
+        with torch.no_grad():
+            return int(self.encode_text(self.tokenize(["a"])).shape[-1])
+
+    # ------------------------------------------------------------------ text
+    def _token_embedding(self) -> nn.Embedding:
+        if self._hf:
+            return self.model.text.transformer.get_input_embeddings()
+        return self._text.token_embedding
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Tokenize texts into ids padded to the context length. Returns [N, L] long."""
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Token ids [N, L] → input token embeddings [N, L, W] (no positions added)."""
+        return self._token_embedding()(tokens.to(self.device))
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Encode token ids [N, L] → unnormalised joint-space features [N, D] (open_clip's path)."""
+        return self.model.encode_text(tokens.to(self.device))
+
+    def encode_text_embeds(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+        """Encode token embeddings through the text tower.
+
+        ``encode_text_embeds(embed_tokens(t), t)`` equals ``encode_text(t)``; prompt methods replace
+        some of the embeddings with learned vectors. ``tokens`` decide padding and pooling (the EOT
+        position), so learned vectors must sit where the placeholder tokens were.
+
+        Args:
+            embeds: token embeddings [N, L, W].
+            tokens: the token ids they stand for [N, L].
+
+        Returns:
+            Unnormalised joint-space features [N, D].
+        """
+        tokens = tokens.to(embeds.device)
+        if self._hf:
+            return self._encode_hf_embeds(embeds, tokens)
+        return self._encode_native_embeds(embeds, tokens)
+
+    def _encode_hf_embeds(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+        text = self.model.text
+        attn_mask = (tokens != text.config.pad_token_id).long()  # [N, L]
+        out = text.transformer(inputs_embeds=embeds, attention_mask=attn_mask)
+        pooled = text.pooler(out, attn_mask)  # [N, W]
+        return text.proj(pooled)  # [N, D]
+
+    def _encode_native_embeds(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+        t = self._text
+        cast_dtype = t.transformer.get_cast_dtype()
+        x = embeds.to(cast_dtype)  # [N, L, W]
+        seq_len = x.shape[1]
+        cls_emb = getattr(t, "cls_emb", None)
+        if cls_emb is not None:  # CoCa-style appended class token
+            x = torch.cat([x, cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+            seq_len += 1
+        attn_mask = t.attn_mask
+        if attn_mask is not None:
+            attn_mask = attn_mask[:seq_len, :seq_len]
+        if getattr(t, "use_pad_mask", False) or cls_emb is not None:
+            add_mask = t._build_additive_mask(tokens, seq_len, x.dtype)  # [N*H, L, L]
+            attn_mask = add_mask if attn_mask is None else attn_mask.unsqueeze(0) + add_mask
+        x = x + t.positional_embedding[:seq_len].to(cast_dtype)
+        x = t.transformer(x, attn_mask=attn_mask)
+        if cls_emb is not None:
+            pooled = t.ln_final(x[:, -1])  # [N, W]
+        else:
+            x = t.ln_final(x)
+            pool_type = getattr(t, "text_pool_type", None) or getattr(t, "pool_type", "argmax")
+            eos_id = getattr(t, "text_eos_id", None) or getattr(t, "eos_id", None)
+            pooled = open_clip.transformer.text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
+        proj = t.text_projection
+        if proj is None:
+            return pooled
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # [N, D]
+
+    # ------------------------------------------------------------------ image
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Encode preprocessed images [B, 3, H, W] → unnormalised joint-space features [B, D]."""
+        return self.model.encode_image(images.to(self.device))
+
+    def __repr__(self) -> str:
+        return f"Backbone({self.model_name!r}, pretrained={self.pretrained!r})"

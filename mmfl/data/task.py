@@ -1,0 +1,199 @@
+"""Task: one label set with its data source, modality and clients; and its preparation into client data."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import IidPartitioner, Partitioner
+
+from mmfl.data.sources import DataSource
+from mmfl.federated.scopes import check_name
+from mmfl.modalities import get_modality_class
+
+log = logging.getLogger(__name__)
+
+LABEL = "label"
+
+
+@dataclass
+class Task:
+    """One task of a federation: a label set, where its data comes from, and who holds it.
+
+    Args:
+        name: task name (used in payload keys and reports).
+        data: the data source (``class_path`` in a recipe).
+        modality: name of the registered modality its clients hold.
+        clients: number of clients the train split is partitioned over.
+        partitioner: a flwr-datasets partitioner class, built with ``clients`` as its first argument
+            (e.g. ``DirichletPartitioner`` with ``partition_by: label, alpha: 0.5``); IID when None.
+        shots: keep at most this many training examples per class on each client (few-shot).
+        local_test_fraction: share of each client's partition held out as its local test set.
+        max_test_examples: cap on the task's test split (a fixed subset), for quick runs.
+        class_names: label names when the label column has none (or to rename them).
+        templates: hand-written prompt templates (``{}`` = class name) for zero-shot class features.
+    """
+
+    name: str
+    data: DataSource
+    modality: str = "image"
+    clients: int = 1
+    partitioner: Callable[[int], Partitioner] | None = None
+    shots: int | None = None
+    local_test_fraction: float = 0.0
+    max_test_examples: int | None = None
+    class_names: list[str] | None = None
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+
+
+@dataclass
+class ClientData:
+    """The data one client holds."""
+
+    cid: str
+    task: str
+    modality: str
+    train: datasets.Dataset
+    test: datasets.Dataset | None = None
+
+
+@dataclass
+class PreparedTask:
+    """A task with its data loaded, checked, normalised and partitioned."""
+
+    task: Task
+    class_names: list[str]
+    input_key: str
+    test: datasets.Dataset
+    clients: list[ClientData]
+
+    @property
+    def name(self) -> str:
+        """The task's name."""
+        return self.task.name
+
+    @property
+    def modality(self) -> str:
+        """The task's modality name."""
+        return self.task.modality
+
+
+def check_task(task: Task) -> None:
+    """Cheap checks of a task's settings (no data loaded). Raises ValueError naming the problem."""
+    check_name("task", task.name)
+    check_name("modality", task.modality)
+    get_modality_class(task.modality)  # unknown modality → error listing the available ones
+    if task.clients < 1:
+        raise ValueError(f"task {task.name!r}: clients must be >= 1, got {task.clients}")
+    if task.shots is not None and task.shots < 1:
+        raise ValueError(f"task {task.name!r}: shots must be >= 1 or null, got {task.shots}")
+    if not 0.0 <= task.local_test_fraction < 1.0:
+        raise ValueError(f"task {task.name!r}: local_test_fraction must be in [0, 1)")
+    if not task.templates or any("{}" not in t for t in task.templates):
+        raise ValueError(f"task {task.name!r}: every template needs a '{{}}' for the class name")
+
+
+def _class_names(task: Task, ds: datasets.Dataset, label_column: str) -> list[str]:
+    feature = ds.features[label_column]
+    labels = np.asarray(ds[label_column])
+    if task.class_names is not None:
+        names = list(task.class_names)
+    elif isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    else:
+        raise ValueError(
+            f"task {task.name!r}: label column {label_column!r} of {task.data.describe()} has no class names "
+            "(it is not a ClassLabel). Give them in the recipe: tasks[].class_names: [name0, name1, ...]"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
+        raise ValueError(
+            f"task {task.name!r}: labels run from {labels.min()} to {labels.max()} but there are "
+            f"{len(names)} class names; labels must be integers in [0, {len(names)})"
+        )
+    return names
+
+
+def _normalise(task: Task, split: str, ds: datasets.Dataset, input_key: str) -> datasets.Dataset:
+    src = task.data
+    missing = [c for c in (src.input_column, src.label_column) if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"task {task.name!r}: the {split} split of {src.describe()} has no column(s) {missing}; it has "
+            f"{ds.column_names}. Set the data source's input_column / label_column."
+        )
+    ds = ds.select_columns([src.input_column, src.label_column])
+    renames = {src.input_column: input_key, src.label_column: LABEL}
+    renames = {k: v for k, v in renames.items() if k != v}
+    if input_key == LABEL and src.input_column != LABEL:
+        raise ValueError(f"modality input key {input_key!r} clashes with the label column")
+    if renames:
+        ds = ds.rename_columns(renames)
+    return ds
+
+
+def _few_shot(ds: datasets.Dataset, shots: int, seed: int) -> datasets.Dataset:
+    """At most ``shots`` examples per class, chosen by a seeded permutation."""
+    labels = np.asarray(ds[LABEL])
+    order = np.random.default_rng(seed).permutation(len(labels))
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        c = int(labels[i])
+        if taken.get(c, 0) < shots:
+            taken[c] = taken.get(c, 0) + 1
+            keep.append(int(i))
+    return ds.select(sorted(keep))
+
+
+def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
+    """Load, check, normalise and partition one task's data.
+
+    Raises:
+        ValueError: missing columns, labels without names, or an empty client partition.
+    """
+    check_task(task)
+    input_key = get_modality_class(task.modality).input_key
+    dd = task.data.load()
+    for split in ("train", "test"):
+        if split not in dd:
+            raise ValueError(f"task {task.name!r}: {task.data.describe()} has no {split!r} split")
+    train = _normalise(task, "train", dd["train"], input_key)
+    test = _normalise(task, "test", dd["test"], input_key)
+    class_names = _class_names(task, dd["train"], task.data.label_column)
+    _class_names(task, dd["test"], task.data.label_column)
+    if task.max_test_examples is not None and len(test) > task.max_test_examples:
+        test = test.shuffle(seed=0).select(range(task.max_test_examples)).flatten_indices()
+
+    partitioner = (task.partitioner or IidPartitioner)(task.clients)
+    partitioner.dataset = train
+    clients = []
+    for i in range(task.clients):
+        part = partitioner.load_partition(i)
+        if task.shots is not None:
+            part = _few_shot(part, task.shots, seed + i)
+        local_test = None
+        if task.local_test_fraction > 0 and len(part) > 1:
+            split = part.train_test_split(test_size=task.local_test_fraction, seed=seed + i)
+            part, local_test = split["train"], split["test"]
+        if len(part) == 0:
+            raise ValueError(
+                f"task {task.name!r}: client {i} of {task.clients} got no training examples; "
+                "use fewer clients or a less skewed partitioner"
+            )
+        clients.append(
+            ClientData(f"{task.name}/{task.modality}/{i}", task.name, task.modality, part, local_test)
+        )
+    log.info(
+        "task %s (%s, %d classes): %d train examples over %d clients (%s), %d test",
+        task.name,
+        task.modality,
+        len(class_names),
+        sum(len(c.train) for c in clients),
+        task.clients,
+        type(partitioner).__name__,
+        len(test),
+    )
+    return PreparedTask(task, class_names, input_key, test, clients)

@@ -1,0 +1,349 @@
+"""In-process federation: all clients in one process, one shared frozen backbone, Lightning training."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmfl.backbone import Backbone
+from mmfl.data.loader import make_loader
+from mmfl.data.task import ClientData, PreparedTask
+from mmfl.federated.aggregate import Aggregator, FedAvg, Update, aggregate
+from mmfl.federated.checkpoint import save_state
+from mmfl.federated.metrics import MetricsWriter
+from mmfl.modalities import get_modality
+from mmfl.module import ClientModule, OptimizerFactory, default_optimizer
+from mmfl.prompts.base import TrainablePart
+
+log = logging.getLogger(__name__)
+
+PartFactory = Callable[[Backbone, list[str]], TrainablePart]
+"""Builds one client's part from the backbone and the task's class names (a ``class_path`` in recipes)."""
+
+
+@dataclass
+class Federation:
+    """How the server runs rounds.
+
+    Args:
+        rounds: number of rounds.
+        fraction: share of clients sampled each round.
+        min_clients: sample at least this many clients per round.
+        aggregator: how each tensor's copies are merged within its scope group.
+        eval_every: evaluate every task's test split every this many rounds (and after the last).
+    """
+
+    rounds: int = 5
+    fraction: float = 1.0
+    min_clients: int = 1
+    aggregator: Aggregator = field(default_factory=FedAvg)
+    eval_every: int = 1
+
+
+@dataclass
+class LocalTraining:
+    """How each client trains in a round (and how evaluation batches are formed).
+
+    Args:
+        epochs: local epochs per round.
+        max_steps: stop local training after this many optimizer steps (-1: no limit).
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size.
+        optimizer: builds the optimizer over the trainable parameters (``class_path`` in recipes,
+            e.g. ``torch.optim.AdamW`` with ``init_args: {lr: 0.01}``).
+        accelerator: Lightning accelerator (``auto`` picks a GPU when there is one).
+        precision: Lightning precision (``32-true``, ``bf16-mixed``, ...).
+        num_workers: DataLoader worker processes.
+    """
+
+    epochs: int = 1
+    max_steps: int = -1
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: OptimizerFactory = default_optimizer
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    num_workers: int = 0
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any values (independent of Python's hash randomisation)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _Client:
+    data: ClientData
+    task: PreparedTask
+    module: ClientModule
+
+
+class Simulation:
+    """Runs a federation in this process.
+
+    Clients are (task, modality, data partition). Each round a fraction of them is sampled; each loads
+    the global tensors of its keys, trains with a fresh Lightning ``Trainer``, and replies with its
+    non-local trainable tensors and example count; the server merges each key over the clients that
+    returned it and evaluates every task on its test split. All clients share the one ``backbone``.
+
+    Args:
+        backbone: the frozen backbone shared by every client.
+        tasks: prepared tasks (see :func:`mmfl.data.prepare_task`).
+        parts: factories of the trainable parts each client owns.
+        training: local training settings.
+        federation: round settings.
+        seed: seeds initial tensors, client sampling, data order and training.
+        output_dir: where ``metrics.csv`` and ``global.safetensors`` go (None: write nothing).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        tasks: Sequence[PreparedTask],
+        parts: Sequence[PartFactory],
+        training: LocalTraining | None = None,
+        federation: Federation | None = None,
+        seed: int = 0,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.tasks = list(tasks)
+        self.part_factories = list(parts)
+        self.training = training or LocalTraining()
+        self.federation = federation or Federation()
+        self.seed = seed
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.round = 0
+        if self.federation.rounds < 0 or not 0 < self.federation.fraction <= 1:
+            raise ValueError("federation.rounds must be >= 0 and federation.fraction in (0, 1]")
+
+        seed_all(seed)
+        self.clients: list[_Client] = []
+        for task in self.tasks:
+            for data in task.clients:
+                self.clients.append(_Client(data, task, self.build_module(task)))
+        if not self.clients:
+            raise ValueError("the federation has no clients: give at least one task")
+        # The server's initial state: each key's tensor from the first client that holds it.
+        self.global_state: dict[str, Tensor] = {}
+        for c in self.clients:
+            for k, v in c.module.trainable_state_dict(include_local=False).items():
+                self.global_state.setdefault(k, v)
+        self._evaluators: dict[str, ClientModule] = {}
+        self.metrics = MetricsWriter(None)
+        if self.output_dir is not None:
+            self.attach_output(self.output_dir)
+
+    def attach_output(self, output_dir: str | Path) -> None:
+        """Write ``metrics.csv`` and ``global.safetensors`` to ``output_dir`` from now on."""
+        self.output_dir = Path(output_dir)
+        self.metrics = MetricsWriter(self.output_dir / "metrics.csv")
+
+    # ---------------------------------------------------------------- building
+    def build_module(self, task: PreparedTask) -> ClientModule:
+        """A fresh ClientModule for a client of ``task``, sharing this simulation's backbone."""
+        parts = [f(self.backbone, task.class_names) for f in self.part_factories]
+        return ClientModule(
+            self.backbone,
+            get_modality(task.modality),
+            task.name,
+            task.class_names,
+            parts,
+            optimizer=self.training.optimizer,
+            templates=task.task.templates,
+        )
+
+    def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
+        return L.Trainer(
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            accelerator=self.training.accelerator,
+            devices=1,
+            precision=self.training.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+
+    def _loader(self, task: PreparedTask, ds, train: bool, seed: int = 0):
+        modality = get_modality(task.modality)
+        bs = self.training.batch_size if train else self.training.eval_batch_size
+        return make_loader(
+            ds,
+            task.input_key,
+            modality.transform(self.backbone, train),
+            bs,
+            shuffle=train,
+            seed=seed,
+            num_workers=self.training.num_workers,
+        )
+
+    # ---------------------------------------------------------------- one round
+    def sample(self, rnd: int) -> list[int]:
+        """Indices of the clients sampled in round ``rnd`` (deterministic in seed and round)."""
+        n = len(self.clients)
+        k = min(n, max(self.federation.min_clients, math.ceil(self.federation.fraction * n)))
+        rng = np.random.default_rng([self.seed, rnd])
+        return sorted(rng.choice(n, size=k, replace=False).tolist())
+
+    def fit_client(self, client: _Client, rnd: int) -> tuple[Update, dict[str, float]]:
+        """Load the global tensors, train locally, and return the reply and training metrics."""
+        module = client.module
+        module.load_trainable_state_dict(self.global_state)
+        s = derived_seed(self.seed, rnd, client.data.cid)
+        seed_all(s)
+        loader = self._loader(client.task, client.data.train, train=True, seed=s)
+        trainer = self._trainer(self.training.epochs, self.training.max_steps)
+        trainer.fit(module, train_dataloaders=loader)
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        update = Update(
+            client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train)
+        )
+        return update, {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
+
+    def evaluate(self, module: ClientModule, task: PreparedTask, ds) -> dict[str, float]:
+        """Test loss and accuracy of ``module`` on ``ds``."""
+        trainer = self._trainer()
+        out = trainer.test(module, dataloaders=self._loader(task, ds, train=False), verbose=False)[0]
+        return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
+
+    def evaluator(self, task: PreparedTask) -> ClientModule:
+        """A module per task that holds the global tensors (local tensors at their initial values)."""
+        if task.name + "/" + task.modality not in self._evaluators:
+            self._evaluators[task.name + "/" + task.modality] = self.build_module(task)
+        module = self._evaluators[task.name + "/" + task.modality]
+        module.load_trainable_state_dict(self.global_state)
+        return module
+
+    def evaluate_tasks(self, rnd: int) -> dict[str, float]:
+        """Evaluate every task on its test split with the global tensors; record the rows."""
+        accs = {}
+        for task in self.tasks:
+            m = self.evaluate(self.evaluator(task), task, task.test)
+            self.metrics.add(
+                rnd, "task", task.name, task.modality, "", "test", m["loss"], m["accuracy"], len(task.test)
+            )
+            accs[f"{task.name}/{task.modality}"] = m["accuracy"]
+        for c in self.clients:
+            if c.data.test is not None and len(c.data.test):
+                c.module.load_trainable_state_dict(self.global_state)
+                m = self.evaluate(c.module, c.task, c.data.test)
+                self.metrics.add(
+                    rnd,
+                    "client",
+                    c.task.name,
+                    c.task.modality,
+                    c.data.cid,
+                    "local_test",
+                    m["loss"],
+                    m["accuracy"],
+                    len(c.data.test),
+                )
+        return accs
+
+    def run_round(self, rnd: int) -> dict[str, Tensor]:
+        """One round: sample, fit, merge. Returns the merged tensors."""
+        updates = []
+        for i in self.sample(rnd):
+            c = self.clients[i]
+            update, m = self.fit_client(c, rnd)
+            self.metrics.add(
+                rnd,
+                "client",
+                c.task.name,
+                c.task.modality,
+                c.data.cid,
+                "fit",
+                m["loss"],
+                m["accuracy"],
+                update.num_examples,
+            )
+            updates.append(update)
+        merged = aggregate(updates, self.federation.aggregator)
+        self.global_state.update(merged)
+        return merged
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Tensor]:
+        """Run all rounds (evaluating before round 1 and every ``eval_every`` rounds).
+
+        Returns:
+            The final global trainable state.
+        """
+        rounds = self.federation.rounds
+        with warnings.catch_warnings(), _quiet_lightning():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings(
+                "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
+            )
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+            accs = self.evaluate_tasks(0)
+            self.metrics.flush()
+            log.info("round 0/%d (before training): test accuracy %s", rounds, _fmt(accs))
+            for rnd in range(1, rounds + 1):
+                t0 = time.perf_counter()
+                n = len(self.sample(rnd))
+                self.run_round(rnd)
+                self.round = rnd
+                fit_loss = self.metrics.mean(rnd, "fit", "loss")
+                msg = f"round {rnd}/{rounds}: {n}/{len(self.clients)} clients done, fit loss {fit_loss:.4f}"
+                if rnd % self.federation.eval_every == 0 or rnd == rounds:
+                    accs = self.evaluate_tasks(rnd)
+                    msg += f", test accuracy {_fmt(accs)}"
+                self.metrics.flush()
+                if self.output_dir is not None:
+                    save_state(
+                        self.output_dir / "global.safetensors",
+                        self.global_state,
+                        {"round": str(rnd), "rounds": str(rounds), "backbone": self.backbone.model_name},
+                    )
+                log.info("%s (%.1f s)", msg, time.perf_counter() - t0)
+        return self.global_state
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer banners (one Trainer per client per round)."""
+    loggers = [
+        logging.getLogger(n)
+        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _fmt(accs: dict[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
+
+
+def unique_backbones(objs: Iterable[object]) -> int:
+    """How many distinct Backbone objects ``objs`` refer to (used by tests and sanity checks)."""
+    return len({id(getattr(o, "backbone", None)) for o in objs})

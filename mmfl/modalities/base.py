@@ -1,0 +1,38 @@
+"""Modality: how one kind of input becomes a joint-space feature."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from mmfl.backbone import Backbone
+from mmfl.prompts.base import TrainablePart
+
+
+class Modality(ABC):
+    """One input modality (image, text, audio, or a plugin's).
+
+    A modality names the dataset column its inputs live in (``input_key``), turns one raw example
+    into a tensor (``transform``) and encodes a batch into the joint space (``encode``).
+    Subclasses are registered under the entry-point group ``mmfl.modalities`` (or with
+    :func:`mmfl.modalities.register_modality`) and looked up by ``name``.
+    """
+
+    name: ClassVar[str]
+    input_key: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Python packages this modality needs beyond mmfl's own; checked when it is used."""
+
+    @abstractmethod
+    def transform(self, backbone: Backbone, train: bool) -> Callable[[Any], Tensor]:
+        """A per-example function: raw column value → input tensor (e.g. [3, H, W])."""
+
+    @abstractmethod
+    def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
+        """Encode a batch of inputs [B, ...] → unnormalised joint-space features [B, D]."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

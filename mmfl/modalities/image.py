@@ -1,0 +1,42 @@
+"""The image modality: PIL images through the backbone's vision tower."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from mmfl.backbone import Backbone
+from mmfl.modalities.base import Modality
+from mmfl.prompts.base import TrainablePart
+
+
+class ImageModality(Modality):
+    """Images (a ``datasets.Image`` column, PIL images or arrays) → the frozen vision tower.
+
+    Args:
+        augment: use the backbone's training transform (random resized crop) when training;
+            the evaluation transform otherwise.
+    """
+
+    name = "image"
+    input_key = "image"
+
+    def __init__(self, augment: bool = False) -> None:
+        self.augment = augment
+
+    def transform(self, backbone: Backbone, train: bool) -> Callable[[Any], Tensor]:
+        """PIL image (any mode) → normalised tensor [3, H, W] by the backbone's preprocessing."""
+        preprocess = backbone.preprocess_train if (train and self.augment) else backbone.preprocess_val
+
+        def apply(image: Any) -> Tensor:
+            if hasattr(image, "convert"):
+                image = image.convert("RGB")
+            return preprocess(image)
+
+        return apply
+
+    def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
+        """Images [B, 3, H, W] → joint-space features [B, D]."""
+        return backbone.encode_image(x)

@@ -1,0 +1,200 @@
+"""ClientModule: one client's training and evaluation as a LightningModule."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmfl.backbone import Backbone
+from mmfl.data.task import LABEL
+from mmfl.federated.scopes import is_local, qualify
+from mmfl.modalities.base import Modality
+from mmfl.prompts.base import TrainablePart
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum, lr 0.002 — CoOp's setting."""
+    return torch.optim.SGD(params, lr=0.002, momentum=0.9)
+
+
+@torch.no_grad()
+def zero_shot_text_features(
+    backbone: Backbone, class_names: Sequence[str], templates: Sequence[str]
+) -> Tensor:
+    """Hand-written prompt features: templates filled with each class name, normalised, averaged over
+    templates and normalised again (CLIP's prompt ensembling). Returns [C, D]."""
+    names = [c.replace("_", " ") for c in class_names]
+    texts = [t.format(c) for c in names for t in templates]
+    feats = F.normalize(backbone.encode_text(backbone.tokenize(texts)).float(), dim=-1)  # [C*T, D]
+    feats = feats.view(len(names), len(templates), -1).mean(dim=1)  # [C, D]
+    return F.normalize(feats, dim=-1)
+
+
+class ClientModule(L.LightningModule):
+    """One client: frozen backbone + its trainable parts, for one task on one modality.
+
+    ``logits = exp(logit_scale) · norm(f_x) · norm(f_t)ᵀ``, where ``f_x`` comes from the modality's
+    encoder and ``f_t`` from the text part (or from hand-written templates when no part provides
+    class text features). Only the parts' parameters are optimised; the backbone is held by
+    reference and never appears in this module's state dict or checkpoints.
+
+    Args:
+        backbone: the shared frozen backbone.
+        modality: the input modality.
+        task: task name (scope key of ``task`` tensors).
+        class_names: label names of the task, in label order.
+        parts: the client's trainable parts (distinct ``part_name``\\ s).
+        optimizer: builds the optimizer from the trainable parameters.
+        templates: hand-written prompt templates for the zero-shot class features.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        modality: Modality,
+        task: str,
+        class_names: Sequence[str],
+        parts: Sequence[TrainablePart] = (),
+        optimizer: OptimizerFactory = default_optimizer,
+        templates: Sequence[str] = ("a photo of a {}.",),
+    ) -> None:
+        super().__init__()
+        names = [p.part_name for p in parts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"parts must have distinct names, got {names}; set `name:` on one of them")
+        text_parts = [
+            p for p in parts if type(p).class_text_features is not TrainablePart.class_text_features
+        ]
+        if len(text_parts) > 1:
+            raise ValueError(f"at most one part may provide class text features, got {names}")
+        self.backbone = backbone  # plain attribute: Backbone is not an nn.Module
+        self.modality = modality
+        self.task = task
+        self.class_names = list(class_names)
+        self.parts = nn.ModuleDict({p.part_name: p for p in parts})
+        self.text_part = text_parts[0] if text_parts else None
+        self.optimizer_factory = optimizer
+        self.templates = list(templates)
+        self._zs_text: Tensor | None = None
+        n = len(self.class_names)
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+
+    # ---------------------------------------------------------------- trainable state
+    def _qualified(self) -> Iterable[tuple[str, nn.Parameter]]:
+        for part_name, part in self.parts.items():
+            for pname, param in part.named_parameters():
+                key = qualify(part.scope_of(pname), self.task, self.modality.name, f"{part_name}.{pname}")
+                yield key, param
+
+    def trainable_keys(self, include_local: bool = True) -> list[str]:
+        """Scope-qualified keys of this client's trainable tensors."""
+        return [k for k, _ in self._qualified() if include_local or not is_local(k)]
+
+    def trainable_state_dict(self, include_local: bool = True) -> dict[str, Tensor]:
+        """Trainable tensors by scope-qualified key (``task/digits/coop.ctx``), detached copies on CPU.
+
+        Args:
+            include_local: also return ``local/...`` tensors (never sent to a server).
+        """
+        return {
+            k: p.detach().to("cpu", copy=True)
+            for k, p in self._qualified()
+            if include_local or not is_local(k)
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor], strict: bool = False) -> list[str]:
+        """Copy the tensors of this client's keys from ``state`` (other keys are ignored).
+
+        Args:
+            state: tensors by qualified key, e.g. the server's global state.
+            strict: require every non-local key of this client to be present.
+
+        Returns:
+            The keys that were loaded.
+
+        Raises:
+            KeyError: ``strict`` and a key is missing. ValueError: a shape does not match.
+        """
+        loaded = []
+        for key, param in self._qualified():
+            if key not in state:
+                if strict and not is_local(key):
+                    raise KeyError(f"client of task {self.task!r}: state has no tensor {key!r}")
+                continue
+            value = state[key]
+            if value.shape != param.shape:
+                raise ValueError(f"{key}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
+            with torch.no_grad():
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+            loaded.append(key)
+        return loaded
+
+    # ---------------------------------------------------------------- forward
+    def class_text_features(self) -> Tensor:
+        """Normalised class features [C, D]: from the text part, else the zero-shot templates (cached)."""
+        if self.text_part is not None:
+            return F.normalize(self.text_part.class_text_features(), dim=-1)
+        if self._zs_text is None or self._zs_text.device != self.device:
+            self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(
+                self.device
+            )
+        return self._zs_text
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Inputs [B, ...] → class logits [B, C]."""
+        f_x = F.normalize(self.modality.encode(self.backbone, x, list(self.parts.values())), dim=-1)  # [B, D]
+        f_t = self.class_text_features()  # [C, D]
+        return self.backbone.logit_scale.exp() * f_x @ f_t.to(f_x.dtype).t()  # [B, C]
+
+    def _step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> Tensor:
+        x, y = batch[self.modality.input_key], batch[LABEL]
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        metric(logits, y)
+        bs = y.shape[0]
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+        self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Cross-entropy on one batch; logs ``train_loss`` and ``train_acc``."""
+        return self._step(batch, self.train_acc, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Logs ``val_loss`` and ``val_acc``."""
+        self._step(batch, self.val_acc, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Logs ``test_loss`` and ``test_acc``."""
+        self._step(batch, self.test_acc, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The configured optimizer over the trainable parts only."""
+        params = [p for p in self.parts.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"client of task {self.task!r} has nothing to train: add a part to `parts`")
+        return self.optimizer_factory(params)
+
+    def setup(self, stage: str) -> None:
+        """Put the shared backbone on this module's device (a no-op when it already is)."""
+        self.backbone.to(self.device)
+
+    def on_fit_start(self) -> None:
+        """Move the backbone once the Trainer has placed this module, and keep it frozen in eval mode."""
+        self.backbone.to(self.device)
+        self.backbone.model.eval()
+
+    on_test_start = on_fit_start
+    on_validation_start = on_fit_start

@@ -1,0 +1,66 @@
+"""TrainablePart: the base of every trainable piece a client owns, with per-parameter scopes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from mmfl.backbone import Backbone
+from mmfl.federated.scopes import check_scope
+
+
+class TrainablePart(nn.Module):
+    """A small trainable module attached to a frozen :class:`~mmfl.backbone.Backbone`.
+
+    Every parameter carries a scope (see DESIGN.md): ``global``, ``task``, ``modality``,
+    ``task_modality`` or ``local``. ``scope`` applies to all parameters; ``scopes`` overrides it
+    per parameter name (e.g. ``{"ctx": "local"}``).
+
+    Subclasses take ``(backbone, class_names, ...)`` as their first two arguments, so a recipe can
+    name them by ``class_path`` and mmfl builds one per client.
+
+    Hooks (override what the part provides; the defaults say "not provided"):
+        ``class_text_features()``: class text features [C, D] that replace the hand-written prompts.
+
+    Args:
+        backbone: the shared frozen backbone (held by reference, never as a submodule).
+        class_names: the client's task label names, in label order.
+        name: the part's name in payload keys (``<scope key>/<name>.<param>``).
+        scope: the default scope of its parameters.
+        scopes: per-parameter scope overrides.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        class_names: list[str],
+        name: str,
+        scope: str = "task",
+        scopes: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not name or "/" in name or "." in name:
+            raise ValueError(f"part name {name!r} must be non-empty and contain no '/' or '.'")
+        self.backbone = backbone  # not an nn.Module: stays out of state_dict and .train()
+        self.class_names = list(class_names)
+        self.part_name = name
+        self.scope = check_scope(scope)
+        self.scopes = {k: check_scope(v) for k, v in (scopes or {}).items()}
+
+    def scope_of(self, param_name: str) -> str:
+        """Scope of one of this part's parameters (``param_name`` as in ``named_parameters()``)."""
+        return self.scopes.get(param_name, self.scope)
+
+    def check_scopes(self) -> None:
+        """Raise if ``scopes`` names a parameter this part does not have."""
+        names = {n for n, _ in self.named_parameters()}
+        unknown = sorted(set(self.scopes) - names)
+        if unknown:
+            raise ValueError(
+                f"part {self.part_name!r}: scopes name unknown parameters {unknown}; it has {sorted(names)}"
+            )
+
+    def class_text_features(self) -> Tensor | None:
+        """Class text features [C, D] built with learned prompts, or None if this part has none."""
+        return None
