@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -26,17 +27,22 @@ def register_model_configs() -> None:
     _CONFIGS_REGISTERED = True
 
 
-def _check_model_name(model_name: str, pretrained: str | None) -> None:
-    """Raise a clear error for an unknown model name or a pretrained tag/path that cannot be found."""
+def check_backbone_args(model_name: str, pretrained: str | None) -> None:
+    """Raise a clear error for an unknown model name or a pretrained tag/path that cannot be found.
+
+    Cheap (builds nothing), so recipes are checked before any long work.
+    """
+    register_model_configs()
     if model_name.startswith(("hf-hub:", "local-dir:")):
         return
     known = open_clip.list_models()
     if model_name not in known:
-        close = [m for m in known if model_name.lower().split("-")[0] in m.lower()][:8]
+        close = difflib.get_close_matches(model_name, known, n=6, cutoff=0.5)
+        hint = f"Close names: {', '.join(close)}. " if close else ""
         raise ValueError(
-            f"backbone.model_name={model_name!r} is not an open_clip model. "
-            f"Similar names: {close or known[:8]}. Use a name from open_clip.list_models(), an "
-            "'hf-hub:org/repo' id, or register a config with open_clip.add_model_config()."
+            f"backbone.model_name={model_name!r} is not an open_clip model. {hint}Use a name from "
+            "open_clip.list_models(), an 'hf-hub:org/repo' id, or register a config with "
+            "open_clip.add_model_config()."
         )
     if pretrained is None or pretrained == "":
         return
@@ -81,8 +87,7 @@ class Backbone:
         precision: str = "fp32",
         cache_dir: str | None = None,
     ) -> None:
-        register_model_configs()
-        _check_model_name(model_name, pretrained)
+        check_backbone_args(model_name, pretrained)
         self.model_name = model_name
         self.pretrained = pretrained
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(

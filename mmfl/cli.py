@@ -8,9 +8,9 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from mmfl.backbone import Backbone
+from mmfl.backbone import Backbone, check_backbone_args
 from mmfl.data.task import Task, check_task, prepare_task
-from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation
+from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation, seed_all
 from mmfl.modalities import ModalityError, available_modalities
 
 log = logging.getLogger("mmfl")
@@ -20,7 +20,9 @@ RUN_FILES = ("config.yaml", "metrics.csv", "global.safetensors")
 
 def fit_parser() -> ArgumentParser:
     """The parser of a recipe: its keys mirror the constructors they configure."""
-    p = ArgumentParser(description="Run a federation (or a centralised run) from a YAML recipe.")
+    p = ArgumentParser(
+        description="Run a federation (or a centralised run) from a YAML recipe.", allow_abbrev=False
+    )
     p.add_argument("-c", "--config", action=ActionConfigFile, help="the recipe (YAML)")
     p.add_argument(
         "--seed", type=int, default=0, help="seeds initial tensors, sampling, data order, training"
@@ -54,7 +56,7 @@ def fit_parser() -> ArgumentParser:
 
 def build_parser() -> ArgumentParser:
     """The top-level ``mmfl`` parser with its subcommands."""
-    parser = ArgumentParser(prog="mmfl", description=__doc__)
+    parser = ArgumentParser(prog="mmfl", description=__doc__, allow_abbrev=False)
     sub = parser.add_subcommands(required=True)
     sub.add_subcommand("fit", fit_parser(), help="train: a federation, or a centralised run")
     sub.add_subcommand("modalities", ArgumentParser(), help="list the registered modalities")
@@ -91,6 +93,7 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
         raise ValueError(f"tasks repeat a (name, modality) pair: {names}")
     for t in tasks:
         check_task(t)
+    check_backbone_args(cfg.backbone.model_name, cfg.backbone.pretrained)
     federation = init.federation
     if federation is None:
         for t in tasks:
@@ -106,6 +109,7 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
     _check_output_dir(out, cfg.overwrite)
 
     prepared = [prepare_task(t, seed=cfg.seed) for t in tasks]
+    seed_all(cfg.seed)  # random-weight backbones must come out the same for the same seed
     backbone = Backbone(**cfg.backbone.as_dict())
     sim = Simulation(
         backbone, prepared, init.parts, init.training, federation, seed=cfg.seed, output_dir=None

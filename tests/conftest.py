@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny open_clip backbones with random weights (native and HF text towers), offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import open_clip
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets
+
+from mmfl.backbone import Backbone
+
+datasets.disable_progress_bars()
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "an",
+    "digit",
+    "cat",
+    "dog",
+    "sea",
+    "lion",
+    "bird",
+    "x",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+]
+
+
+def _write_tiny_bert(folder: Path) -> None:
+    """A 2-layer, 32-wide BERT with its own small word-piece vocabulary, saved like a hub folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *letters, *[f"##{c}" for c in letters]]
+    vocab += [w for w in WORDS if w not in vocab]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    """``mmfl-tiny``: a native open_clip ViT + text transformer with random weights."""
+    return Backbone("mmfl-tiny")
+
+
+@pytest.fixture(scope="session")
+def hf_backbone(tmp_path_factory: pytest.TempPathFactory) -> Backbone:
+    """A ``CustomTextCLIP`` whose text tower is a tiny local HF BERT (random weights)."""
+    root = tmp_path_factory.mktemp("hf")
+    bert = root / "tiny-bert"
+    _write_tiny_bert(bert)
+    cfg = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {
+            "hf_model_name": str(bert),
+            "hf_tokenizer_name": str(bert),
+            "hf_proj_type": "linear",
+            "hf_pooler_type": "mean_pooler",
+            "context_length": 16,
+        },
+    }
+    (root / "configs").mkdir()
+    (root / "configs" / "test-hf-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(root / "configs")
+    return Backbone("test-hf-tiny")

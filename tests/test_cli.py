@@ -1,0 +1,175 @@
+"""The ``mmfl`` command: recipes end to end, overrides, outputs, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from mmfl import cli
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+TINY = ["--federation.rounds=1", "--training.max_steps=2"]
+
+
+def _run(*args: str) -> int:
+    return cli.main(["fit", *args])
+
+
+@pytest.fixture
+def no_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command builds a model."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built before the bad input was reported")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_runs_with_a_tiny_override(recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _run("-c", str(recipe), "--output_dir", str(out), *TINY) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["federation"]["rounds"] == 1 and cfg["training"]["max_steps"] == 2
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    tasks = {(t["name"], t["modality"]) for t in cfg["tasks"]}
+    for rnd in ("0", "1"):
+        got = {(r["task"], r["modality"]) for r in rows if r["round"] == rnd and r["level"] == "task"}
+        assert got == tasks
+    fits = [r for r in rows if r["split"] == "fit"]
+    assert len(fits) == sum(t["clients"] for t in cfg["tasks"])
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and int(r["examples"]) > 0 for r in rows)
+    state = load_file(out / "global.safetensors")
+    assert state and all(k.split("/")[0] in ("global", "task", "modality", "task_modality") for k in state)
+    assert sum(t.numel() for t in state.values()) < 100_000  # trainable tensors only, no backbone
+
+
+def test_overrides_and_the_saved_config_reproduce_the_run(tmp_path: Path) -> None:
+    quick = str(RECIPES[0].parent / "quickstart.yaml")
+    assert (
+        _run(
+            "-c",
+            quick,
+            "--output_dir",
+            str(tmp_path / "a"),
+            "--seed=1",
+            "--federation.rounds=2",
+            "--training.max_steps=1",
+        )
+        == 0
+    )
+    cfg = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert cfg["seed"] == 1 and cfg["federation"]["rounds"] == 2
+    assert cfg["parts"][0]["class_path"] == "mmfl.prompts.CoOp"  # fully resolved, not just the overrides
+    assert _run("-c", str(tmp_path / "a" / "config.yaml"), "--output_dir", str(tmp_path / "b")) == 0
+    a, b = load_file(tmp_path / "a" / "global.safetensors"), load_file(tmp_path / "b" / "global.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_centralised_run_without_federation_section(tmp_path: Path) -> None:
+    recipe = tmp_path / "central.yaml"
+    recipe.write_text(
+        "backbone: {model_name: mmfl-tiny}\n"
+        "tasks:\n  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 5,"
+        " max_test_examples: 30}\n"
+        "parts:\n  - class_path: mmfl.prompts.CoOp\n    init_args: {n_ctx: 2}\n"
+        "training: {max_steps: 2, accelerator: cpu}\n"
+    )
+    assert _run("-c", str(recipe), "--output_dir", str(tmp_path / "out")) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "metrics.csv").open()))
+    fits = [r for r in rows if r["split"] == "fit"]
+    assert len(fits) == 1 and int(fits[0]["examples"]) == 1437  # one client holding all the data
+    assert {r["round"] for r in rows} == {"0", "1"}
+
+
+def _recipe(tmp_path: Path, task_yaml: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"backbone: {{model_name: mmfl-tiny}}\ntasks:\n{task_yaml}\n"
+        "parts:\n  - class_path: mmfl.prompts.CoOp\n"
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--federation.roundz=3"], "roundz"),
+        (["--federation.rounds=abc"], "rounds"),
+        (["--backbone.model_nam=x"], "model_nam"),
+    ],
+)
+def test_parse_errors_exit_2_naming_the_key(args, message, tmp_path, capsys, no_backbone) -> None:
+    with pytest.raises(SystemExit) as e:
+        _run("-c", str(RECIPES[0]), "--output_dir", str(tmp_path / "o"), *args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_recipe_file(tmp_path, capsys, no_backbone) -> None:
+    with pytest.raises(SystemExit) as e:
+        _run("-c", str(tmp_path / "nope.yaml"))
+    assert e.value.code == 2 and "nope.yaml" in capsys.readouterr().err
+
+
+def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = "label") -> str:
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join([header, *rows]) + "\n")
+    return (
+        f"  - name: t\n    data:\n      class_path: mmfl.data.HubDataset\n      init_args: {{path: csv, "
+        f"data_files: {data}, test_split: null, input_column: text, label_column: {label_column}}}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("modality", "unknown modality 'smell'; available: "),
+        ("no_label", "no column(s) ['label']"),
+        ("no_names", "has no class names"),
+        ("no_tasks", "no tasks"),
+    ],
+)
+def test_bad_input_is_reported_before_any_model_or_output(
+    case, message, tmp_path, capsys, no_backbone
+) -> None:
+    if case == "modality":
+        recipe = _recipe(
+            tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}, modality: smell}"
+        )
+    elif case == "no_label":
+        recipe = _recipe(tmp_path, _csv_task(tmp_path, "text,y", ["a,0", "b,1"] * 5))
+    elif case == "no_names":
+        recipe = _recipe(tmp_path, _csv_task(tmp_path, "text,label", ["a,0", "b,1"] * 5))
+    else:
+        recipe = str(tmp_path / "empty.yaml")
+        Path(recipe).write_text("backbone: {model_name: mmfl-tiny}\ntasks: []\n")
+    assert _run("-c", recipe, "--output_dir", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    if case == "modality":
+        assert "image" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys, no_backbone) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.csv").write_text("precious\n")
+    assert _run("-c", str(RECIPES[0]), "--output_dir", str(out)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.csv").read_text() == "precious\n"
+
+
+def test_console_script_lists_modalities() -> None:
+    exe = Path(sys.executable).parent / "mmfl"
+    out = subprocess.run([str(exe), "modalities"], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split()[:2] == ["image", "mmfl"]

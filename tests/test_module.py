@@ -1,0 +1,102 @@
+"""ClientModule: logits, trainable state with scope-qualified keys, and checkpoints without the backbone."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfl.backbone import Backbone
+from mmfl.data import SklearnDigits, Task, make_loader, prepare_task
+from mmfl.modalities import get_modality
+from mmfl.module import ClientModule, zero_shot_text_features
+from mmfl.prompts import CoOp
+
+NAMES = ["cat", "dog", "bird"]
+
+
+def _module(bb: Backbone, **coop_kwargs) -> ClientModule:
+    parts = [CoOp(bb, NAMES, n_ctx=2, **coop_kwargs)]
+    return ClientModule(bb, get_modality("image"), "pets", NAMES, parts)
+
+
+def test_logits_are_scaled_cosines(tiny_backbone: Backbone) -> None:
+    m = _module(tiny_backbone)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f_x = F.normalize(tiny_backbone.encode_image(x), dim=-1)
+        f_t = F.normalize(m.parts["coop"].class_text_features(), dim=-1)
+        expected = tiny_backbone.logit_scale.exp() * f_x @ f_t.T
+        assert torch.allclose(m(x), expected, atol=1e-6)
+
+
+def test_zero_shot_features_without_a_text_part(tiny_backbone: Backbone) -> None:
+    m = ClientModule(tiny_backbone, get_modality("image"), "pets", NAMES, [], templates=["a {}.", "the {}."])
+    feats = m.class_text_features()
+    manual = []
+    for c in NAMES:
+        t = F.normalize(tiny_backbone.encode_text(tiny_backbone.tokenize([f"a {c}.", f"the {c}."])), dim=-1)
+        manual.append(F.normalize(t.mean(0), dim=-1))
+    assert torch.allclose(feats, torch.stack(manual), atol=1e-6)
+    assert torch.allclose(feats, zero_shot_text_features(tiny_backbone, NAMES, ["a {}.", "the {}."]))
+    with pytest.raises(ValueError, match="nothing to train"):
+        m.configure_optimizers()
+
+
+def test_trainable_state_keys_are_scope_qualified(tiny_backbone: Backbone) -> None:
+    m = _module(tiny_backbone)
+    assert m.trainable_keys() == ["task/pets/coop.ctx"]
+    g = _module(tiny_backbone, scope="global")
+    assert g.trainable_keys() == ["global/coop.ctx"]
+    local = _module(tiny_backbone, scopes={"ctx": "local"})
+    assert local.trainable_keys() == ["local/coop.ctx"]
+    assert local.trainable_state_dict(include_local=False) == {}
+
+
+def test_load_trainable_state(tiny_backbone: Backbone) -> None:
+    m = _module(tiny_backbone)
+    new = torch.full_like(m.parts["coop"].ctx, 0.5)
+    assert m.load_trainable_state_dict({"task/pets/coop.ctx": new, "task/other/coop.ctx": new}) == [
+        "task/pets/coop.ctx"
+    ]
+    assert torch.equal(m.parts["coop"].ctx.detach(), new)
+    with pytest.raises(ValueError, match="expected shape"):
+        m.load_trainable_state_dict({"task/pets/coop.ctx": torch.zeros(3)})
+    with pytest.raises(KeyError, match="state has no tensor"):
+        m.load_trainable_state_dict({}, strict=True)
+
+
+def test_parts_need_distinct_names(tiny_backbone: Backbone) -> None:
+    parts = [CoOp(tiny_backbone, NAMES, n_ctx=2), CoOp(tiny_backbone, NAMES, n_ctx=2)]
+    with pytest.raises(ValueError, match="distinct names"):
+        ClientModule(tiny_backbone, get_modality("image"), "pets", NAMES, parts)
+
+
+def test_lightning_fit_trains_only_parts_and_checkpoint_has_no_backbone(
+    tiny_backbone: Backbone, tmp_path
+) -> None:
+    task = prepare_task(Task("digits", SklearnDigits(), max_test_examples=20, shots=3))
+    parts = [CoOp(tiny_backbone, task.class_names, n_ctx=2)]
+    m = ClientModule(tiny_backbone, get_modality("image"), "digits", task.class_names, parts)
+    frozen_before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
+    ctx_before = m.parts["coop"].ctx.detach().clone()
+    tf = get_modality("image").transform(tiny_backbone, True)
+    loader = make_loader(task.clients[0].train, "image", tf, batch_size=8, shuffle=True)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(m, loader)
+    assert not torch.equal(m.parts["coop"].ctx.detach(), ctx_before)
+    assert not tiny_backbone.model.training  # Lightning's train() did not reach the frozen model
+    for k, v in tiny_backbone.model.state_dict().items():
+        assert torch.equal(v, frozen_before[k]), k
+    trainer.save_checkpoint(tmp_path / "client.ckpt")
+    ckpt = torch.load(tmp_path / "client.ckpt", weights_only=False)
+    assert list(ckpt["state_dict"]) == ["parts.coop.ctx"]
+    assert m.backbone is tiny_backbone

@@ -1,0 +1,112 @@
+"""In-process simulation: per-scope merging, one backbone, determinism, sampling, and learning."""
+
+from __future__ import annotations
+
+import functools
+import gc
+
+import open_clip
+import pytest
+import torch
+
+from mmfl.backbone import Backbone
+from mmfl.data import SklearnDigits, Task, prepare_task
+from mmfl.federated import Federation, LocalTraining, Simulation
+from mmfl.prompts import CoOp
+
+
+@pytest.fixture(scope="module")
+def two_tasks() -> list:
+    """Two tasks over the digits (different names → different task keys), two clients each."""
+    return [
+        prepare_task(Task(name, SklearnDigits(seed=i), clients=2, shots=3, max_test_examples=40))
+        for i, name in enumerate(["left", "right"])
+    ]
+
+
+def _sim(bb: Backbone, tasks, rounds: int = 1, seed: int = 0, fraction: float = 1.0, **coop) -> Simulation:
+    parts = [functools.partial(CoOp, n_ctx=2, **coop)]
+    training = LocalTraining(
+        max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=0.5)
+    )
+    return Simulation(bb, tasks, parts, training, Federation(rounds=rounds, fraction=fraction), seed=seed)
+
+
+def _weighted_mean(sim: Simulation, clients: list) -> torch.Tensor:
+    total = sum(len(c.data.train) for c in clients)
+    return sum(c.module.parts["coop"].ctx.detach().double() * len(c.data.train) for c in clients) / total
+
+
+def test_task_tensors_merge_within_their_task_only(tiny_backbone: Backbone, two_tasks) -> None:
+    sim = _sim(tiny_backbone, two_tasks)
+    sim.run_round(1)
+    assert sorted(sim.global_state) == ["task/left/coop.ctx", "task/right/coop.ctx"]
+    for task in ("left", "right"):
+        mine = [c for c in sim.clients if c.task.name == task]
+        expected = _weighted_mean(sim, mine).float()  # the clients still hold their trained tensors
+        assert torch.allclose(sim.global_state[f"task/{task}/coop.ctx"], expected, atol=1e-7)
+    assert not torch.allclose(sim.global_state["task/left/coop.ctx"], sim.global_state["task/right/coop.ctx"])
+
+
+def test_global_scope_merges_across_tasks(tiny_backbone: Backbone, two_tasks) -> None:
+    sim = _sim(tiny_backbone, two_tasks, scope="global")
+    sim.run_round(1)
+    assert list(sim.global_state) == ["global/coop.ctx"]
+    assert torch.allclose(
+        sim.global_state["global/coop.ctx"], _weighted_mean(sim, sim.clients).float(), atol=1e-7
+    )
+
+
+def test_local_scope_never_leaves_the_client(tiny_backbone: Backbone, two_tasks) -> None:
+    sim = _sim(tiny_backbone, two_tasks, scopes={"ctx": "local"})
+    sim.run_round(1)
+    assert sim.global_state == {}
+    ctxs = [c.module.parts["coop"].ctx.detach() for c in sim.clients]
+    assert not torch.equal(ctxs[0], ctxs[1])  # each client kept its own
+
+
+def test_one_backbone_shared_by_every_client(tiny_backbone: Backbone, two_tasks) -> None:
+    def count_models() -> int:
+        gc.collect()
+        return sum(isinstance(o, open_clip.CLIP | open_clip.CustomTextCLIP) for o in gc.get_objects())
+
+    before = count_models()
+    sim = _sim(tiny_backbone, two_tasks, rounds=1)
+    sim.run()
+    assert count_models() == before  # the simulation built no model of its own
+    modules = [c.module for c in sim.clients] + list(sim._evaluators.values())
+    assert all(m.backbone is tiny_backbone for m in modules)
+    assert all(p.backbone is tiny_backbone for m in modules for p in m.parts.values())
+    frozen = {id(t) for t in tiny_backbone.model.parameters()}
+    for m in modules:  # no client owns (a copy of) a frozen tensor
+        assert all(id(t) not in frozen for t in m.parameters())
+        assert sum(t.numel() for t in m.parameters()) == 2 * tiny_backbone.text_width
+
+
+def test_same_seed_same_result_other_seed_other_result(tiny_backbone: Backbone, two_tasks) -> None:
+    a = _sim(tiny_backbone, two_tasks, rounds=2, seed=3).run()
+    b = _sim(tiny_backbone, two_tasks, rounds=2, seed=3).run()
+    c = _sim(tiny_backbone, two_tasks, rounds=2, seed=4).run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fraction_samples_clients_deterministically(tiny_backbone: Backbone, two_tasks) -> None:
+    sim = _sim(tiny_backbone, two_tasks, rounds=3, fraction=0.5)
+    assert [len(sim.sample(r)) for r in (1, 2, 3)] == [2, 2, 2]
+    assert sim.sample(2) == _sim(tiny_backbone, two_tasks, fraction=0.5).sample(2)
+    sim.run()
+    fits = [r for r in sim.metrics.rows if r["split"] == "fit"]
+    assert len(fits) == 6
+
+
+def test_training_beats_the_start(tiny_backbone: Backbone) -> None:
+    task = prepare_task(Task("digits", SklearnDigits(), clients=3, max_test_examples=200))
+    parts = [functools.partial(CoOp, n_ctx=4, class_specific=True)]
+    training = LocalTraining(
+        epochs=1, batch_size=32, accelerator="cpu", optimizer=lambda p: torch.optim.AdamW(p, lr=0.02)
+    )
+    sim = Simulation(tiny_backbone, [task], parts, training, Federation(rounds=3), seed=0)
+    sim.run()
+    acc = {r["round"]: r["accuracy"] for r in sim.metrics.rows if r["level"] == "task"}
+    assert acc[3] > acc[0] + 0.05, acc
