@@ -127,7 +127,9 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # mmfl's own progress at INFO; other libraries (open_clip logs on the root logger) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mmfl").setLevel(logging.INFO)
     import datasets
 
     datasets.disable_progress_bars()

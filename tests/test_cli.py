@@ -136,6 +136,7 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
         ("no_label", "no column(s) ['label']"),
         ("no_names", "has no class names"),
         ("no_tasks", "no tasks"),
+        ("no_folder", "does not exist or is not a folder"),
     ],
 )
 def test_bad_input_is_reported_before_any_model_or_output(
@@ -149,6 +150,12 @@ def test_bad_input_is_reported_before_any_model_or_output(
         recipe = _recipe(tmp_path, _csv_task(tmp_path, "text,y", ["a,0", "b,1"] * 5))
     elif case == "no_names":
         recipe = _recipe(tmp_path, _csv_task(tmp_path, "text,label", ["a,0", "b,1"] * 5))
+    elif case == "no_folder":
+        recipe = _recipe(
+            tmp_path,
+            f"  - {{name: s, data: {{class_path: mmfl.data.ImageFolder, init_args: "
+            f"{{data_dir: {tmp_path / 'missing'}}}}}}}",
+        )
     else:
         recipe = str(tmp_path / "empty.yaml")
         Path(recipe).write_text("backbone: {model_name: mmfl-tiny}\ntasks: []\n")
