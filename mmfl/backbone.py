@@ -13,6 +13,8 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
+from mmfl.backbones import OFFLINE_BACKBONES, check_offline, resolve_offline
+
 log = logging.getLogger(__name__)
 
 _CONFIGS_REGISTERED = False
@@ -34,6 +36,9 @@ def check_backbone_args(model_name: str, pretrained: str | None) -> None:
     """
     register_model_configs()
     if model_name.startswith(("hf-hub:", "local-dir:")):
+        return
+    check_offline(model_name)  # mmfl-mini: its packages are installed, its config registered
+    if model_name in OFFLINE_BACKBONES:
         return
     known = open_clip.list_models()
     if model_name not in known:
@@ -71,9 +76,10 @@ class Backbone:
 
     Args:
         model_name: an open_clip model name (``open_clip.list_models()``), an ``hf-hub:`` id, or a
-            config registered with ``open_clip.add_model_config``. mmfl registers ``mmfl-tiny``.
+            config registered with ``open_clip.add_model_config``. mmfl adds ``mmfl-mini`` (the offline
+            default: pretrained towers from installed packages, aligned) and ``mmfl-tiny`` (random).
         pretrained: an open_clip pretrained tag (e.g. ``openai``), a local checkpoint path, or
-            ``None`` for random weights.
+            ``None`` for random weights. ``mmfl-mini`` always loads its offline build.
         device: where the frozen model lives at first; ``to()`` moves it.
         precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
         cache_dir: where open_clip caches downloaded weights.
@@ -81,7 +87,7 @@ class Backbone:
 
     def __init__(
         self,
-        model_name: str = "mmfl-tiny",
+        model_name: str = "mmfl-mini",
         pretrained: str | None = None,
         device: str = "cpu",
         precision: str = "fp32",
@@ -90,12 +96,17 @@ class Backbone:
         check_backbone_args(model_name, pretrained)
         self.model_name = model_name
         self.pretrained = pretrained
+        weights, extra = pretrained or None, {}
+        offline = resolve_offline(model_name, pretrained)
+        if offline is not None:  # mmfl-mini: a checkpoint assembled from installed packages
+            weights, extra = offline
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             model_name,
-            pretrained=pretrained or None,
+            pretrained=weights,
             device=device,
             precision=precision,
             cache_dir=cache_dir,
+            **extra,
         )
         self.model: nn.Module = model
         self.preprocess_train: Callable[[Any], Tensor] = preprocess_train

@@ -1,15 +1,18 @@
-"""The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]`` and ``mmfl modalities``."""
+"""The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]``, ``mmfl zeroshot``, ``mmfl modalities``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from mmfl.backbone import Backbone, check_backbone_args
+from mmfl.data.bundled import BUNDLED
 from mmfl.data.task import Task, check_task, prepare_task
+from mmfl.evaluation.zeroshot import resolve_data, zero_shot
 from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation, seed_all
 from mmfl.modalities import ModalityError, available_modalities
 
@@ -20,22 +23,16 @@ RUN_FILES = ("config.yaml", "metrics.csv", "global.safetensors")
 
 def fit_parser() -> ArgumentParser:
     """The parser of a recipe: its keys mirror the constructors they configure."""
-    p = ArgumentParser(
-        description="Run a federation (or a centralised run) from a YAML recipe.", allow_abbrev=False
-    )
+    p = ArgumentParser(description="Run a federation (or a centralised run) from a YAML recipe.", allow_abbrev=False)
     p.add_argument("-c", "--config", action=ActionConfigFile, help="the recipe (YAML)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seeds initial tensors, sampling, data order, training"
-    )
+    p.add_argument("--seed", type=int, default=0, help="seeds initial tensors, sampling, data order, training")
     p.add_argument(
         "--output_dir",
         type=str | None,
         default=None,
         help="where config.yaml, metrics.csv and global.safetensors go (default runs/<recipe>)",
     )
-    p.add_argument(
-        "--overwrite", type=bool, default=False, help="replace the outputs of an earlier run there"
-    )
+    p.add_argument("--overwrite", type=bool, default=False, help="replace the outputs of an earlier run there")
     p.add_class_arguments(Backbone, "backbone", instantiate=False)
     p.add_argument("--tasks", type=list[Task], required=True, help="the tasks and their clients")
     p.add_argument(
@@ -54,11 +51,75 @@ def fit_parser() -> ArgumentParser:
     return p
 
 
+def zeroshot_parser() -> ArgumentParser:
+    """Arguments of ``mmfl zeroshot``."""
+    p = ArgumentParser(description="Zero-shot top-1 with hand-written prompt templates.", allow_abbrev=False)
+    p.add_argument("--backbone", type=str, default="mmfl-mini", help="open_clip model name (or mmfl-mini)")
+    p.add_argument("--pretrained", type=str | None, default=None, help="pretrained tag or checkpoint path")
+    p.add_argument(
+        "--data",
+        type=str,
+        required=True,
+        help=f"a bundled set ({', '.join(BUNDLED)}), a folder of class sub-folders, or a hub id",
+    )
+    p.add_argument("--modality", type=str, default="image")
+    p.add_argument("--split", type=str, default="test")
+    p.add_argument("--limit", type=int | None, default=None, help="score a fixed subset of this many examples")
+    p.add_argument(
+        "--templates",
+        type=list[str] | None,
+        default=None,
+        help="prompt templates with {} for the class name (default: a 5-template ensemble)",
+    )
+    p.add_argument("--input_column", type=str, default="image", help="input column of a hub data set")
+    p.add_argument("--label_column", type=str, default="label", help="label column of a hub data set")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--accelerator", type=str, default="auto")
+    p.add_argument("--json", action=ActionYesNo, default=False, help="print one JSON object instead of a sentence")
+    return p
+
+
+def run_zeroshot(cfg: Namespace) -> dict:
+    """Check the arguments, build the backbone, score, and print the result."""
+    check_backbone_args(cfg.backbone, cfg.pretrained)
+    source = resolve_data(cfg.data, cfg.input_column, cfg.label_column)
+    task = Task(name=Path(cfg.data).name or cfg.data, data=source, modality=cfg.modality)
+    if cfg.templates is not None:
+        task.templates = list(cfg.templates)
+    check_task(task)
+    backbone = Backbone(cfg.backbone, pretrained=cfg.pretrained)
+    result = zero_shot(
+        backbone,
+        task,
+        split=cfg.split,
+        limit=cfg.limit,
+        batch_size=cfg.batch_size,
+        accelerator=cfg.accelerator,
+    )
+    result = {
+        "backbone": cfg.backbone,
+        "data": cfg.data,
+        "split": cfg.split,
+        **result,
+        "templates": list(task.templates),
+    }
+    if cfg.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{cfg.backbone} zero-shot on {cfg.data} ({cfg.split}, n={result['n']}, "
+            f"{result['classes']} classes): top-1 {100 * result['top1']:.1f}% (chance {100 * result['chance']:.1f}%, "
+            f"{result['top1'] / result['chance']:.1f}x chance)"
+        )
+    return result
+
+
 def build_parser() -> ArgumentParser:
     """The top-level ``mmfl`` parser with its subcommands."""
     parser = ArgumentParser(prog="mmfl", description=__doc__, allow_abbrev=False)
     sub = parser.add_subcommands(required=True)
     sub.add_subcommand("fit", fit_parser(), help="train: a federation, or a centralised run")
+    sub.add_subcommand("zeroshot", zeroshot_parser(), help="zero-shot top-1 of a backbone on a data set")
     sub.add_subcommand("modalities", ArgumentParser(), help="list the registered modalities")
     return parser
 
@@ -111,9 +172,7 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
     prepared = [prepare_task(t, seed=cfg.seed) for t in tasks]
     seed_all(cfg.seed)  # random-weight backbones must come out the same for the same seed
     backbone = Backbone(**cfg.backbone.as_dict())
-    sim = Simulation(
-        backbone, prepared, init.parts, init.training, federation, seed=cfg.seed, output_dir=None
-    )
+    sim = Simulation(backbone, prepared, init.parts, init.training, federation, seed=cfg.seed, output_dir=None)
     # Everything is built and checked: now write.
     out.mkdir(parents=True, exist_ok=True)
     for f in RUN_FILES:
@@ -147,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fit = parser._subcommands_action._name_parser_map["fit"]
     try:
+        if cfg.subcommand == "zeroshot":
+            run_zeroshot(cfg.zeroshot)
+            return 0
         run_fit(fit, cfg.fit)
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, ModalityError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"mmfl fit: error: {msg}", file=sys.stderr)
+        print(f"mmfl {cfg.subcommand}: error: {msg}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -22,15 +24,51 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer banners and known-harmless warnings (one Trainer per client-round)."""
+    loggers = [
+        logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def make_trainer(
+    max_epochs: int = 1, max_steps: int = -1, accelerator: str = "auto", precision: str = "32-true"
+) -> L.Trainer:
+    """A quiet single-device Trainer (no logger, checkpoints, progress bar or sanity steps)."""
+    return L.Trainer(
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """SGD with momentum, lr 0.002 — CoOp's setting."""
     return torch.optim.SGD(params, lr=0.002, momentum=0.9)
 
 
 @torch.no_grad()
-def zero_shot_text_features(
-    backbone: Backbone, class_names: Sequence[str], templates: Sequence[str]
-) -> Tensor:
+def zero_shot_text_features(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str]) -> Tensor:
     """Hand-written prompt features: templates filled with each class name, normalised, averaged over
     templates and normalised again (CLIP's prompt ensembling). Returns [C, D]."""
     names = [c.replace("_", " ") for c in class_names]
@@ -72,9 +110,7 @@ class ClientModule(L.LightningModule):
         names = [p.part_name for p in parts]
         if len(set(names)) != len(names):
             raise ValueError(f"parts must have distinct names, got {names}; set `name:` on one of them")
-        text_parts = [
-            p for p in parts if type(p).class_text_features is not TrainablePart.class_text_features
-        ]
+        text_parts = [p for p in parts if type(p).class_text_features is not TrainablePart.class_text_features]
         if len(text_parts) > 1:
             raise ValueError(f"at most one part may provide class text features, got {names}")
         self.backbone = backbone  # plain attribute: Backbone is not an nn.Module
@@ -82,9 +118,7 @@ class ClientModule(L.LightningModule):
         self.task = task
         self.class_names = list(class_names)
         self.parts = nn.ModuleDict({p.part_name: p for p in parts})
-        self._text_part_name = (
-            text_parts[0].part_name if text_parts else None
-        )  # a name: no second registration
+        self._text_part_name = text_parts[0].part_name if text_parts else None  # a name: no second registration
         self.optimizer_factory = optimizer
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
@@ -110,11 +144,7 @@ class ClientModule(L.LightningModule):
         Args:
             include_local: also return ``local/...`` tensors (never sent to a server).
         """
-        return {
-            k: p.detach().to("cpu", copy=True)
-            for k, p in self._qualified()
-            if include_local or not is_local(k)
-        }
+        return {k: p.detach().to("cpu", copy=True) for k, p in self._qualified() if include_local or not is_local(k)}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], strict: bool = False) -> list[str]:
         """Copy the tensors of this client's keys from ``state`` (other keys are ignored).
@@ -155,9 +185,7 @@ class ClientModule(L.LightningModule):
         if text_part is not None:
             return F.normalize(text_part.class_text_features(), dim=-1)
         if self._zs_text is None or self._zs_text.device != self.device:
-            self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(
-                self.device
-            )
+            self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(self.device)
         return self._zs_text
 
     def forward(self, x: Tensor) -> Tensor:

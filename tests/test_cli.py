@@ -92,8 +92,7 @@ def test_centralised_run_without_federation_section(tmp_path: Path) -> None:
 def _recipe(tmp_path: Path, task_yaml: str) -> str:
     path = tmp_path / "bad.yaml"
     path.write_text(
-        f"backbone: {{model_name: mmfl-tiny}}\ntasks:\n{task_yaml}\n"
-        "parts:\n  - class_path: mmfl.prompts.CoOp\n"
+        f"backbone: {{model_name: mmfl-tiny}}\ntasks:\n{task_yaml}\nparts:\n  - class_path: mmfl.prompts.CoOp\n"
     )
     return str(path)
 
@@ -139,13 +138,9 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
         ("no_folder", "does not exist or is not a folder"),
     ],
 )
-def test_bad_input_is_reported_before_any_model_or_output(
-    case, message, tmp_path, capsys, no_backbone
-) -> None:
+def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_path, capsys, no_backbone) -> None:
     if case == "modality":
-        recipe = _recipe(
-            tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}, modality: smell}"
-        )
+        recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}, modality: smell}")
     elif case == "no_label":
         recipe = _recipe(tmp_path, _csv_task(tmp_path, "text,y", ["a,0", "b,1"] * 5))
     elif case == "no_names":

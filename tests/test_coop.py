@@ -12,9 +12,7 @@ NAMES = ["cat", "sea lion", "dog"]
 
 
 @pytest.mark.parametrize("which", ["tiny_backbone", "hf_backbone"])
-def test_init_from_words_reproduces_the_hand_written_prompt(
-    which: str, request: pytest.FixtureRequest
-) -> None:
+def test_init_from_words_reproduces_the_hand_written_prompt(which: str, request: pytest.FixtureRequest) -> None:
     bb: Backbone = request.getfixturevalue(which)
     coop = CoOp(bb, NAMES, ctx_init="a photo of a")
     assert coop.n_ctx == 4

@@ -31,18 +31,14 @@ def test_iid_partitions_cover_the_train_split_once() -> None:
 
 
 def test_pathological_partitioner_gives_k_classes_per_client() -> None:
-    part = functools.partial(
-        PathologicalPartitioner, partition_by="label", num_classes_per_partition=2, seed=1
-    )
+    part = functools.partial(PathologicalPartitioner, partition_by="label", num_classes_per_partition=2, seed=1)
     p = prepare_task(Task("digits", SklearnDigits(), clients=5, partitioner=part))
     for c in p.clients:
         assert len(set(c.train["label"])) <= 2
 
 
 def test_dirichlet_skews_labels() -> None:
-    part = functools.partial(
-        DirichletPartitioner, partition_by="label", alpha=0.1, min_partition_size=5, seed=0
-    )
+    part = functools.partial(DirichletPartitioner, partition_by="label", alpha=0.1, min_partition_size=5, seed=0)
     p = prepare_task(Task("digits", SklearnDigits(), clients=4, partitioner=part))
     shares = [np.bincount(c.train["label"], minlength=10) / len(c.train) for c in p.clients]
     assert max(s.max() for s in shares) > 0.3  # IID would give ~0.1 per class

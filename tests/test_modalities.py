@@ -112,9 +112,7 @@ def test_missing_optional_dependency_is_named() -> None:
         unregister_modality("needs-lib")
 
 
-def test_autoload_switch_hides_third_party_plugins(
-    plugin_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_autoload_switch_hides_third_party_plugins(plugin_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_distribution(plugin_path, "other_plugin", {"other": "other_mod:Other"})
     monkeypatch.setenv(AUTOLOAD_ENV, "1")
     assert "other" not in available_modalities()

@@ -73,9 +73,7 @@ def test_parts_need_distinct_names(tiny_backbone: Backbone) -> None:
         ClientModule(tiny_backbone, get_modality("image"), "pets", NAMES, parts)
 
 
-def test_lightning_fit_trains_only_parts_and_checkpoint_has_no_backbone(
-    tiny_backbone: Backbone, tmp_path
-) -> None:
+def test_lightning_fit_trains_only_parts_and_checkpoint_has_no_backbone(tiny_backbone: Backbone, tmp_path) -> None:
     task = prepare_task(Task("digits", SklearnDigits(), max_test_examples=20, shots=3))
     parts = [CoOp(tiny_backbone, task.class_names, n_ctx=2)]
     m = ClientModule(tiny_backbone, get_modality("image"), "digits", task.class_names, parts)

@@ -52,9 +52,7 @@ def test_global_scope_merges_across_tasks(tiny_backbone: Backbone, two_tasks) ->
     sim = _sim(tiny_backbone, two_tasks, scope="global")
     sim.run_round(1)
     assert list(sim.global_state) == ["global/coop.ctx"]
-    assert torch.allclose(
-        sim.global_state["global/coop.ctx"], _weighted_mean(sim, sim.clients).float(), atol=1e-7
-    )
+    assert torch.allclose(sim.global_state["global/coop.ctx"], _weighted_mean(sim, sim.clients).float(), atol=1e-7)
 
 
 def test_local_scope_never_leaves_the_client(tiny_backbone: Backbone, two_tasks) -> None:

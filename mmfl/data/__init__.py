@@ -1,18 +1,21 @@
 """Data: HF ``datasets`` sources, bundled offline sets, tasks and their partitioning."""
 
-from mmfl.data.bundled import AnimalSilhouettes, SklearnDigits
+from mmfl.data.bundled import BUNDLED, AnimalSilhouettes, FashionMNIST, SkimagePhotos, SklearnDigits
 from mmfl.data.loader import make_loader
 from mmfl.data.sources import DataSource, HubDataset, ImageFolder, InMemory
 from mmfl.data.task import ClientData, PreparedTask, Task, prepare_task
 
 __all__ = [
+    "BUNDLED",
     "AnimalSilhouettes",
     "ClientData",
     "DataSource",
+    "FashionMNIST",
     "HubDataset",
     "ImageFolder",
     "InMemory",
     "PreparedTask",
+    "SkimagePhotos",
     "SklearnDigits",
     "Task",
     "make_loader",

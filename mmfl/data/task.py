@@ -18,6 +18,15 @@ log = logging.getLogger(__name__)
 
 LABEL = "label"
 
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "a black and white photo of a {}.",
+    "a drawing of a {}.",
+)
+"""The hand-written prompt ensemble used when a task names no templates of its own."""
+
 
 @dataclass
 class Task:
@@ -34,7 +43,8 @@ class Task:
         local_test_fraction: share of each client's partition held out as its local test set.
         max_test_examples: cap on the task's test split (a fixed subset), for quick runs.
         class_names: label names when the label column has none (or to rename them).
-        templates: hand-written prompt templates (``{}`` = class name) for zero-shot class features.
+        templates: hand-written prompt templates (``{}`` = class name) for zero-shot class features;
+            the default is :data:`DEFAULT_TEMPLATES`.
     """
 
     name: str
@@ -46,7 +56,7 @@ class Task:
     local_test_fraction: float = 0.0
     max_test_examples: int | None = None
     class_names: list[str] | None = None
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
 
 
 @dataclass
@@ -148,6 +158,29 @@ def _few_shot(ds: datasets.Dataset, shots: int, seed: int) -> datasets.Dataset:
     return ds.select(sorted(keep))
 
 
+def load_split(task: Task, split: str = "test", limit: int | None = None) -> tuple[datasets.Dataset, list[str]]:
+    """One split of a task's data, checked and normalised (input under the modality's key, ``label``).
+
+    Args:
+        task: the task.
+        split: ``train`` or ``test``.
+        limit: keep a fixed random subset of at most this many examples.
+
+    Returns:
+        The split and the class names.
+    """
+    check_task(task)
+    input_key = get_modality_class(task.modality).input_key
+    dd = task.data.load()
+    if split not in dd:
+        raise ValueError(f"task {task.name!r}: {task.data.describe()} has no {split!r} split; it has {list(dd)}")
+    ds = _normalise(task, split, dd[split], input_key)
+    class_names = _class_names(task, dd[split], task.data.label_column)
+    if limit is not None and len(ds) > limit:
+        ds = ds.shuffle(seed=0).select(range(limit)).flatten_indices()
+    return ds, class_names
+
+
 def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
     """Load, check, normalise and partition one task's data.
 
@@ -183,9 +216,7 @@ def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
                 f"task {task.name!r}: client {i} of {task.clients} got no training examples; "
                 "use fewer clients or a less skewed partitioner"
             )
-        clients.append(
-            ClientData(f"{task.name}/{task.modality}/{i}", task.name, task.modality, part, local_test)
-        )
+        clients.append(ClientData(f"{task.name}/{task.modality}/{i}", task.name, task.modality, part, local_test))
     log.info(
         "task %s (%s, %d classes): %d train examples over %d clients (%s), %d test",
         task.name,

@@ -62,9 +62,7 @@ def aggregate(updates: Sequence[Update], aggregator: Aggregator) -> dict[str, Te
     for u in updates:
         for key, t in u.state.items():
             if is_local(key):
-                raise ValueError(
-                    f"client {u.cid} sent local tensor {key!r}; local tensors never leave a client"
-                )
+                raise ValueError(f"client {u.cid} sent local tensor {key!r}; local tensors never leave a client")
             by_key.setdefault(key, []).append((u, t))
     merged = {}
     for key in sorted(by_key):

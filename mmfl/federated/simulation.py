@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import time
-import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from mmfl.federated.aggregate import Aggregator, FedAvg, Update, aggregate
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.modalities import get_modality
-from mmfl.module import ClientModule, OptimizerFactory, default_optimizer
+from mmfl.module import ClientModule, OptimizerFactory, default_optimizer, make_trainer, quiet_lightning
 from mmfl.prompts.base import TrainablePart
 
 log = logging.getLogger(__name__)
@@ -174,18 +172,7 @@ class Simulation:
         )
 
     def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
-        return L.Trainer(
-            max_epochs=max_epochs,
-            max_steps=max_steps,
-            accelerator=self.training.accelerator,
-            devices=1,
-            precision=self.training.precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
 
     def _loader(self, task: PreparedTask, ds, train: bool, seed: int = 0):
         modality = get_modality(task.modality)
@@ -218,9 +205,7 @@ class Simulation:
         trainer = self._trainer(self.training.epochs, self.training.max_steps)
         trainer.fit(module, train_dataloaders=loader)
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        update = Update(
-            client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train)
-        )
+        update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train))
         return update, {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
 
     def evaluate(self, module: ClientModule, task: PreparedTask, ds) -> dict[str, float]:
@@ -293,12 +278,7 @@ class Simulation:
             The final global trainable state.
         """
         rounds = self.federation.rounds
-        with warnings.catch_warnings(), _quiet_lightning():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings(
-                "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
-            )
-            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+        with quiet_lightning():
             accs = self.evaluate_tasks(0)
             self.metrics.flush()
             log.info("round 0/%d (before training): test accuracy %s", rounds, _fmt(accs))
@@ -321,23 +301,6 @@ class Simulation:
                     )
                 log.info("%s (%.1f s)", msg, time.perf_counter() - t0)
         return self.global_state
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-Trainer banners (one Trainer per client per round)."""
-    loggers = [
-        logging.getLogger(n)
-        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def _fmt(accs: dict[str, float]) -> str:

@@ -33,9 +33,7 @@ _REGISTERED: dict[str, _Entry] = {}
 _cache: dict[str, type[Modality]] = {}
 
 
-def register_modality(
-    cls: type[Modality], name: str | None = None, *, replace: bool = False
-) -> type[Modality]:
+def register_modality(cls: type[Modality], name: str | None = None, *, replace: bool = False) -> type[Modality]:
     """Register a :class:`Modality` subclass in this process (in-tree code and tests).
 
     Raises:
@@ -93,8 +91,7 @@ def _load(entry: _Entry) -> type[Modality]:
         obj = ep.load()
     except Exception as e:  # a broken plugin must be named, not crash everything else
         raise ModalityError(
-            f"modality {entry.name!r} from plugin {entry.source!r} ({ep.value}) failed to load: "
-            f"{type(e).__name__}: {e}"
+            f"modality {entry.name!r} from plugin {entry.source!r} ({ep.value}) failed to load: {type(e).__name__}: {e}"
         ) from e
     if not (isinstance(obj, type) and issubclass(obj, Modality)):
         raise ModalityError(
