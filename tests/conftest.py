@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import open_clip
@@ -12,6 +13,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# mmfl-mini's assembled checkpoint goes to a throw-away cache, never the user's home
+os.environ.setdefault("MMFL_CACHE", tempfile.mkdtemp(prefix="mmfl-test-cache-"))
 
 import datasets
 
@@ -72,6 +75,12 @@ def _write_tiny_bert(folder: Path) -> None:
 def tiny_backbone() -> Backbone:
     """``mmfl-tiny``: a native open_clip ViT + text transformer with random weights."""
     return Backbone("mmfl-tiny")
+
+
+@pytest.fixture(scope="session")
+def mini_backbone() -> Backbone:
+    """``mmfl-mini``: the offline default, assembled from installed packages."""
+    return Backbone("mmfl-mini")
 
 
 @pytest.fixture(scope="session")

@@ -51,12 +51,21 @@ def test_every_recipe_runs_with_a_tiny_override(recipe: Path, tmp_path: Path) ->
     assert sum(t.numel() for t in state.values()) < 100_000  # trainable tensors only, no backbone
 
 
+SMALL = (
+    "backbone: {model_name: mmfl-tiny}\n"
+    "tasks:\n  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 2, max_test_examples: 30}\n"
+    "parts:\n  - class_path: mmfl.prompts.CoOp\n    init_args: {n_ctx: 2}\n"
+    "training: {accelerator: cpu}\nfederation: {rounds: 3}\n"
+)
+
+
 def test_overrides_and_the_saved_config_reproduce_the_run(tmp_path: Path) -> None:
-    quick = str(RECIPES[0].parent / "quickstart.yaml")
+    quick = tmp_path / "small.yaml"
+    quick.write_text(SMALL)
     assert (
         _run(
             "-c",
-            quick,
+            str(quick),
             "--output_dir",
             str(tmp_path / "a"),
             "--seed=1",

@@ -105,3 +105,33 @@ def test_bad_task_names_and_settings() -> None:
         prepare_task(Task("d", SklearnDigits(), templates=["no slot"]))
     with pytest.raises(ValueError, match="clients must be >= 1"):
         prepare_task(Task("d", SklearnDigits(), clients=0))
+
+
+@pytest.mark.parametrize(
+    ("name", "train", "test", "first_class"),
+    [
+        ("digits", 1437, 360, "zero"),
+        ("animals", 8000, 2000, "bear"),
+        ("photos", 0, 16, "astronaut"),
+        ("fashion", 60000, 10000, "T-shirt"),
+    ],
+)
+def test_bundled_sets_load_with_names_and_split_sizes(name, train, test, first_class) -> None:
+    from mmfl.data.bundled import BUNDLED
+
+    try:
+        source = BUNDLED[name]()
+    except FileNotFoundError as e:  # fashion needs a Debian package
+        assert "apt-get install dataset-fashion-mnist" in str(e)
+        pytest.skip(str(e))
+    dd = source.load()
+    assert (len(dd["train"]), len(dd["test"])) == (train, test)
+    assert dd["test"].features["label"].names[0] == first_class
+    assert dd["test"].features["label"].num_classes == (16 if name == "photos" else 10)
+
+
+def test_fashion_missing_says_how_to_install(tmp_path: Path) -> None:
+    from mmfl.data import FashionMNIST
+
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNIST(root=str(tmp_path))

@@ -40,7 +40,7 @@ def zero_shot(
     templates: Sequence[str] | None = None,
     split: str = "test",
     limit: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = 32,
     accelerator: str = "auto",
 ) -> dict[str, float | int]:
     """Top-1 of the backbone with template-ensembled class prompts on one split.

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse import lazy_instance
 from torch import Tensor
 
 from mmfl.backbone import Backbone
@@ -47,7 +48,7 @@ class Federation:
     rounds: int = 5
     fraction: float = 1.0
     min_clients: int = 1
-    aggregator: Aggregator = field(default_factory=FedAvg)
+    aggregator: Aggregator = field(default_factory=lambda: lazy_instance(FedAvg))  # serialisable default
     eval_every: int = 1
 
 
@@ -70,7 +71,7 @@ class LocalTraining:
     epochs: int = 1
     max_steps: int = -1
     batch_size: int = 32
-    eval_batch_size: int = 256
+    eval_batch_size: int = 32
     optimizer: OptimizerFactory = default_optimizer
     accelerator: str = "auto"
     precision: str = "32-true"
