@@ -120,9 +120,9 @@ class Backbone:
         if self._text is None:
             raise TypeError(f"{model_name!r} has no text tower mmfl knows how to drive.")
         log.info(
-            "backbone %s (pretrained=%s): %.1f M frozen params, embed_dim=%d, text_width=%d",
+            "backbone %s (weights: %s): %.1f M frozen params, embed_dim=%d, text_width=%d",
             model_name,
-            pretrained,
+            "offline build" if offline is not None else (weights or "random"),
             sum(p.numel() for p in model.parameters()) / 1e6,
             self.embed_dim,
             self.text_width,

@@ -105,3 +105,22 @@ def test_zeroshot_command_prints_json() -> None:
     )
     result = json.load(io.StringIO(out.stdout.strip().splitlines()[-1]))
     assert result["n"] == 16 and 0 <= result["top1"] <= 1 and result["chance"] == pytest.approx(1 / 16)
+
+
+def test_zeroshot_command_on_a_local_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from mmfl import cli
+
+    rng = np.random.default_rng(0)
+    for cls in ("circle", "square", "star"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    args = ["zeroshot", "--backbone", "mmfl-tiny", "--data", str(tmp_path), "--split", "train", "--json"]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["classes"] == 3 and result["chance"] == pytest.approx(1 / 3)
+    assert result["n"] == 6  # 9 images; one per class is held out as the test split
+    assert cli.main(["zeroshot", "--data", str(tmp_path / "nothing-here")]) == 2

@@ -98,3 +98,11 @@ def test_lightning_fit_trains_only_parts_and_checkpoint_has_no_backbone(tiny_bac
     ckpt = torch.load(tmp_path / "client.ckpt", weights_only=False)
     assert list(ckpt["state_dict"]) == ["parts.coop.ctx"]
     assert m.backbone is tiny_backbone
+
+
+def test_public_api_resolves() -> None:
+    import mmfl
+
+    for name in mmfl.__all__:
+        assert getattr(mmfl, name) is not None, name
+    assert mmfl.Backbone is Backbone and mmfl.CoOp is CoOp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,17 @@ class DataSource(ABC):
 
 
 def _split(ds: datasets.Dataset, test_fraction: float, seed: int, label_column: str) -> datasets.DatasetDict:
-    """A fixed, stratified (when labels are a ClassLabel) train/test split."""
-    stratify = label_column if isinstance(ds.features.get(label_column), datasets.ClassLabel) else None
-    parts = ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column=stratify)
+    """A fixed train/test split, stratified when labels are a ClassLabel.
+
+    A stratified split holds out at least one example per class; when the data are too few for that,
+    the split is not stratified.
+    """
+    feature = ds.features.get(label_column)
+    n_test = math.ceil(test_fraction * len(ds))
+    stratify = None
+    if isinstance(feature, datasets.ClassLabel) and len(ds) >= 2 * feature.num_classes:
+        stratify, n_test = label_column, max(n_test, feature.num_classes)
+    parts = ds.train_test_split(test_size=n_test, seed=seed, stratify_by_column=stratify)
     return datasets.DatasetDict(train=parts["train"], test=parts["test"])
 
 

@@ -7,7 +7,7 @@ import math
 import random
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,9 +217,10 @@ class Simulation:
 
     def evaluator(self, task: PreparedTask) -> ClientModule:
         """A module per task that holds the global tensors (local tensors at their initial values)."""
-        if task.name + "/" + task.modality not in self._evaluators:
-            self._evaluators[task.name + "/" + task.modality] = self.build_module(task)
-        module = self._evaluators[task.name + "/" + task.modality]
+        key = f"{task.name}/{task.modality}"
+        if key not in self._evaluators:
+            self._evaluators[key] = self.build_module(task)
+        module = self._evaluators[key]
         module.load_trainable_state_dict(self.global_state)
         return module
 
@@ -306,8 +307,3 @@ class Simulation:
 
 def _fmt(accs: dict[str, float]) -> str:
     return ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
-
-
-def unique_backbones(objs: Iterable[object]) -> int:
-    """How many distinct Backbone objects ``objs`` refer to (used by tests and sanity checks)."""
-    return len({id(getattr(o, "backbone", None)) for o in objs})
