@@ -236,19 +236,15 @@ class Simulation:
         for c in self.clients:
             if c.data.test is not None and len(c.data.test):
                 c.module.load_trainable_state_dict(self.global_state)
-                m = self.evaluate(c.module, c.task, c.data.test)
-                self.metrics.add(
-                    rnd,
-                    "client",
-                    c.task.name,
-                    c.task.modality,
-                    c.data.cid,
-                    "local_test",
-                    m["loss"],
-                    m["accuracy"],
-                    len(c.data.test),
+                self._record_client(
+                    rnd, c, "local_test", self.evaluate(c.module, c.task, c.data.test), len(c.data.test)
                 )
         return accs
+
+    def _record_client(self, rnd: int, c: _Client, split: str, m: dict[str, float], examples: int) -> None:
+        self.metrics.add(
+            rnd, "client", c.task.name, c.task.modality, c.data.cid, split, m["loss"], m["accuracy"], examples
+        )
 
     def run_round(self, rnd: int) -> dict[str, Tensor]:
         """One round: sample, fit, merge. Returns the merged tensors."""
@@ -256,17 +252,7 @@ class Simulation:
         for i in self.sample(rnd):
             c = self.clients[i]
             update, m = self.fit_client(c, rnd)
-            self.metrics.add(
-                rnd,
-                "client",
-                c.task.name,
-                c.task.modality,
-                c.data.cid,
-                "fit",
-                m["loss"],
-                m["accuracy"],
-                update.num_examples,
-            )
+            self._record_client(rnd, c, "fit", m, update.num_examples)
             updates.append(update)
         merged = aggregate(updates, self.federation.aggregator)
         self.global_state.update(merged)
