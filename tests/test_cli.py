@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mmfl import cli
+from mmfl.prompts import CoOp
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 TINY = ["--federation.rounds=1", "--training.max_steps=2"]
@@ -76,7 +78,8 @@ def test_overrides_and_the_saved_config_reproduce_the_run(tmp_path: Path) -> Non
     )
     cfg = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert cfg["seed"] == 1 and cfg["federation"]["rounds"] == 2
-    assert cfg["parts"][0]["class_path"] == "mmfl.prompts.CoOp"  # fully resolved, not just the overrides
+    module, _, name = cfg["parts"][0]["class_path"].rpartition(".")
+    assert getattr(importlib.import_module(module), name) is CoOp  # fully resolved, not just the overrides
     assert _run("-c", str(tmp_path / "a" / "config.yaml"), "--output_dir", str(tmp_path / "b")) == 0
     a, b = load_file(tmp_path / "a" / "global.safetensors"), load_file(tmp_path / "b" / "global.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
