@@ -150,6 +150,12 @@ class Backbone:
         return int(self.tokenizer.context_length)
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the vision tower's input."""
+        size = getattr(self.model.visual, "image_size", None) or self.model.visual.preprocess_cfg["size"]
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
     def logit_scale(self) -> Tensor:
         """The model's learned log temperature; logits use ``logit_scale.exp()``. Shape []."""
         return self.model.logit_scale.detach().reshape(())

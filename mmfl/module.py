@@ -113,6 +113,9 @@ class ClientModule(L.LightningModule):
         text_parts = [p for p in parts if type(p).class_text_features is not TrainablePart.class_text_features]
         if len(text_parts) > 1:
             raise ValueError(f"at most one part may provide class text features, got {names}")
+        unsupported = [p.part_name for p in parts if not p.supports(modality.name)]
+        if unsupported:
+            raise ValueError(f"part(s) {unsupported} do not work with the {modality.name!r} modality")
         self.backbone = backbone  # plain attribute: Backbone is not an nn.Module
         self.modality = modality
         self.task = task
@@ -180,17 +183,32 @@ class ClientModule(L.LightningModule):
 
     # ---------------------------------------------------------------- forward
     def class_text_features(self) -> Tensor:
-        """Normalised class features [C, D]: from the text part, else the zero-shot templates (cached)."""
+        """Normalised class features [C, D]: from the text part, else the zero-shot templates (cached),
+        then through the parts' text adapters."""
         text_part = self.text_part
         if text_part is not None:
-            return F.normalize(text_part.class_text_features(), dim=-1)
-        if self._zs_text is None or self._zs_text.device != self.device:
-            self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(self.device)
-        return self._zs_text
+            f_t = text_part.class_text_features()
+        else:
+            if self._zs_text is None or self._zs_text.device != self.device:
+                self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(self.device)
+            f_t = self._zs_text
+        for part in self.parts.values():
+            f_t = part.adapt_text_features(f_t)
+        return F.normalize(f_t, dim=-1)
+
+    def input_features(self, x: Tensor) -> Tensor:
+        """Inputs [B, ...] → normalised joint-space features [B, D], through the parts' input hooks."""
+        parts = list(self.parts.values())
+        for part in parts:
+            x = part.prompt_input(x, self.modality.name)
+        f_x = self.modality.encode(self.backbone, x, parts)  # [B, D]
+        for part in parts:
+            f_x = part.adapt_input_features(f_x)
+        return F.normalize(f_x, dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Inputs [B, ...] → class logits [B, C]."""
-        f_x = F.normalize(self.modality.encode(self.backbone, x, list(self.parts.values())), dim=-1)  # [B, D]
+        f_x = self.input_features(x)  # [B, D]
         f_t = self.class_text_features()  # [C, D]
         return self.backbone.logit_scale.exp() * f_x @ f_t.to(f_x.dtype).t()  # [B, C]
 

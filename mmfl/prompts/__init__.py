@@ -1,6 +1,8 @@
 """Trainable parts: prompts and adapters attached to the frozen backbone."""
 
+from mmfl.prompts.adapter import ClipAdapter, ProjectionTuning
 from mmfl.prompts.base import TrainablePart
 from mmfl.prompts.coop import CoOp
+from mmfl.prompts.pixel import PaddingPrompt
 
-__all__ = ["CoOp", "TrainablePart"]
+__all__ = ["ClipAdapter", "CoOp", "PaddingPrompt", "ProjectionTuning", "TrainablePart"]

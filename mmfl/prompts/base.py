@@ -20,8 +20,13 @@ class TrainablePart(nn.Module):
     Subclasses take ``(backbone, class_names, ...)`` as their first two arguments, so a recipe can
     name them by ``class_path`` and mmfl builds one per client.
 
-    Hooks (override what the part provides; the defaults say "not provided"):
+    Hooks (override what the part provides; the defaults leave everything unchanged), in the order
+    :class:`~mmfl.module.ClientModule` applies them:
+        ``supports(modality)``: whether the part works with a modality (checked when a client is built).
+        ``prompt_input(x, modality)``: change the raw input batch (e.g. pixel prompts) [B, ...].
+        ``adapt_input_features(f)``: change the encoded inputs [B, D] (adapters, projections).
         ``class_text_features()``: class text features [C, D] that replace the hand-written prompts.
+        ``adapt_text_features(f)``: change the class text features [C, D].
 
     Args:
         backbone: the shared frozen backbone (held by reference, never as a submodule).
@@ -61,6 +66,22 @@ class TrainablePart(nn.Module):
                 f"part {self.part_name!r}: scopes name unknown parameters {unknown}; it has {sorted(names)}"
             )
 
+    def supports(self, modality: str) -> bool:
+        """Whether this part can serve clients of ``modality`` (all by default)."""
+        return True
+
+    def prompt_input(self, x: Tensor, modality: str) -> Tensor:
+        """The input batch [B, ...] after this part's input prompt (unchanged by default)."""
+        return x
+
+    def adapt_input_features(self, f: Tensor) -> Tensor:
+        """Encoded inputs [B, D] after this part (unchanged by default)."""
+        return f
+
     def class_text_features(self) -> Tensor | None:
         """Class text features [C, D] built with learned prompts, or None if this part has none."""
         return None
+
+    def adapt_text_features(self, f: Tensor) -> Tensor:
+        """Class text features [C, D] after this part (unchanged by default)."""
+        return f
