@@ -182,12 +182,16 @@ class ClientModule(L.LightningModule):
         return self.parts[self._text_part_name] if self._text_part_name is not None else None
 
     # ---------------------------------------------------------------- forward
-    def class_text_features(self) -> Tensor:
-        """Normalised class features [C, D]: from the text part, else the zero-shot templates (cached),
-        then through the parts' text adapters."""
+    def class_text_features(self, input_features: Tensor | None = None) -> Tensor:
+        """Normalised class features: from the text part, else the zero-shot templates (cached), then
+        through the parts' text adapters. [C, D], or [B, C, D] from an input-conditioned text part.
+
+        Args:
+            input_features: the batch's normalised encoded inputs [B, D], for conditioned prompts.
+        """
         text_part = self.text_part
         if text_part is not None:
-            f_t = text_part.class_text_features()
+            f_t = text_part.class_text_features(input_features)
         else:
             if self._zs_text is None or self._zs_text.device != self.device:
                 self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(self.device)
@@ -209,8 +213,11 @@ class ClientModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Inputs [B, ...] → class logits [B, C]."""
         f_x = self.input_features(x)  # [B, D]
-        f_t = self.class_text_features()  # [C, D]
-        return self.backbone.logit_scale.exp() * f_x @ f_t.to(f_x.dtype).t()  # [B, C]
+        f_t = self.class_text_features(f_x).to(f_x.dtype)  # [C, D] or [B, C, D]
+        scale = self.backbone.logit_scale.exp()
+        if f_t.dim() == 3:  # one set of class features per input (CoCoOp)
+            return scale * torch.einsum("bd,bcd->bc", f_x, f_t)  # [B, C]
+        return scale * f_x @ f_t.t()  # [B, C]
 
     def _step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> Tensor:
         x, y = batch[self.modality.input_key], batch[LABEL]

@@ -2,7 +2,7 @@
 
 from mmfl.prompts.adapter import ClipAdapter, ProjectionTuning
 from mmfl.prompts.base import TrainablePart
-from mmfl.prompts.coop import CoOp
+from mmfl.prompts.coop import CoOp, PromptFolio
 from mmfl.prompts.pixel import PaddingPrompt
 
-__all__ = ["ClipAdapter", "CoOp", "PaddingPrompt", "ProjectionTuning", "TrainablePart"]
+__all__ = ["ClipAdapter", "CoOp", "PaddingPrompt", "ProjectionTuning", "PromptFolio", "TrainablePart"]

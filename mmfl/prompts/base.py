@@ -25,8 +25,9 @@ class TrainablePart(nn.Module):
         ``supports(modality)``: whether the part works with a modality (checked when a client is built).
         ``prompt_input(x, modality)``: change the raw input batch (e.g. pixel prompts) [B, ...].
         ``adapt_input_features(f)``: change the encoded inputs [B, D] (adapters, projections).
-        ``class_text_features()``: class text features [C, D] that replace the hand-written prompts.
-        ``adapt_text_features(f)``: change the class text features [C, D].
+        ``class_text_features(input_features)``: class text features that replace the hand-written
+            prompts: [C, D], or [B, C, D] when conditioned on the batch's encoded inputs [B, D] (CoCoOp).
+        ``adapt_text_features(f)``: change the class text features ([C, D] or [B, C, D]).
 
     Args:
         backbone: the shared frozen backbone (held by reference, never as a submodule).
@@ -78,10 +79,11 @@ class TrainablePart(nn.Module):
         """Encoded inputs [B, D] after this part (unchanged by default)."""
         return f
 
-    def class_text_features(self) -> Tensor | None:
-        """Class text features [C, D] built with learned prompts, or None if this part has none."""
+    def class_text_features(self, input_features: Tensor | None = None) -> Tensor | None:
+        """Class text features [C, D] (or [B, C, D] when conditioned on ``input_features`` [B, D]) built
+        with learned prompts, or None if this part has none."""
         return None
 
     def adapt_text_features(self, f: Tensor) -> Tensor:
-        """Class text features [C, D] after this part (unchanged by default)."""
+        """Class text features [C, D] or [B, C, D] after this part (unchanged by default)."""
         return f

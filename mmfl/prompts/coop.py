@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfl.backbone import Backbone
@@ -33,6 +34,12 @@ class CoOp(TrainablePart):
             when None.
         class_token_position: ``end``, ``middle`` or ``front``.
         class_specific: one context per class (``[C, M, W]``) instead of one shared (``[M, W]``).
+        conditional: CoCoOp (Zhou et al., 2022): a meta-net turns each input's encoded features into a
+            bias added to every context vector, so each input gets its own class prompts. Its last layer
+            starts at zero, so the part starts as plain CoOp. Costs B×C text encodings per batch.
+        meta_reduction: hidden width of the meta-net is ``embed_dim // meta_reduction``.
+        local_rank: add a personal low-rank term ``U·V`` (rank r, scope ``local``, never sent) to the
+            context (as FedPGP); ``U`` starts at zero, so the part starts as the shared context.
         name: part name in payload keys.
         scope: scope of the context (``task`` by default: shared by all clients of the task).
         scopes: per-parameter scope overrides.
@@ -46,6 +53,9 @@ class CoOp(TrainablePart):
         ctx_init: str | None = None,
         class_token_position: Literal["end", "middle", "front"] = "end",
         class_specific: bool = False,
+        conditional: bool = False,
+        meta_reduction: int = 16,
+        local_rank: int = 0,
         name: str = "coop",
         scope: str = "task",
         scopes: Mapping[str, str] | None = None,
@@ -83,6 +93,21 @@ class CoOp(TrainablePart):
         self.n_ctx = n_ctx
         self.class_token_position = class_token_position
         self.class_specific = class_specific
+        self.conditional = conditional
+        self.meta = None
+        if conditional:
+            hidden = max(backbone.embed_dim // meta_reduction, 1)
+            self.meta = nn.Sequential(nn.Linear(backbone.embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, width))
+            nn.init.zeros_(self.meta[2].weight)
+            nn.init.zeros_(self.meta[2].bias)
+        self.local_rank = local_rank
+        if local_rank < 0 or local_rank > min(n_ctx, width):
+            raise ValueError(f"CoOp: local_rank must be in [0, {min(n_ctx, width)}], got {local_rank}")
+        if local_rank:
+            lead = (n_cls,) if class_specific else ()
+            self.local_u = nn.Parameter(torch.zeros(*lead, n_ctx, local_rank))  # [(C,) M, r]
+            self.local_v = nn.Parameter(torch.empty(*lead, local_rank, width).normal_(0.0, 0.02))  # [(C,) r, W]
+            self.scopes = {"local_u": "local", "local_v": "local", **self.scopes}  # personal unless overridden
 
         prompts = [" ".join([PLACEHOLDER] * n_ctx) + " " + c.replace("_", " ") + "." for c in class_names]
         tokens = backbone.tokenize(prompts).cpu()  # [C, L]
@@ -105,24 +130,50 @@ class CoOp(TrainablePart):
                 "after the start token (context too long for the context length?)"
             )
 
-    def prompt_embeddings(self) -> Tensor:
-        """Embeddings of every class prompt with the learned context in place. Returns [C, L, W]."""
+    def context(self) -> Tensor:
+        """The context vectors in use: shared (+ personal low-rank term). [C, M, W]."""
+        ctx = self.ctx
+        if self.local_rank:
+            ctx = ctx + self.local_u @ self.local_v  # [(C,) M, W]
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(self.tokens.shape[0], -1, -1)  # [C, M, W]
+        return ctx
+
+    def prompt_embeddings(self, bias: Tensor | None = None, ctx: Tensor | None = None) -> Tensor:
+        """Embeddings of every class prompt with the learned context in place.
+
+        Args:
+            bias: CoCoOp's per-input context bias [B, W]; None for plain CoOp.
+            ctx: context to use instead of :meth:`context` ([C, M, W]).
+
+        Returns:
+            [C, L, W], or [B, C, L, W] with a bias.
+        """
         tokens = self.tokens
         with torch.no_grad():
             embeds = self.backbone.embed_tokens(tokens)  # [C, L, W]
-        ctx = self.ctx
-        if not self.class_specific:
-            ctx = ctx.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # [C, M, W]
-        ctx = ctx.to(embeds.dtype)
-        embeds = torch.cat([embeds[:, :1], ctx, embeds[:, 1 + self.n_ctx :]], dim=1)  # [C, L, W]
+        ctx = (self.context() if ctx is None else ctx).to(embeds.dtype)  # [C, M, W]
+        if bias is not None:
+            ctx = ctx.unsqueeze(0) + bias.to(embeds.dtype)[:, None, None, :]  # [B, C, M, W]
+            embeds = embeds.unsqueeze(0).expand(bias.shape[0], -1, -1, -1)  # [B, C, L, W]
+        embeds = torch.cat([embeds[..., :1, :], ctx, embeds[..., 1 + self.n_ctx :, :]], dim=-2)
         if self.class_token_position != "end":
-            index = self.order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])  # [C, L, W]
-            embeds = torch.gather(embeds, 1, index)
+            index = self.order.unsqueeze(-1).expand(*embeds.shape)  # [(B,) C, L, W]
+            embeds = torch.gather(embeds, -2, index)
         return embeds
 
-    def class_text_features(self) -> Tensor:
-        """Class text features [C, D] through the frozen text tower."""
-        return self.backbone.encode_text_embeds(self.prompt_embeddings(), self.tokens)
+    def class_text_features(self, input_features: Tensor | None = None) -> Tensor:
+        """Class text features through the frozen text tower: [C, D]; with ``conditional``, one set per
+        input, [B, C, D], from ``input_features`` [B, D]."""
+        if not self.conditional:
+            return self.backbone.encode_text_embeds(self.prompt_embeddings(), self.tokens)
+        if input_features is None:
+            raise ValueError("CoOp(conditional=True) needs the batch's input features")
+        embeds = self.prompt_embeddings(self.meta(input_features.to(self.meta[0].weight.dtype)))  # [B, C, L, W]
+        b, c = embeds.shape[:2]
+        tokens = self.tokens.unsqueeze(0).expand(b, -1, -1).reshape(b * c, -1)  # [B*C, L]
+        feats = self.backbone.encode_text_embeds(embeds.reshape(b * c, *embeds.shape[2:]), tokens)  # [B*C, D]
+        return feats.view(b, c, -1)
 
 
 def _single_token_id(backbone: Backbone, word: str) -> int:
@@ -161,3 +212,37 @@ def _position_order(length: int, n_ctx: int, name_lens: list[int], position: str
             body = ctx + name
         rows.append([0, *body, *rest])
     return torch.tensor(rows, dtype=torch.long)
+
+
+class PromptFolio(CoOp):
+    """A shared and a personal CoOp context whose class features are mixed (PromptFolio, Pan et al., 2024):
+    ``f_t = (1 − θ) · norm(T(ctx)) + θ · norm(T(ctx_local))``. ``ctx`` has the part's scope (``task`` by
+    default); ``ctx_local`` is ``local`` and never leaves the client. Both start from the same values.
+
+    Args:
+        backbone: the shared frozen backbone.
+        class_names: label names of the task, in label order.
+        fraction: the personal share ``θ`` in [0, 1].
+        kwargs: the :class:`CoOp` options (n_ctx, ctx_init, class_specific, ...).
+    """
+
+    def __init__(self, backbone: Backbone, class_names: list[str], fraction: float = 0.2, **kwargs) -> None:
+        kwargs.setdefault("name", "folio")
+        super().__init__(backbone, class_names, **kwargs)
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"PromptFolio: fraction must be in [0, 1], got {fraction}")
+        if self.conditional:
+            raise ValueError("PromptFolio does not combine with conditional=True")
+        self.fraction = fraction
+        self.ctx_local = nn.Parameter(self.ctx.detach().clone())  # [M, W] or [C, M, W]
+        self.scopes = {"ctx_local": "local", **self.scopes}
+        self.check_scopes()
+
+    def class_text_features(self, input_features: Tensor | None = None) -> Tensor:
+        """The mixed class features [C, D] (each branch normalised first)."""
+        shared = F.normalize(self.backbone.encode_text_embeds(self.prompt_embeddings(), self.tokens), dim=-1)
+        ctx_local = (
+            self.ctx_local if self.ctx_local.dim() == 3 else self.ctx_local.expand(len(self.class_names), -1, -1)
+        )
+        local = self.backbone.encode_text_embeds(self.prompt_embeddings(ctx=ctx_local), self.tokens)
+        return (1.0 - self.fraction) * shared + self.fraction * F.normalize(local, dim=-1)  # [C, D]
