@@ -251,9 +251,58 @@ class Backbone:
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # [N, D]
 
     # ------------------------------------------------------------------ image
-    def encode_image(self, images: Tensor) -> Tensor:
-        """Encode preprocessed images [B, 3, H, W] → unnormalised joint-space features [B, D]."""
-        return self.model.encode_image(images.to(self.device))
+    def encode_image(self, images: Tensor, prompt_tokens: Tensor | None = None) -> Tensor:
+        """Encode preprocessed images [B, 3, H, W] → unnormalised joint-space features [B, D].
+
+        Args:
+            images: [B, 3, H, W].
+            prompt_tokens: VPT prompt tokens for a ViT tower: [P, W] (shallow: inserted after the
+                class token at the input) or [layers, P, W] (deep: the P prompt positions are replaced
+                before every block). Dropped again before pooling. None: the model's own forward.
+        """
+        images = images.to(self.device)
+        if prompt_tokens is None:
+            return self.model.encode_image(images)
+        return self._encode_image_prompted(images, prompt_tokens)
+
+    @property
+    def vision_is_vit(self) -> bool:
+        """Whether the vision tower is open_clip's VisionTransformer (which takes prompt tokens)."""
+        return isinstance(self.model.visual, open_clip.transformer.VisionTransformer)
+
+    def vision_token_shape(self) -> tuple[int, int]:
+        """(number of blocks, token width) of a ViT vision tower.
+
+        Raises:
+            ValueError: the tower is not a ViT (e.g. mmfl-mini's CNN), naming the pixel-space alternative.
+        """
+        if not self.vision_is_vit:
+            raise ValueError(
+                f"{self.model_name!r} has a {type(self.model.visual).__name__} vision tower, which takes no prompt "
+                "tokens; use a pixel-space prompt (mmfl.prompts.PaddingPrompt), which works with any tower"
+            )
+        v = self.model.visual
+        return len(v.transformer.resblocks), int(v.class_embedding.shape[-1])
+
+    def _encode_image_prompted(self, images: Tensor, prompts: Tensor) -> Tensor:
+        n_layers, width = self.vision_token_shape()
+        v = self.model.visual
+        deep = prompts.dim() == 3
+        if prompts.shape[-1] != width or (deep and prompts.shape[0] != n_layers):
+            raise ValueError(f"prompt tokens {tuple(prompts.shape)} do not fit {n_layers} blocks of width {width}")
+        x = v._embeds(images)  # [B, 1+N, W] after ln_pre
+        n_prompt = prompts.shape[-2]
+        first = (prompts[0] if deep else prompts).to(x.dtype)
+        x = torch.cat([x[:, :1], first.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+P+N, W]
+        batch_first = getattr(v.transformer, "batch_first", True)
+        for i, block in enumerate(v.transformer.resblocks):
+            if deep and i > 0:
+                p = prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, W]
+                x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt :]], dim=1)
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        x = torch.cat([x[:, :1], x[:, 1 + n_prompt :]], dim=1)  # [B, 1+N, W]: prompts dropped
+        pooled, _ = v._pool(x)  # [B, W]
+        return pooled @ v.proj if v.proj is not None else pooled  # [B, D]
 
     def __repr__(self) -> str:
         return f"Backbone({self.model_name!r}, pretrained={self.pretrained!r})"

@@ -38,5 +38,8 @@ class ImageModality(Modality):
         return apply
 
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
-        """Images [B, 3, H, W] → joint-space features [B, D]."""
-        return backbone.encode_image(x)
+        """Images [B, 3, H, W] → joint-space features [B, D] (with the parts' VPT tokens, if any)."""
+        tokens = [t for t in (p.vision_prompt_tokens() for p in parts) if t is not None]
+        if len(tokens) > 1:
+            raise ValueError("at most one part may provide vision prompt tokens")
+        return backbone.encode_image(x, tokens[0] if tokens else None)

@@ -4,5 +4,14 @@ from mmfl.prompts.adapter import ClipAdapter, ProjectionTuning
 from mmfl.prompts.base import TrainablePart
 from mmfl.prompts.coop import CoOp, PromptFolio
 from mmfl.prompts.pixel import PaddingPrompt
+from mmfl.prompts.vpt import VisualPromptTokens
 
-__all__ = ["ClipAdapter", "CoOp", "PaddingPrompt", "ProjectionTuning", "PromptFolio", "TrainablePart"]
+__all__ = [
+    "ClipAdapter",
+    "CoOp",
+    "PaddingPrompt",
+    "ProjectionTuning",
+    "PromptFolio",
+    "TrainablePart",
+    "VisualPromptTokens",
+]

@@ -24,6 +24,7 @@ class TrainablePart(nn.Module):
     :class:`~mmfl.module.ClientModule` applies them:
         ``supports(modality)``: whether the part works with a modality (checked when a client is built).
         ``prompt_input(x, modality)``: change the raw input batch (e.g. pixel prompts) [B, ...].
+        ``vision_prompt_tokens()``: VPT tokens for a ViT tower, [P, W] or [layers, P, W].
         ``adapt_input_features(f)``: change the encoded inputs [B, D] (adapters, projections).
         ``class_text_features(input_features)``: class text features that replace the hand-written
             prompts: [C, D], or [B, C, D] when conditioned on the batch's encoded inputs [B, D] (CoCoOp).
@@ -74,6 +75,10 @@ class TrainablePart(nn.Module):
     def prompt_input(self, x: Tensor, modality: str) -> Tensor:
         """The input batch [B, ...] after this part's input prompt (unchanged by default)."""
         return x
+
+    def vision_prompt_tokens(self) -> Tensor | None:
+        """Prompt tokens for a ViT vision tower ([P, W] shallow, [layers, P, W] deep), or None."""
+        return None
 
     def adapt_input_features(self, f: Tensor) -> Tensor:
         """Encoded inputs [B, D] after this part (unchanged by default)."""
