@@ -38,6 +38,9 @@ class TrainablePart(nn.Module):
         scopes: per-parameter scope overrides.
     """
 
+    modalities: tuple[str, ...] | None = None
+    """The modalities this part works with (None: all); read by :meth:`supports`."""
+
     def __init__(
         self,
         backbone: Backbone,
@@ -69,8 +72,8 @@ class TrainablePart(nn.Module):
             )
 
     def supports(self, modality: str) -> bool:
-        """Whether this part can serve clients of ``modality`` (all by default)."""
-        return True
+        """Whether this part can serve clients of ``modality`` (those in ``modalities``; all when None)."""
+        return self.modalities is None or modality in self.modalities
 
     def prompt_input(self, x: Tensor, modality: str) -> Tensor:
         """The input batch [B, ...] after this part's input prompt (unchanged by default)."""

@@ -25,6 +25,8 @@ class PaddingPrompt(TrainablePart):
         scopes: per-parameter scope overrides.
     """
 
+    modalities = ("image",)
+
     def __init__(
         self,
         backbone: Backbone,
@@ -44,10 +46,6 @@ class PaddingPrompt(TrainablePart):
         self.left = nn.Parameter(torch.zeros(3, h - 2 * pad, pad))  # [3, H-2p, p]
         self.right = nn.Parameter(torch.zeros(3, h - 2 * pad, pad))  # [3, H-2p, p]
         self.check_scopes()
-
-    def supports(self, modality: str) -> bool:
-        """Images only."""
-        return modality == "image"
 
     def frame(self) -> Tensor:
         """The full prompt image, zero inside the frame. Returns [3, H, W]."""

@@ -29,6 +29,8 @@ class VisualPromptTokens(TrainablePart):
         scopes: per-parameter scope overrides.
     """
 
+    modalities = ("image",)
+
     def __init__(
         self,
         backbone: Backbone,
@@ -48,10 +50,6 @@ class VisualPromptTokens(TrainablePart):
         self.tokens = nn.Parameter(torch.empty(shape).normal_(0.0, init_std))  # [(L,) P, W]
         self.deep = deep
         self.check_scopes()
-
-    def supports(self, modality: str) -> bool:
-        """Images only."""
-        return modality == "image"
 
     def vision_prompt_tokens(self) -> Tensor:
         """The tokens, [P, W] or [layers, P, W]."""
