@@ -83,6 +83,10 @@ class Backbone:
         device: where the frozen model lives at first; ``to()`` moves it.
         precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
         cache_dir: where open_clip caches downloaded weights.
+
+    Attributes:
+        embed_dim: width of the joint image-text space.
+        model: the frozen open_clip model.
     """
 
     def __init__(
@@ -119,6 +123,8 @@ class Backbone:
         self._text = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
         if self._text is None:
             raise TypeError(f"{model_name!r} has no text tower mmfl knows how to drive.")
+        with torch.no_grad():  # open_clip models do not expose it: read it off one encoding, once
+            self.embed_dim: int = int(self.encode_text(self.tokenize(["a"])).shape[-1])
         log.info(
             "backbone %s (weights: %s): %.1f M frozen params, embed_dim=%d, text_width=%d",
             model_name,
@@ -133,11 +139,6 @@ class Backbone:
     def device(self) -> torch.device:
         """Device of the frozen weights."""
         return next(self.model.parameters()).device
-
-    @property
-    def embed_dim(self) -> int:
-        """Width of the joint image-text space."""
-        return int(self.model.embed_dim) if hasattr(self.model, "embed_dim") else self._probe_embed_dim()
 
     @property
     def text_width(self) -> int:
@@ -172,10 +173,6 @@ class Backbone:
         if self.device != torch.device(device):
             self.model.to(device)
         return self
-
-    def _probe_embed_dim(self) -> int:
-        with torch.no_grad():
-            return int(self.encode_text(self.tokenize(["a"])).shape[-1])
 
     # ------------------------------------------------------------------ text
     def _token_embedding(self) -> nn.Embedding:

@@ -248,10 +248,6 @@ class ClientModule(L.LightningModule):
             raise ValueError(f"client of task {self.task!r} has nothing to train: add a part to `parts`")
         return self.optimizer_factory(params)
 
-    def setup(self, stage: str) -> None:
-        """Put the shared backbone on this module's device (a no-op when it already is)."""
-        self.backbone.to(self.device)
-
     def on_fit_start(self) -> None:
         """Move the backbone once the Trainer has placed this module, and keep it frozen in eval mode."""
         self.backbone.to(self.device)

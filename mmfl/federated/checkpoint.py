@@ -41,11 +41,3 @@ def load_state(path: str | Path) -> dict[str, Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a valid safetensors file (truncated or corrupt?): {e}") from e
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata stored in a safetensors file's header."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})

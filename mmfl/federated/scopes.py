@@ -46,9 +46,3 @@ def qualify(scope: str, task: str, modality: str, name: str) -> str:
 def is_local(key: str) -> bool:
     """Whether a qualified key names a tensor that never leaves its client."""
     return key.startswith("local/")
-
-
-def scope_of_key(key: str) -> str:
-    """The scope of a qualified key (its first path component)."""
-    scope = key.split("/", 1)[0]
-    return check_scope(scope)

@@ -132,7 +132,6 @@ class Simulation:
         self.federation = federation or Federation()
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.round = 0
         if self.federation.rounds < 0 or not 0 < self.federation.fraction <= 1:
             raise ValueError("federation.rounds must be >= 0 and federation.fraction in (0, 1]")
 
@@ -274,7 +273,6 @@ class Simulation:
                 t0 = time.perf_counter()
                 n = len(self.sample(rnd))
                 self.run_round(rnd)
-                self.round = rnd
                 fit_loss = self.metrics.mean(rnd, "fit", "loss")
                 msg = f"round {rnd}/{rounds}: {n}/{len(self.clients)} clients done, fit loss {fit_loss:.4f}"
                 if rnd % self.federation.eval_every == 0 or rnd == rounds:
