@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mmfl.backbone import Backbone
-from mmfl.prompts import ClipAdapter, CoOp, PaddingPrompt, ProjectionTuning, TrainablePart, VisualPromptTokens
+from mmfl.prompts import (
+    ClipAdapter,
+    CoOp,
+    MaPLe,
+    PaddingPrompt,
+    ProjectionTuning,
+    TrainablePart,
+    VisualPromptTokens,
+)
 
 CLASSES = [f"class {i}" for i in range(10)]
 
@@ -28,6 +36,12 @@ def families(bb: Backbone) -> dict[str, Callable[[], TrainablePart] | None]:
         "VPT deep, 8 tokens per block": (lambda: VisualPromptTokens(bb, CLASSES, n_tokens=8, deep=True))
         if vit
         else None,
+        "MaPLe, 2 tokens, depth 9 (coupled)": (lambda: MaPLe(bb, CLASSES, n_ctx=2, ctx_init=None, depth=9))
+        if vit
+        else None,
+        "deep text prompts (MaPLe text side), 2 tok.": lambda: MaPLe(
+            bb, CLASSES, n_ctx=2, ctx_init=None, depth=min(9, bb.text_depth), couple_vision=False
+        ),
     }
 
 
@@ -43,12 +57,12 @@ def main() -> None:
                 continue
             n = sum(p.numel() for p in part().parameters())
             rows.append((name, fam, n, 4 * n, full / n))
-    print(f"{'backbone':<10} {'family':<38} {'params':>10} {'bytes/round':>12} {'full model / part':>18}")
+    print(f"{'backbone':<10} {'family':<44} {'params':>10} {'bytes/round':>12} {'full model / part':>18}")
     for name, fam, n, b, ratio in rows:
         if n is None:
-            print(f"{name:<10} {fam:<38} {'n/a (CNN tower: no tokens)':>42}")
+            print(f"{name:<10} {fam:<44} {'n/a (CNN tower: no tokens)':>42}")
         else:
-            print(f"{name:<10} {fam:<38} {n:>10,} {b:>12,} {ratio:>18,.0f}")
+            print(f"{name:<10} {fam:<44} {n:>10,} {b:>12,} {ratio:>18,.0f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -192,7 +193,28 @@ class Backbone:
         """Encode token ids [N, L] → unnormalised joint-space features [N, D] (open_clip's path)."""
         return self.model.encode_text(tokens.to(self.device))
 
-    def encode_text_embeds(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+    @property
+    def text_depth(self) -> int:
+        """Number of blocks in the text tower."""
+        return len(self._hf_layers()) if self._hf else len(self._text.transformer.resblocks)
+
+    def _hf_layers(self) -> nn.ModuleList:
+        """The block list of an HF text tower (BERT-, RoBERTa-, T5- and similar encoders)."""
+        transformer = self.model.text.transformer
+        for path in ("encoder.layer", "encoder.layers", "encoder.block", "layers", "layer"):
+            found: Any = transformer
+            for attr in path.split("."):
+                found = getattr(found, attr, None)
+            if isinstance(found, nn.ModuleList):
+                return found
+        raise TypeError(
+            f"{self.model_name!r}: cannot find the block list of its {type(transformer).__name__} text tower, "
+            "so deep text prompts cannot be injected; use a text prompt at the input only (mmfl.prompts.CoOp)"
+        )
+
+    def encode_text_embeds(
+        self, embeds: Tensor, tokens: Tensor, deep_prompts: Tensor | None = None, prompt_start: int = 1
+    ) -> Tensor:
         """Encode token embeddings through the text tower.
 
         ``encode_text_embeds(embed_tokens(t), t)`` equals ``encode_text(t)``; prompt methods replace
@@ -202,23 +224,58 @@ class Backbone:
         Args:
             embeds: token embeddings [N, L, W].
             tokens: the token ids they stand for [N, L].
+            deep_prompts: deep text prompts [K, P, W] (MaPLe, deep language prompting): before block
+                ``k + 1`` of the tower (k < K ≤ depth − 1), the hidden states at positions
+                ``prompt_start .. prompt_start + P − 1`` are replaced by ``deep_prompts[k]`` (no
+                positional embedding added). The input layer's prompts are part of ``embeds``.
+            prompt_start: first position the deep prompts replace (1: right after the start token).
 
         Returns:
             Unnormalised joint-space features [N, D].
         """
         tokens = tokens.to(embeds.device)
+        if deep_prompts is not None:
+            self._check_deep_text_prompts(deep_prompts, prompt_start, tokens.shape[-1])
         if self._hf:
-            return self._encode_hf_embeds(embeds, tokens)
-        return self._encode_native_embeds(embeds, tokens)
+            return self._encode_hf_embeds(embeds, tokens, deep_prompts, prompt_start)
+        return self._encode_native_embeds(embeds, tokens, deep_prompts, prompt_start)
 
-    def _encode_hf_embeds(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+    def _check_deep_text_prompts(self, prompts: Tensor, start: int, length: int) -> None:
+        depth, width = self.text_depth, self.text_width
+        if prompts.dim() != 3 or prompts.shape[-1] != width or prompts.shape[0] > depth - 1:
+            raise ValueError(
+                f"deep text prompts {tuple(prompts.shape)} must be [K, P, {width}] with K <= {depth - 1} "
+                f"(the text tower of {self.model_name!r} has {depth} blocks; the first takes the input prompts)"
+            )
+        if start < 1 or start + prompts.shape[1] > length:
+            raise ValueError(
+                f"deep text prompts: positions {start}..{start + prompts.shape[1] - 1} outside 1..{length - 1}"
+            )
+
+    def _encode_hf_embeds(self, embeds: Tensor, tokens: Tensor, deep: Tensor | None, start: int) -> Tensor:
         text = self.model.text
         attn_mask = (tokens != text.config.pad_token_id).long()  # [N, L]
-        out = text.transformer(inputs_embeds=embeds, attention_mask=attn_mask)
+        handles = []
+        if deep is not None and deep.shape[0] > 0:
+            checkpointing = getattr(text.transformer, "is_activation_checkpointing", None)
+            if checkpointing is None:  # transformers < 5
+                checkpointing = getattr(text.transformer, "is_gradient_checkpointing", False)
+            if checkpointing:
+                raise ValueError("deep text prompts do not work with gradient checkpointing on the HF text tower")
+            # HF blocks are driven by the HF model itself (masks, positions); a pre-hook on block k + 1
+            # swaps the prompt positions of its input, and is removed right after the forward.
+            for k, layer in enumerate(self._hf_layers()[1 : 1 + deep.shape[0]]):
+                hook = functools.partial(_replace_block_input, prompts=deep[k], start=start)
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            out = text.transformer(inputs_embeds=embeds, attention_mask=attn_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
         pooled = text.pooler(out, attn_mask)  # [N, W]
         return text.proj(pooled)  # [N, D]
 
-    def _encode_native_embeds(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+    def _encode_native_embeds(self, embeds: Tensor, tokens: Tensor, deep: Tensor | None, start: int) -> Tensor:
         t = self._text
         cast_dtype = t.transformer.get_cast_dtype()
         x = embeds.to(cast_dtype)  # [N, L, W]
@@ -234,7 +291,10 @@ class Backbone:
             add_mask = t._build_additive_mask(tokens, seq_len, x.dtype)  # [N*H, L, L]
             attn_mask = add_mask if attn_mask is None else attn_mask.unsqueeze(0) + add_mask
         x = x + t.positional_embedding[:seq_len].to(cast_dtype)
-        x = t.transformer(x, attn_mask=attn_mask)
+        if deep is None:
+            x = t.transformer(x, attn_mask=attn_mask)
+        else:
+            x = _run_blocks(t.transformer, x, attn_mask, deep.to(x.dtype), start, first=1)
         if cls_emb is not None:
             pooled = t.ln_final(x[:, -1])  # [N, W]
         else:
@@ -253,9 +313,11 @@ class Backbone:
 
         Args:
             images: [B, 3, H, W].
-            prompt_tokens: VPT prompt tokens for a ViT tower: [P, W] (shallow: inserted after the
-                class token at the input) or [layers, P, W] (deep: the P prompt positions are replaced
-                before every block). Dropped again before pooling. None: the model's own forward.
+            prompt_tokens: prompt tokens for a ViT tower: [P, W] (shallow: inserted after the class
+                token at the input) or [K, P, W] with K <= blocks (deep: ``prompt_tokens[0]`` is inserted
+                at the input and the P prompt positions are replaced by ``prompt_tokens[k]`` before block
+                k for 0 < k < K; later blocks carry them on). Dropped again before pooling. None: the
+                model's own forward.
         """
         images = images.to(self.device)
         if prompt_tokens is None:
@@ -284,22 +346,53 @@ class Backbone:
     def _encode_image_prompted(self, images: Tensor, prompts: Tensor) -> Tensor:
         n_layers, width = self.vision_token_shape()
         v = self.model.visual
-        deep = prompts.dim() == 3
-        if prompts.shape[-1] != width or (deep and prompts.shape[0] != n_layers):
-            raise ValueError(f"prompt tokens {tuple(prompts.shape)} do not fit {n_layers} blocks of width {width}")
+        if prompts.dim() == 2:  # shallow: the input layer's tokens only
+            prompts = prompts.unsqueeze(0)  # [1, P, W]
+        if prompts.dim() != 3 or prompts.shape[-1] != width or not 1 <= prompts.shape[0] <= n_layers:
+            raise ValueError(
+                f"prompt tokens {tuple(prompts.shape)} must be [P, {width}] or [K, P, {width}] with "
+                f"1 <= K <= {n_layers} (the vision tower's blocks)"
+            )
+        prompts = prompts.to(v.class_embedding.dtype)
         x = v._embeds(images)  # [B, 1+N, W] after ln_pre
-        n_prompt = prompts.shape[-2]
-        first = (prompts[0] if deep else prompts).to(x.dtype)
-        x = torch.cat([x[:, :1], first.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+P+N, W]
-        batch_first = getattr(v.transformer, "batch_first", True)
-        for i, block in enumerate(v.transformer.resblocks):
-            if deep and i > 0:
-                p = prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, W]
-                x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt :]], dim=1)
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        n_prompt = prompts.shape[1]
+        x = torch.cat([x[:, :1], prompts[0].expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+P+N, W]
+        x = _run_blocks(v.transformer, x, None, prompts[1:], start=1, first=1)
         x = torch.cat([x[:, :1], x[:, 1 + n_prompt :]], dim=1)  # [B, 1+N, W]: prompts dropped
         pooled, _ = v._pool(x)  # [B, W]
         return pooled @ v.proj if v.proj is not None else pooled  # [B, D]
 
     def __repr__(self) -> str:
         return f"Backbone({self.model_name!r}, pretrained={self.pretrained!r})"
+
+
+def _replace_span(x: Tensor, prompts: Tensor, start: int) -> Tensor:
+    """Hidden states [B, L, W] with positions ``start .. start + P - 1`` replaced by ``prompts`` [P, W]."""
+    p = prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, W]
+    return torch.cat([x[:, :start], p, x[:, start + p.shape[1] :]], dim=1)
+
+
+def _run_blocks(
+    transformer: nn.Module, x: Tensor, attn_mask: Tensor | None, prompts: Tensor, start: int, first: int
+) -> Tensor:
+    """Run an open_clip ``Transformer``'s blocks over batch-first ``x`` [B, L, W], replacing the prompt
+    positions by ``prompts[k]`` [P, W] before block ``first + k``."""
+    batch_first = getattr(transformer, "batch_first", True)
+    for i, block in enumerate(transformer.resblocks):
+        k = i - first
+        if 0 <= k < prompts.shape[0]:
+            x = _replace_span(x, prompts[k], start)
+        if batch_first:
+            x = block(x, attn_mask=attn_mask)
+        else:
+            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+    return x
+
+
+def _replace_block_input(
+    module: nn.Module, args: tuple, kwargs: dict, prompts: Tensor, start: int
+) -> tuple[tuple, dict]:
+    """Forward pre-hook for an HF block: replace the prompt positions of its hidden states [B, L, W]."""
+    if args:
+        return (_replace_span(args[0], prompts, start), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": _replace_span(kwargs["hidden_states"], prompts, start)}

@@ -20,7 +20,7 @@ def _x(bb: Backbone) -> torch.Tensor:
 
 def reference_forward(bb: Backbone, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     """VPT written out from the tower's parts: patchify, class token, positions, ln_pre, prompts after
-    the class token (replaced before every block when deep), drop them, ln_post, pool, project."""
+    the class token (replaced before block i < K when deep, [K, P, W]), drop them, ln_post, pool, project."""
     v = bb.model.visual
     b = images.shape[0]
     x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W]
@@ -29,7 +29,7 @@ def reference_forward(bb: Backbone, images: torch.Tensor, prompts: torch.Tensor)
     deep = prompts.dim() == 3
     p = prompts.shape[-2]
     for i, block in enumerate(v.transformer.resblocks):
-        if i == 0 or deep:
+        if i == 0 or (deep and i < prompts.shape[0]):
             layer_prompts = (prompts[i] if deep else prompts).expand(b, -1, -1)
             rest = x[:, 1:] if i == 0 else x[:, 1 + p :]
             x = torch.cat([x[:, :1], layer_prompts, rest], dim=1)
@@ -50,6 +50,18 @@ def test_prompted_forward_matches_the_reference(which: str, deep: bool, request:
         got = bb.encode_image(x, vpt.vision_prompt_tokens())
         assert torch.allclose(got, reference_forward(bb, x, vpt.tokens), atol=1e-5)
         assert not torch.allclose(got, bb.encode_image(x), atol=1e-3)  # the tokens do change the features
+
+
+def test_partial_depth_carries_the_prompts_on(tiny_backbone: Backbone) -> None:
+    """[K, P, W] with K < blocks: replaced before the first K blocks only; [1, P, W] is shallow VPT."""
+    x = _x(tiny_backbone)
+    tokens = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = tiny_backbone.encode_image(x, tokens)
+        assert torch.allclose(got, tiny_backbone.encode_image(x, tokens[0]), atol=1e-6)
+        assert torch.allclose(got, reference_forward(tiny_backbone, x, tokens), atol=1e-5)
+    with pytest.raises(ValueError, match=r"1 <= K <= 2"):
+        tiny_backbone.encode_image(x, torch.zeros(3, 3, 64))
 
 
 @pytest.mark.parametrize("deep", [False, True])

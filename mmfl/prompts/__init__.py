@@ -3,12 +3,14 @@
 from mmfl.prompts.adapter import ClipAdapter, ProjectionTuning
 from mmfl.prompts.base import TrainablePart
 from mmfl.prompts.coop import CoOp, PromptFolio
+from mmfl.prompts.maple import MaPLe
 from mmfl.prompts.pixel import PaddingPrompt
 from mmfl.prompts.vpt import VisualPromptTokens
 
 __all__ = [
     "ClipAdapter",
     "CoOp",
+    "MaPLe",
     "PaddingPrompt",
     "ProjectionTuning",
     "PromptFolio",
