@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from mmfl.backbone import Backbone
 from mmfl.data import SklearnDigits, Task, prepare_task
 from mmfl.federated import Federation, LocalTraining, Simulation
+from mmfl.federated.checkpoint import load_state
 from mmfl.modalities import get_modality
 from mmfl.module import ClientModule
 from mmfl.prompts import CoOp, PromptFolio
@@ -87,13 +89,18 @@ def test_prompt_folio_mixes_shared_and_local(tiny_backbone: Backbone) -> None:
         PromptFolio(tiny_backbone, NAMES, fraction=2.0)
 
 
-def test_personal_tensors_stay_with_their_clients(tiny_backbone: Backbone) -> None:
+def test_personal_tensors_stay_with_their_clients(tiny_backbone: Backbone, tmp_path: Path) -> None:
     task = prepare_task(Task("digits", SklearnDigits(), clients=2, shots=3, max_test_examples=20))
     training = LocalTraining(
         max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=1.0)
     )
-    sim = Simulation(tiny_backbone, [task], [functools.partial(PromptFolio, n_ctx=2)], training, Federation(rounds=1))
+    folio = functools.partial(PromptFolio, n_ctx=2)
+    sim = Simulation(tiny_backbone, [task], [folio], training, Federation(rounds=1), output_dir=tmp_path)
     sim.run()
     assert list(sim.global_state) == ["task/digits/folio.ctx"]
+    assert list(load_state(tmp_path / "global.safetensors")) == ["task/digits/folio.ctx"]
     a, b = (c.module.parts["folio"].ctx_local.detach() for c in sim.clients)
     assert not torch.equal(a, b)  # each client trained its own, and nobody averaged them
+    for c, mine in zip(sim.clients, (a, b), strict=True):  # ... and each is saved with its client only
+        saved = load_state(tmp_path / "local" / f"{c.data.cid}.safetensors")
+        assert list(saved) == ["local/folio.ctx_local"] and torch.equal(saved["local/folio.ctx_local"], mine)

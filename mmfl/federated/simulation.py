@@ -23,6 +23,7 @@ from mmfl.data.task import ClientData, PreparedTask
 from mmfl.federated.aggregate import Aggregator, FedAvg, Update, aggregate
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.metrics import MetricsWriter
+from mmfl.federated.scopes import is_local
 from mmfl.modalities import get_modality
 from mmfl.module import ClientModule, OptimizerFactory, default_optimizer, make_trainer, quiet_lightning
 from mmfl.prompts.base import TrainablePart
@@ -248,14 +249,24 @@ class Simulation:
     def run_round(self, rnd: int) -> dict[str, Tensor]:
         """One round: sample, fit, merge. Returns the merged tensors."""
         updates = []
-        for i in self.sample(rnd):
-            c = self.clients[i]
+        sampled = [self.clients[i] for i in self.sample(rnd)]
+        for c in sampled:
             update, m = self.fit_client(c, rnd)
             self._record_client(rnd, c, "fit", m, update.num_examples)
             updates.append(update)
         merged = aggregate(updates, self.federation.aggregator)
         self.global_state.update(merged)
+        if self.output_dir is not None:
+            self.save_local_states(sampled, rnd)
         return merged
+
+    def save_local_states(self, clients: Sequence[_Client], rnd: int) -> None:
+        """Write each client's ``local`` tensors (never sent) to ``local/<task>/<modality>/<i>.safetensors``."""
+        assert self.output_dir is not None
+        for c in clients:
+            state = {k: v for k, v in c.module.trainable_state_dict().items() if is_local(k)}
+            if state:
+                save_state(self.output_dir / "local" / f"{c.data.cid}.safetensors", state, {"round": str(rnd)})
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Tensor]:
