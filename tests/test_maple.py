@@ -135,6 +135,11 @@ def test_text_only_works_on_the_cnn_backbone_and_other_modalities(mini_backbone:
     assert part.supports("text") and part.supports("image")
     assert part.deep_ctx.shape == (5, 4, 384)  # "a photo of a" → 4 tokens; MiniLM: 6 blocks, width 384
     assert MaPLe.modalities == ("image",)  # the coupled part stays image-only
+    module = ClientModule(mini_backbone, get_modality("image"), "pets", NAMES, [part])
+    x = torch.randn(2, 3, *mini_backbone.image_size, generator=torch.Generator().manual_seed(3))
+    F.cross_entropy(module(x), torch.tensor([0, 2])).backward()
+    assert part.ctx.grad.abs().sum() > 0 and part.deep_ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in mini_backbone.model.parameters())
 
 
 def test_errors_name_the_fix(tiny_backbone: Backbone, mini_backbone: Backbone) -> None:
