@@ -189,9 +189,68 @@ class Backbone:
         """Token ids [N, L] → input token embeddings [N, L, W] (no positions added)."""
         return self._token_embedding()(tokens.to(self.device))
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        """Encode token ids [N, L] → unnormalised joint-space features [N, D] (open_clip's path)."""
-        return self.model.encode_text(tokens.to(self.device))
+    def encode_text(self, tokens: Tensor, prefix: Tensor | None = None) -> Tensor:
+        """Encode token ids [N, L] → unnormalised joint-space features [N, D].
+
+        Args:
+            tokens: token ids [N, L] as :meth:`tokenize` makes them.
+            prefix: learned input-side prompt vectors [P, W] placed right after the start token of every
+                text (see :meth:`insert_prefix`); None: open_clip's own path.
+        """
+        if prefix is None:
+            return self.model.encode_text(tokens.to(self.device))
+        tokens, embeds = self.insert_prefix(tokens, prefix)
+        return self.encode_text_embeds(embeds, tokens)
+
+    def text_lengths(self, tokens: Tensor) -> Tensor:
+        """Tokens up to and including the end token, per row. [N] long."""
+        if self._hf:
+            return (tokens != self.pad_token_id).sum(dim=1)
+        # CLIP's pad id 0 is also the id of "!", so find the end token rather than count non-padding
+        t = self._text
+        pool = getattr(t, "text_pool_type", None) or getattr(t, "pool_type", "argmax")
+        eos = getattr(t, "text_eos_id", None) or getattr(t, "eos_id", None)
+        if pool != "eos" or eos is None:
+            return tokens.argmax(dim=1) + 1  # CLIP's end token has the largest id (its argmax pooling)
+        is_eos = (tokens == eos).long()
+        return torch.where(is_eos.any(dim=1), is_eos.argmax(dim=1) + 1, torch.full_like(tokens[:, 0], tokens.shape[1]))
+
+    def insert_prefix(self, tokens: Tensor, prefix: Tensor) -> tuple[Tensor, Tensor]:
+        """Make room for ``P`` prompt vectors after the start token of each text.
+
+        Each row becomes ``[start] prefix(P) content [end] pad...`` in the same length L: content that no
+        longer fits is cut from its end, and the end token is kept, so pooling (the end token's position,
+        or the non-padding mask) stays right. The prompt positions hold the start token's id.
+
+        Args:
+            tokens: token ids [N, L] (start token, content, end token, padding).
+            prefix: prompt vectors [P, W].
+
+        Returns:
+            The new token ids [N, L] and their embeddings [N, L, W] with the prompt vectors in place.
+        """
+        tokens = tokens.to(self.device)
+        length = tokens.shape[1]
+        p = prefix.shape[0]
+        if prefix.dim() != 2 or prefix.shape[1] != self.text_width or p > length - 2:
+            raise ValueError(
+                f"input prompt {tuple(prefix.shape)} must be [P, {self.text_width}] with P <= {length - 2}"
+            )
+        real = self.text_lengths(tokens).unsqueeze(1)  # [N, 1]: start + content + end
+        keep = (real - 2).clamp(min=0, max=length - p - 2)  # [N, 1] content tokens that still fit
+        j = torch.arange(length, device=tokens.device).unsqueeze(0)  # [1, L] output positions
+        is_prompt = (j >= 1) & (j <= p)  # [1, L]
+        is_content = (j > p) & (j <= p + keep)  # [N, L]
+        is_end = j == p + keep + 1  # [N, L]
+        src = torch.where(is_content, j - p, torch.where(is_end, real - 1, 0))  # [N, L] source positions
+        new = torch.gather(tokens, 1, src)  # [N, L]
+        new = torch.where(is_prompt | (j == 0), tokens[:, :1], new)
+        new = torch.where(is_content | is_end | is_prompt | (j == 0), new, self.pad_token_id)
+        embeds = self.embed_tokens(new)  # [N, L, W]
+        prompt = torch.zeros(length, prefix.shape[1], dtype=embeds.dtype, device=embeds.device)
+        prompt = torch.cat([prompt[:1], prefix.to(embeds.dtype), prompt[1 + p :]])  # [L, W]
+        embeds = torch.where(is_prompt.unsqueeze(-1), prompt.unsqueeze(0), embeds)  # [N, L, W]
+        return new, embeds
 
     @property
     def text_depth(self) -> int:

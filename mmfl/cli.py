@@ -62,14 +62,16 @@ def zeroshot_parser() -> ArgumentParser:
         required=True,
         help=f"a bundled set ({', '.join(BUNDLED)}), a folder of class sub-folders, or a hub id",
     )
-    p.add_argument("--modality", type=str, default="image")
+    p.add_argument(
+        "--modality", type=str | None, default=None, help="the data's modality (default: the data set's own)"
+    )
     p.add_argument("--split", type=str, default="test")
     p.add_argument("--limit", type=int | None, default=None, help="score a fixed subset of this many examples")
     p.add_argument(
         "--templates",
         type=list[str] | None,
         default=None,
-        help="prompt templates with {} for the class name (default: a 5-template ensemble)",
+        help="prompt templates with {} for the class name (default: the modality's own ensemble)",
     )
     p.add_argument("--input_column", type=str, default="image", help="input column of a hub data set")
     p.add_argument("--label_column", type=str, default="label", help="label column of a hub data set")
@@ -101,7 +103,7 @@ def run_zeroshot(cfg: Namespace) -> dict:
         "data": cfg.data,
         "split": cfg.split,
         **result,
-        "templates": list(task.templates),
+        "templates": task.prompt_templates(),
     }
     if cfg.json:
         print(json.dumps(result))

@@ -4,6 +4,7 @@ from mmfl.data.bundled import BUNDLED, AnimalSilhouettes, FashionMNIST, SkimageP
 from mmfl.data.loader import make_loader
 from mmfl.data.sources import DataSource, HubDataset, ImageFolder, InMemory
 from mmfl.data.task import ClientData, PreparedTask, Task, prepare_task
+from mmfl.data.wordnet import WordNetGlosses
 
 __all__ = [
     "BUNDLED",
@@ -18,6 +19,7 @@ __all__ = [
     "SkimagePhotos",
     "SklearnDigits",
     "Task",
+    "WordNetGlosses",
     "make_loader",
     "prepare_task",
 ]

@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 
 from mmfl.data.sources import DataSource, _split
+from mmfl.data.wordnet import WordNetGlosses
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ BUNDLED: dict[str, type[DataSource]] = {
     "animals": AnimalSilhouettes,
     "photos": SkimagePhotos,
     "fashion": FashionMNIST,
+    "glosses": WordNetGlosses,
 }
 """Data sets mmfl can load with no network, by name."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -35,7 +35,8 @@ class Task:
     Args:
         name: task name (used in payload keys and reports).
         data: the data source (``class_path`` in a recipe).
-        modality: name of the registered modality its clients hold.
+        modality: name of the registered modality its clients hold; the data source's (``image`` unless
+            it says otherwise) when None.
         clients: number of clients the train split is partitioned over.
         partitioner: a flwr-datasets partitioner class, built with ``clients`` as its first argument
             (e.g. ``DirichletPartitioner`` with ``partition_by: label, alpha: 0.5``); IID when None.
@@ -44,19 +45,29 @@ class Task:
         max_test_examples: cap on the task's test split (a fixed subset), for quick runs.
         class_names: label names when the label column has none (or to rename them).
         templates: hand-written prompt templates (``{}`` = class name) for zero-shot class features;
-            the default is :data:`DEFAULT_TEMPLATES`.
+            when None, the modality's own, else :data:`DEFAULT_TEMPLATES`.
     """
 
     name: str
     data: DataSource
-    modality: str = "image"
+    modality: str | None = None
     clients: int = 1
     partitioner: Callable[[int], Partitioner] | None = None
     shots: int | None = None
     local_test_fraction: float = 0.0
     max_test_examples: int | None = None
     class_names: list[str] | None = None
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    templates: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.modality is None:  # the data source's own modality (image unless it says otherwise)
+            self.modality = getattr(self.data, "modality", "image")
+
+    def prompt_templates(self) -> list[str]:
+        """The task's templates, else its modality's, else :data:`DEFAULT_TEMPLATES`."""
+        if self.templates:
+            return list(self.templates)
+        return list(get_modality_class(self.modality).templates or DEFAULT_TEMPLATES)
 
 
 @dataclass
@@ -102,7 +113,7 @@ def check_task(task: Task) -> None:
         raise ValueError(f"task {task.name!r}: shots must be >= 1 or null, got {task.shots}")
     if not 0.0 <= task.local_test_fraction < 1.0:
         raise ValueError(f"task {task.name!r}: local_test_fraction must be in [0, 1)")
-    if not task.templates or any("{}" not in t for t in task.templates):
+    if task.templates is not None and (not task.templates or any("{}" not in t for t in task.templates)):
         raise ValueError(f"task {task.name!r}: every template needs a '{{}}' for the class name")
 
 

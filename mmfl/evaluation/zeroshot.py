@@ -61,7 +61,9 @@ def zero_shot(
     if len(ds) == 0:
         raise ValueError(f"task {task.name!r}: the {split!r} split is empty")
     modality = get_modality(task.modality)
-    module = ClientModule(backbone, modality, task.name, class_names, [], templates=list(templates or task.templates))
+    module = ClientModule(
+        backbone, modality, task.name, class_names, [], templates=list(templates or task.prompt_templates())
+    )
     loader = make_loader(ds, modality.input_key, modality.transform(backbone, False), batch_size, shuffle=False)
     with quiet_lightning():
         out = make_trainer(accelerator=accelerator).test(module, dataloaders=loader, verbose=False)[0]

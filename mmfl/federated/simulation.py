@@ -169,7 +169,7 @@ class Simulation:
             task.class_names,
             parts,
             optimizer=self.training.optimizer,
-            templates=task.task.templates,
+            templates=task.task.prompt_templates(),
         )
 
     def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:

@@ -25,6 +25,8 @@ class Modality(ABC):
     input_key: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
     """Python packages this modality needs beyond mmfl's own; checked when it is used."""
+    templates: ClassVar[tuple[str, ...] | None] = None
+    """Hand-written class prompt templates for this modality's tasks (None: mmfl's image-style default)."""
 
     @abstractmethod
     def transform(self, backbone: Backbone, train: bool) -> Callable[[Any], Tensor]:

@@ -5,6 +5,7 @@ from mmfl.prompts.base import TrainablePart
 from mmfl.prompts.coop import CoOp, PromptFolio
 from mmfl.prompts.maple import MaPLe
 from mmfl.prompts.pixel import PaddingPrompt
+from mmfl.prompts.text_input import TextInputPrompt
 from mmfl.prompts.vpt import VisualPromptTokens
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "PaddingPrompt",
     "ProjectionTuning",
     "PromptFolio",
+    "TextInputPrompt",
     "TrainablePart",
     "VisualPromptTokens",
 ]

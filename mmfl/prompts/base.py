@@ -25,6 +25,7 @@ class TrainablePart(nn.Module):
         ``supports(modality)``: whether the part works with a modality (checked when a client is built).
         ``prompt_input(x, modality)``: change the raw input batch (e.g. pixel prompts) [B, ...].
         ``vision_prompt_tokens()``: VPT tokens for a ViT tower, [P, W] or [layers, P, W].
+        ``text_prompt_tokens()``: input-side prompt vectors [P, W] for text inputs (text modality).
         ``adapt_input_features(f)``: change the encoded inputs [B, D] (adapters, projections).
         ``class_text_features(input_features)``: class text features that replace the hand-written
             prompts: [C, D], or [B, C, D] when conditioned on the batch's encoded inputs [B, D] (CoCoOp).
@@ -81,6 +82,10 @@ class TrainablePart(nn.Module):
 
     def vision_prompt_tokens(self) -> Tensor | None:
         """Prompt tokens for a ViT vision tower ([P, W] shallow, [layers, P, W] deep), or None."""
+        return None
+
+    def text_prompt_tokens(self) -> Tensor | None:
+        """Prompt vectors [P, W] placed after the start token of every input text, or None."""
         return None
 
     def adapt_input_features(self, f: Tensor) -> Tensor:

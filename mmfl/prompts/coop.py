@@ -186,9 +186,7 @@ def _single_token_id(backbone: Backbone, word: str) -> int:
 
 def _count_content_tokens(backbone: Backbone, text: str) -> int:
     """Tokens of ``text`` between the start and end tokens."""
-    tokens = backbone.tokenize([text])[0]
-    n_real = int((tokens != backbone.pad_token_id).sum())
-    return max(n_real - 2, 0)
+    return max(int(backbone.text_lengths(backbone.tokenize([text]))[0]) - 2, 0)
 
 
 def _position_order(length: int, n_ctx: int, name_lens: list[int], position: str) -> Tensor:
