@@ -158,6 +158,12 @@ class Backbone:
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     @property
+    def image_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std the vision tower's inputs are normalised with."""
+        cfg = self.model.visual.preprocess_cfg
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+
+    @property
     def logit_scale(self) -> Tensor:
         """The model's learned log temperature; logits use ``logit_scale.exp()``. Shape []."""
         return self.model.logit_scale.detach().reshape(())

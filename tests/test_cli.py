@@ -188,4 +188,5 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys, no_backbone) -> None:
 def test_console_script_lists_modalities() -> None:
     exe = Path(sys.executable).parent / "mmfl"
     out = subprocess.run([str(exe), "modalities"], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split()[:2] == ["image", "mmfl"]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert rows[:3] == [["audio", "mmfl"], ["image", "mmfl"], ["text", "mmfl"]]  # built in, sorted by name

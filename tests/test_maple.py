@@ -134,7 +134,7 @@ def test_text_only_works_on_the_cnn_backbone_and_other_modalities(mini_backbone:
     part = MaPLe(mini_backbone, NAMES, depth=6, couple_vision=False)
     assert part.supports("text") and part.supports("image")
     assert part.deep_ctx.shape == (5, 4, 384)  # "a photo of a" → 4 tokens; MiniLM: 6 blocks, width 384
-    assert MaPLe.modalities == ("image",)  # the coupled part stays image-only
+    assert MaPLe.modalities == ("image", "audio")  # the coupled part stays on the vision tower
     module = ClientModule(mini_backbone, get_modality("image"), "pets", NAMES, [part])
     x = torch.randn(2, 3, *mini_backbone.image_size, generator=torch.Generator().manual_seed(3))
     F.cross_entropy(module(x), torch.tensor([0, 2])).backward()

@@ -3,12 +3,14 @@
 from mmfl.data.bundled import BUNDLED, AnimalSilhouettes, FashionMNIST, SkimagePhotos, SklearnDigits
 from mmfl.data.loader import make_loader
 from mmfl.data.sources import DataSource, HubDataset, ImageFolder, InMemory
+from mmfl.data.speech import AsteriskDigits, SpokenWords
 from mmfl.data.task import ClientData, PreparedTask, Task, prepare_task
 from mmfl.data.wordnet import WordNetGlosses
 
 __all__ = [
     "BUNDLED",
     "AnimalSilhouettes",
+    "AsteriskDigits",
     "ClientData",
     "DataSource",
     "FashionMNIST",
@@ -18,6 +20,7 @@ __all__ = [
     "PreparedTask",
     "SkimagePhotos",
     "SklearnDigits",
+    "SpokenWords",
     "Task",
     "WordNetGlosses",
     "make_loader",

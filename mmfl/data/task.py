@@ -192,6 +192,19 @@ def load_split(task: Task, split: str = "test", limit: int | None = None) -> tup
     return ds, class_names
 
 
+def _validate_first(task: Task, modality, where: str, ds: datasets.Dataset, input_key: str) -> None:
+    """Let the modality check the first example of ``ds``, naming the task, data, column and holder if it fails."""
+    if len(ds) == 0:
+        return
+    try:
+        modality.validate(ds[0][input_key])
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"task {task.name!r} ({where}): column {task.data.input_column!r} of {task.data.describe()} does not "
+            f"fit the {task.modality!r} modality: {e}"
+        ) from e
+
+
 def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
     """Load, check, normalise and partition one task's data.
 
@@ -228,6 +241,9 @@ def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
                 "use fewer clients or a less skewed partitioner"
             )
         clients.append(ClientData(f"{task.name}/{task.modality}/{i}", task.name, task.modality, part, local_test))
+    modality = get_modality_class(task.modality)()
+    for where, ds in [("test split", test)] + [(f"client {c.cid}", c.train) for c in clients]:
+        _validate_first(task, modality, where, ds, input_key)
     log.info(
         "task %s (%s, %d classes): %d train examples over %d clients (%s), %d test",
         task.name,

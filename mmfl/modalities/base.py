@@ -32,6 +32,14 @@ class Modality(ABC):
     def transform(self, backbone: Backbone, train: bool) -> Callable[[Any], Tensor]:
         """A per-example function: raw column value → input tensor (e.g. [3, H, W])."""
 
+    def validate(self, value: Any) -> None:
+        """Check one raw example before training starts (e.g. that it decodes); raise ValueError if not.
+
+        Called on the first example of every split and client, so bad data fail before any long work.
+        The default accepts everything.
+        """
+        del value
+
     @abstractmethod
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
         """Encode a batch of inputs [B, ...] → unnormalised joint-space features [B, D]."""

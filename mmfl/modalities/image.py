@@ -39,7 +39,15 @@ class ImageModality(Modality):
 
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
         """Images [B, 3, H, W] → joint-space features [B, D] (with the parts' VPT tokens, if any)."""
-        tokens = [t for t in (p.vision_prompt_tokens() for p in parts) if t is not None]
-        if len(tokens) > 1:
-            raise ValueError("at most one part may provide vision prompt tokens")
-        return backbone.encode_image(x, tokens[0] if tokens else None)
+        return encode_with_vision_tower(backbone, x, parts)
+
+
+def encode_with_vision_tower(backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
+    """Image-like inputs [B, 3, H, W] → joint-space features [B, D], with the parts' vision prompt tokens.
+
+    For any modality that renders its inputs as images (image, audio spectrograms, a plugin's).
+    """
+    tokens = [t for t in (p.vision_prompt_tokens() for p in parts) if t is not None]
+    if len(tokens) > 1:
+        raise ValueError("at most one part may provide vision prompt tokens")
+    return backbone.encode_image(x, tokens[0] if tokens else None)

@@ -29,11 +29,15 @@ class TextModality(Modality):
         """A sentence → token ids [L] (long)."""
 
         def apply(text: Any) -> Tensor:
-            if not isinstance(text, str):
-                raise TypeError(f"the text modality takes strings, got {type(text).__name__}: {text!r:.80}")
+            self.validate(text)
             return backbone.tokenizer([text])[0]
 
         return apply
+
+    def validate(self, value: Any) -> None:
+        """Inputs must be strings."""
+        if not isinstance(value, str):
+            raise TypeError(f"the text modality takes strings, got {type(value).__name__}: {value!r:.80}")
 
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
         """Token ids [B, L] → joint-space features [B, D] (with the parts' input prompt, if any)."""

@@ -41,7 +41,7 @@ class MaPLe(CoOp):
         scopes: per-parameter overrides (``ctx``, ``deep_ctx``, ``proj_weight``, ``proj_bias``).
     """
 
-    modalities: tuple[str, ...] | None = ("image",)
+    modalities: tuple[str, ...] | None = ("image", "audio")
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ class PaddingPrompt(TrainablePart):
         scopes: per-parameter scope overrides.
     """
 
-    modalities = ("image",)
+    modalities = ("image", "audio")  # audio: spectrograms go through the vision tower
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ class VisualPromptTokens(TrainablePart):
         scopes: per-parameter scope overrides.
     """
 
-    modalities = ("image",)
+    modalities = ("image", "audio")  # audio: spectrograms go through the vision tower
 
     def __init__(
         self,
