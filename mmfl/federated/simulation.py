@@ -136,6 +136,15 @@ class Simulation:
         if self.federation.rounds < 0 or not 0 < self.federation.fraction <= 1:
             raise ValueError("federation.rounds must be >= 0 and federation.fraction in (0, 1]")
 
+        names: dict[str, list[str]] = {}
+        for task in self.tasks:
+            first = names.setdefault(task.name, task.class_names)
+            if first != task.class_names:
+                raise ValueError(
+                    f"task {task.name!r} has different class names on its {task.modality!r} clients "
+                    f"({task.class_names}) "
+                    f"than on its other clients ({first}); a task's modalities must share one label set"
+                )
         seed_all(seed)
         self.clients: list[_Client] = []
         for task in self.tasks:
@@ -143,6 +152,14 @@ class Simulation:
                 self.clients.append(_Client(data, task, self.build_module(task)))
         if not self.clients:
             raise ValueError("the federation has no clients: give at least one task")
+        used = {name for c in self.clients for name in c.module.parts}
+        for task in self.tasks:
+            unused = [p.part_name for p in self._all_parts(task) if p.part_name not in used]
+            if unused:
+                raise ValueError(
+                    f"part(s) {unused} work with none of the federation's modalities "
+                    f"({sorted({t.modality for t in self.tasks})}); remove them or add clients they work with"
+                )
         # The server's initial state: each key's tensor from the first client that holds it.
         self.global_state: dict[str, Tensor] = {}
         for c in self.clients:
@@ -159,9 +176,16 @@ class Simulation:
         self.metrics = MetricsWriter(self.output_dir / "metrics.csv")
 
     # ---------------------------------------------------------------- building
+    def _all_parts(self, task: PreparedTask) -> list[TrainablePart]:
+        return [f(self.backbone, task.class_names) for f in self.part_factories]
+
     def build_module(self, task: PreparedTask) -> ClientModule:
-        """A fresh ClientModule for a client of ``task``, sharing this simulation's backbone."""
-        parts = [f(self.backbone, task.class_names) for f in self.part_factories]
+        """A fresh ClientModule for a client of ``task``, sharing this simulation's backbone.
+
+        It gets the parts that work with the task's modality (``TrainablePart.supports``), so one recipe
+        can list image, text and audio parts for a multi-modal federation.
+        """
+        parts = [p for p in self._all_parts(task) if p.supports(task.modality)]
         return ClientModule(
             self.backbone,
             get_modality(task.modality),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -35,6 +35,7 @@ class ClipAdapter(TrainablePart):
         name: part name in payload keys.
         scope: scope of its parameters.
         scopes: per-parameter scope overrides (e.g. ``{"input.0.weight": "local"}``).
+        modalities: serve only clients of these modalities (None: all it supports).
     """
 
     def __init__(
@@ -47,8 +48,9 @@ class ClipAdapter(TrainablePart):
         name: str = "adapter",
         scope: str = "task",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes)
+        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes, modalities=modalities)
         self.side = _check_side(side)
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ClipAdapter: ratio must be in [0, 1], got {ratio}")
@@ -90,6 +92,7 @@ class ProjectionTuning(TrainablePart):
         name: part name in payload keys.
         scope: scope of its parameters.
         scopes: per-parameter scope overrides.
+        modalities: serve only clients of these modalities (None: all it supports).
     """
 
     def __init__(
@@ -101,8 +104,9 @@ class ProjectionTuning(TrainablePart):
         name: str = "proj",
         scope: str = "task",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes)
+        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes, modalities=modalities)
         self.side = _check_side(side)
         d = backbone.embed_dim
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -37,6 +37,8 @@ class TrainablePart(nn.Module):
         name: the part's name in payload keys (``<scope key>/<name>.<param>``).
         scope: the default scope of its parameters.
         scopes: per-parameter scope overrides.
+        modalities: serve only clients of these modalities (e.g. ``[audio]`` for an input projection
+            in a multi-modal federation); a simulation gives each client the parts that serve its modality.
     """
 
     modalities: tuple[str, ...] | None = None
@@ -49,8 +51,10 @@ class TrainablePart(nn.Module):
         name: str,
         scope: str = "task",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        self.restrict_to(modalities)
         if not name or "/" in name or "." in name:
             raise ValueError(f"part name {name!r} must be non-empty and contain no '/' or '.'")
         self.backbone = backbone  # not an nn.Module: stays out of state_dict and .train()
@@ -58,6 +62,22 @@ class TrainablePart(nn.Module):
         self.part_name = name
         self.scope = check_scope(scope)
         self.scopes = {k: check_scope(v) for k, v in (scopes or {}).items()}
+
+    def restrict_to(self, modalities: Sequence[str] | None) -> None:
+        """Serve only clients of these modalities (None: every modality the part supports).
+
+        Raises:
+            ValueError: a named modality is one the part cannot serve.
+        """
+        if modalities is None:
+            return
+        allowed = type(self).modalities
+        bad = [m for m in modalities if allowed is not None and m not in allowed]
+        if bad or not modalities:
+            raise ValueError(
+                f"{type(self).__name__}: modalities={list(modalities)}; it works with {list(allowed or ['any'])}"
+            )
+        self.modalities = tuple(modalities)
 
     def scope_of(self, param_name: str) -> str:
         """Scope of one of this part's parameters (``param_name`` as in ``named_parameters()``)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -43,6 +43,7 @@ class CoOp(TrainablePart):
         name: part name in payload keys.
         scope: scope of the context (``task`` by default: shared by all clients of the task).
         scopes: per-parameter scope overrides.
+        modalities: serve only clients of these modalities (None: all it supports).
     """
 
     def __init__(
@@ -59,8 +60,9 @@ class CoOp(TrainablePart):
         name: str = "coop",
         scope: str = "task",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes)
+        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes, modalities=modalities)
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position={class_token_position!r}; use 'end', 'middle' or 'front'")
         if not class_names:

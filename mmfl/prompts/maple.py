@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,7 @@ class MaPLe(CoOp):
         scope: scope of all its tensors (``task_modality`` by default: coupled prompts of one task on
             one modality; ``task`` shares them across the modalities of a task).
         scopes: per-parameter overrides (``ctx``, ``deep_ctx``, ``proj_weight``, ``proj_bias``).
+        modalities: serve only clients of these modalities (None: all it supports).
     """
 
     modalities: tuple[str, ...] | None = ("image", "audio")
@@ -54,6 +55,7 @@ class MaPLe(CoOp):
         name: str = "maple",
         scope: str = "task_modality",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
         # scopes are checked below, once every parameter exists (CoOp checks against its own only)
         super().__init__(backbone, class_names, n_ctx=n_ctx, ctx_init=ctx_init, name=name, scope=scope)
@@ -78,6 +80,10 @@ class MaPLe(CoOp):
         self.couple_vision = couple_vision
         if not couple_vision:
             self.modalities = None  # text side only: any modality encoded against the class prompts
+        if modalities is not None and couple_vision:
+            self.restrict_to(modalities)
+        elif modalities is not None:
+            self.modalities = tuple(modalities)
         width = backbone.text_width
         self.deep_ctx = (
             nn.Parameter(torch.empty(depth - 1, self.n_ctx, width).normal_(0.0, 0.02)) if depth > 1 else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ class PaddingPrompt(TrainablePart):
         name: part name in payload keys.
         scope: scope of its parameters (``modality`` shares one frame across the tasks of a modality).
         scopes: per-parameter scope overrides.
+        modalities: serve only clients of these modalities (None: all it supports).
     """
 
     modalities = ("image", "audio")  # audio: spectrograms go through the vision tower
@@ -35,8 +36,9 @@ class PaddingPrompt(TrainablePart):
         name: str = "pixel",
         scope: str = "modality",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes)
+        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes, modalities=modalities)
         h, w = backbone.image_size
         if not 0 < pad < min(h, w) // 2:
             raise ValueError(f"PaddingPrompt: pad must be in [1, {min(h, w) // 2 - 1}] for {h}x{w} inputs, got {pad}")

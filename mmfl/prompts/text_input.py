@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ class TextInputPrompt(TrainablePart):
         name: part name in payload keys.
         scope: scope of the vectors (``modality``: shared by the text clients of every task).
         scopes: per-parameter scope overrides.
+        modalities: serve only clients of these modalities (None: all it supports).
     """
 
     modalities = ("text",)
@@ -39,8 +40,9 @@ class TextInputPrompt(TrainablePart):
         name: str = "text_prompt",
         scope: str = "modality",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes)
+        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes, modalities=modalities)
         if init:
             tokens = backbone.tokenize([init])  # [1, L]
             n_tokens = int(backbone.text_lengths(tokens)[0]) - 2

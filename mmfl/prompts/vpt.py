@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ class VisualPromptTokens(TrainablePart):
         name: part name in payload keys.
         scope: scope of the tokens (``modality`` shares them across the tasks of a modality).
         scopes: per-parameter scope overrides.
+        modalities: serve only clients of these modalities (None: all it supports).
     """
 
     modalities = ("image", "audio")  # audio: spectrograms go through the vision tower
@@ -41,8 +42,9 @@ class VisualPromptTokens(TrainablePart):
         name: str = "vpt",
         scope: str = "modality",
         scopes: Mapping[str, str] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes)
+        super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes, modalities=modalities)
         n_layers, width = backbone.vision_token_shape()
         if n_tokens < 0:
             raise ValueError(f"VisualPromptTokens: n_tokens must be >= 0, got {n_tokens}")
