@@ -2,70 +2,20 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 from torch import Tensor, nn
 
-from mmfl.backbones import OFFLINE_BACKBONES, check_offline, resolve_offline
+from mmfl.backbones import resolve_offline
+from mmfl.backbones.args import check_backbone_args
+from mmfl.backbones.blocks import replace_block_input, run_blocks
 
 log = logging.getLogger(__name__)
-
-_CONFIGS_REGISTERED = False
-
-
-def register_model_configs() -> None:
-    """Register mmfl's bundled open_clip model configs (idempotent)."""
-    global _CONFIGS_REGISTERED
-    if _CONFIGS_REGISTERED:
-        return
-    open_clip.add_model_config(Path(__file__).parent / "model_configs")
-    _CONFIGS_REGISTERED = True
-
-
-def check_backbone_args(model_name: str, pretrained: str | None) -> None:
-    """Raise a clear error for an unknown model name or a pretrained tag/path that cannot be found.
-
-    Cheap (builds nothing), so recipes are checked before any long work.
-    """
-    register_model_configs()
-    if model_name.startswith(("hf-hub:", "local-dir:")):
-        return
-    check_offline(model_name)  # mmfl-mini: its packages are installed, its config registered
-    if model_name in OFFLINE_BACKBONES:
-        return
-    known = open_clip.list_models()
-    if model_name not in known:
-        close = difflib.get_close_matches(model_name, known, n=6, cutoff=0.5)
-        hint = f"Close names: {', '.join(close)}. " if close else ""
-        raise ValueError(
-            f"backbone.model_name={model_name!r} is not an open_clip model. {hint}Use a name from "
-            "open_clip.list_models(), an 'hf-hub:org/repo' id, or register a config with "
-            "open_clip.add_model_config()."
-        )
-    if pretrained is None or pretrained == "":
-        return
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pretrained in tags:
-        return
-    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(
-                f"backbone.pretrained={pretrained!r}: no such checkpoint file. Give an existing path, "
-                f"a pretrained tag of {model_name!r} ({tags or 'none known'}), or null for random weights."
-            )
-        return
-    raise ValueError(
-        f"backbone.pretrained={pretrained!r} is neither a pretrained tag of {model_name!r} "
-        f"({tags or 'none known'}) nor a checkpoint file path. Use null for random weights."
-    )
 
 
 class Backbone:
@@ -330,7 +280,7 @@ class Backbone:
             # HF blocks are driven by the HF model itself (masks, positions); a pre-hook on block k + 1
             # swaps the prompt positions of its input, and is removed right after the forward.
             for k, layer in enumerate(self._hf_layers()[1 : 1 + deep.shape[0]]):
-                hook = functools.partial(_replace_block_input, prompts=deep[k], start=start)
+                hook = functools.partial(replace_block_input, prompts=deep[k], start=start)
                 handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             out = text.transformer(inputs_embeds=embeds, attention_mask=attn_mask)
@@ -359,7 +309,7 @@ class Backbone:
         if deep is None:
             x = t.transformer(x, attn_mask=attn_mask)
         else:
-            x = _run_blocks(t.transformer, x, attn_mask, deep.to(x.dtype), start, first=1)
+            x = run_blocks(t.transformer, x, attn_mask, deep.to(x.dtype), start, first=1)
         if cls_emb is not None:
             pooled = t.ln_final(x[:, -1])  # [N, W]
         else:
@@ -422,42 +372,10 @@ class Backbone:
         x = v._embeds(images)  # [B, 1+N, W] after ln_pre
         n_prompt = prompts.shape[1]
         x = torch.cat([x[:, :1], prompts[0].expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+P+N, W]
-        x = _run_blocks(v.transformer, x, None, prompts[1:], start=1, first=1)
+        x = run_blocks(v.transformer, x, None, prompts[1:], start=1, first=1)
         x = torch.cat([x[:, :1], x[:, 1 + n_prompt :]], dim=1)  # [B, 1+N, W]: prompts dropped
         pooled, _ = v._pool(x)  # [B, W]
         return pooled @ v.proj if v.proj is not None else pooled  # [B, D]
 
     def __repr__(self) -> str:
         return f"Backbone({self.model_name!r}, pretrained={self.pretrained!r})"
-
-
-def _replace_span(x: Tensor, prompts: Tensor, start: int) -> Tensor:
-    """Hidden states [B, L, W] with positions ``start .. start + P - 1`` replaced by ``prompts`` [P, W]."""
-    p = prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, W]
-    return torch.cat([x[:, :start], p, x[:, start + p.shape[1] :]], dim=1)
-
-
-def _run_blocks(
-    transformer: nn.Module, x: Tensor, attn_mask: Tensor | None, prompts: Tensor, start: int, first: int
-) -> Tensor:
-    """Run an open_clip ``Transformer``'s blocks over batch-first ``x`` [B, L, W], replacing the prompt
-    positions by ``prompts[k]`` [P, W] before block ``first + k``."""
-    batch_first = getattr(transformer, "batch_first", True)
-    for i, block in enumerate(transformer.resblocks):
-        k = i - first
-        if 0 <= k < prompts.shape[0]:
-            x = _replace_span(x, prompts[k], start)
-        if batch_first:
-            x = block(x, attn_mask=attn_mask)
-        else:
-            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
-    return x
-
-
-def _replace_block_input(
-    module: nn.Module, args: tuple, kwargs: dict, prompts: Tensor, start: int
-) -> tuple[tuple, dict]:
-    """Forward pre-hook for an HF block: replace the prompt positions of its hidden states [B, L, W]."""
-    if args:
-        return (_replace_span(args[0], prompts, start), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": _replace_span(kwargs["hidden_states"], prompts, start)}

@@ -1,0 +1,38 @@
+"""Prompt injection into a tower's blocks: replace prompt positions of the hidden states before a block."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _replace_span(x: Tensor, prompts: Tensor, start: int) -> Tensor:
+    """Hidden states [B, L, W] with positions ``start .. start + P - 1`` replaced by ``prompts`` [P, W]."""
+    p = prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, W]
+    return torch.cat([x[:, :start], p, x[:, start + p.shape[1] :]], dim=1)
+
+
+def run_blocks(
+    transformer: nn.Module, x: Tensor, attn_mask: Tensor | None, prompts: Tensor, start: int, first: int
+) -> Tensor:
+    """Run an open_clip ``Transformer``'s blocks over batch-first ``x`` [B, L, W], replacing the prompt
+    positions by ``prompts[k]`` [P, W] before block ``first + k``."""
+    batch_first = getattr(transformer, "batch_first", True)
+    for i, block in enumerate(transformer.resblocks):
+        k = i - first
+        if 0 <= k < prompts.shape[0]:
+            x = _replace_span(x, prompts[k], start)
+        if batch_first:
+            x = block(x, attn_mask=attn_mask)
+        else:
+            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+    return x
+
+
+def replace_block_input(
+    module: nn.Module, args: tuple, kwargs: dict, prompts: Tensor, start: int
+) -> tuple[tuple, dict]:
+    """Forward pre-hook for an HF block: replace the prompt positions of its hidden states [B, L, W]."""
+    if args:
+        return (_replace_span(args[0], prompts, start), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": _replace_span(kwargs["hidden_states"], prompts, start)}
