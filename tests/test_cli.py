@@ -155,6 +155,8 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
     ("case", "message"),
     [
         ("modality", "unknown modality 'smell'; available: "),
+        ("modality_args", "modality_args ['colour'] do not fit the 'image' modality"),
+        ("modality_value", "modality 'audio' rejects modality_args"),
         ("no_label", "no column(s) ['label']"),
         ("no_names", "has no class names"),
         ("no_tasks", "no tasks"),
@@ -164,6 +166,15 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
 def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_path, capsys, no_backbone) -> None:
     if case == "modality":
         recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}, modality: smell}")
+    elif case == "modality_args":
+        recipe = _recipe(
+            tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}, modality_args: {colour: 1}}"
+        )
+    elif case == "modality_value":
+        recipe = _recipe(
+            tmp_path,
+            "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}, modality: audio, modality_args: {n_mels: 0}}",
+        )
     elif case == "no_label":
         recipe = _recipe(tmp_path, _csv_task(tmp_path, "text,y", ["a,0", "b,1"] * 5))
     elif case == "no_names":
@@ -182,6 +193,8 @@ def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_pat
     assert message in err, err
     if case == "modality":
         assert "image" in err
+    if case == "modality_args":
+        assert "it takes ['augment']" in err
     assert not (tmp_path / "o").exists()
 
 

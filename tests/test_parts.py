@@ -116,16 +116,33 @@ def test_scope_keys_and_local_tensors(tiny_backbone: Backbone) -> None:
     assert "local/adapter.input.2.weight" not in sent and len(sent) == 6
 
 
-def test_pixel_prompt_refuses_other_modalities(tiny_backbone: Backbone) -> None:
-    class Depth(ImageModality):
+def test_image_parts_serve_modalities_that_render_images_only(tiny_backbone: Backbone) -> None:
+    class Depth(ImageModality):  # a plugin's modality drawn as images: the image parts work with it
         name = "depth-test"
 
+    class Tensors(ImageModality):  # one that does not say it renders images
+        name = "tensors-test"
+        renders_image = False
+
     register_modality(Depth)
+    register_modality(Tensors)
     try:
-        with pytest.raises(ValueError, match=r"\['pixel'\] do not work with the 'depth-test' modality"):
-            ClientModule(tiny_backbone, Depth(), "t", NAMES, [PaddingPrompt(tiny_backbone, NAMES, pad=2)])
+        pixel = PaddingPrompt(tiny_backbone, NAMES, pad=2)
+        assert pixel.supports("depth-test") and pixel.supports("audio") and not pixel.supports("text")
+        ClientModule(tiny_backbone, Depth(), "t", NAMES, [pixel])
+        with pytest.raises(ValueError, match=r"\['pixel'\] do not work with the 'tensors-test' modality"):
+            ClientModule(tiny_backbone, Tensors(), "t", NAMES, [PaddingPrompt(tiny_backbone, NAMES, pad=2)])
+        # a restriction set on the part is taken literally: image only means not audio, not depth
+        only_image = PaddingPrompt(tiny_backbone, NAMES, pad=2, modalities=["image"])
+        assert only_image.supports("image") and not only_image.supports("audio")
+        assert not only_image.supports("depth-test")
+        assert PaddingPrompt(tiny_backbone, NAMES, pad=2, modalities=["depth-test"]).supports("depth-test")
+        with pytest.raises(ValueError, match="and modalities that render images"):
+            PaddingPrompt(tiny_backbone, NAMES, pad=2, modalities=["tensors-test"])
+        assert CoOp(tiny_backbone, NAMES).supports("tensors-test")  # text-side parts serve every modality
     finally:
         unregister_modality("depth-test")
+        unregister_modality("tensors-test")
 
 
 def test_bad_settings_are_clear_errors(tiny_backbone: Backbone) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import numpy as np
@@ -12,7 +14,7 @@ from flwr_datasets.partitioner import IidPartitioner, Partitioner
 
 from mmfl.data.sources import DataSource
 from mmfl.federated.scopes import check_name
-from mmfl.modalities import get_modality_class
+from mmfl.modalities import Modality, get_modality_class
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class Task:
         data: the data source (``class_path`` in a recipe).
         modality: name of the registered modality its clients hold; the data source's (``image`` unless
             it says otherwise) when None.
+        modality_args: keyword arguments of that modality's constructor (e.g. ``{seconds: 2.0}`` for
+            audio, ``{augment: true}`` for images); its defaults when None.
         clients: number of clients the train split is partitioned over.
         partitioner: a flwr-datasets partitioner class, built with ``clients`` as its first argument
             (e.g. ``DirichletPartitioner`` with ``partition_by: label, alpha: 0.5``); IID when None.
@@ -51,6 +55,7 @@ class Task:
     name: str
     data: DataSource
     modality: str | None = None
+    modality_args: dict[str, Any] | None = None
     clients: int = 1
     partitioner: Callable[[int], Partitioner] | None = None
     shots: int | None = None
@@ -62,6 +67,27 @@ class Task:
     def __post_init__(self) -> None:
         if self.modality is None:  # the data source's own modality (image unless it says otherwise)
             self.modality = getattr(self.data, "modality", "image")
+
+    def build_modality(self) -> Modality:
+        """The task's modality, constructed with ``modality_args``.
+
+        Raises:
+            ValueError: an argument the modality's constructor does not take, or a value it rejects.
+        """
+        cls = get_modality_class(self.modality)
+        args = dict(self.modality_args or {})
+        try:
+            inspect.signature(cls).bind(**args)
+        except TypeError as e:
+            params = [n for n in inspect.signature(cls).parameters if n not in ("self", "args", "kwargs")]
+            raise ValueError(
+                f"task {self.name!r}: modality_args {sorted(args)} do not fit the {self.modality!r} modality "
+                f"({cls.__module__}.{cls.__qualname__}): {e}; it takes {params or 'no arguments'}"
+            ) from None
+        try:
+            return cls(**args)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"task {self.name!r}: modality {self.modality!r} rejects modality_args {args}: {e}") from e
 
     def prompt_templates(self) -> list[str]:
         """The task's templates, else its modality's, else :data:`DEFAULT_TEMPLATES`."""
@@ -106,7 +132,7 @@ def check_task(task: Task) -> None:
     """Cheap checks of a task's settings (no data loaded). Raises ValueError naming the problem."""
     check_name("task", task.name)
     check_name("modality", task.modality)
-    get_modality_class(task.modality)  # unknown modality → error listing the available ones
+    task.build_modality()  # unknown modality → error listing the available ones; bad modality_args → error
     if task.clients < 1:
         raise ValueError(f"task {task.name!r}: clients must be >= 1, got {task.clients}")
     if task.shots is not None and task.shots < 1:
@@ -241,7 +267,7 @@ def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
                 "use fewer clients or a less skewed partitioner"
             )
         clients.append(ClientData(f"{task.name}/{task.modality}/{i}", task.name, task.modality, part, local_test))
-    modality = get_modality_class(task.modality)()
+    modality = task.build_modality()
     for where, ds in [("test split", test)] + [(f"client {c.cid}", c.train) for c in clients]:
         _validate_first(task, modality, where, ds, input_key)
     log.info(

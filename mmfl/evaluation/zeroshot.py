@@ -11,7 +11,6 @@ from mmfl.data.bundled import BUNDLED
 from mmfl.data.loader import make_loader
 from mmfl.data.sources import DataSource, HubDataset, ImageFolder
 from mmfl.data.task import DEFAULT_TEMPLATES, Task, load_split
-from mmfl.modalities import get_modality
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def zero_shot(
     ds, class_names = load_split(task, split, limit)
     if len(ds) == 0:
         raise ValueError(f"task {task.name!r}: the {split!r} split is empty")
-    modality = get_modality(task.modality)
+    modality = task.build_modality()
     module = ClientModule(
         backbone, modality, task.name, class_names, [], templates=list(templates or task.prompt_templates())
     )

@@ -24,7 +24,6 @@ from mmfl.federated.aggregate import Aggregator, FedAvg, Update, aggregate
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.scopes import is_local
-from mmfl.modalities import get_modality
 from mmfl.module import ClientModule, OptimizerFactory, default_optimizer, make_trainer, quiet_lightning
 from mmfl.prompts.base import TrainablePart
 
@@ -188,7 +187,7 @@ class Simulation:
         parts = [p for p in self._all_parts(task) if p.supports(task.modality)]
         return ClientModule(
             self.backbone,
-            get_modality(task.modality),
+            task.task.build_modality(),
             task.name,
             task.class_names,
             parts,
@@ -200,7 +199,7 @@ class Simulation:
         return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
 
     def _loader(self, task: PreparedTask, ds, train: bool, seed: int = 0):
-        modality = get_modality(task.modality)
+        modality = task.task.build_modality()
         bs = self.training.batch_size if train else self.training.eval_batch_size
         return make_loader(
             ds,

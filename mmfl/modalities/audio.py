@@ -84,12 +84,18 @@ class AudioModality(Modality):
 
     name = "audio"
     input_key = "audio"
+    renders_image = True
     requires = ("librosa", "soundfile")
     templates: ClassVar[tuple[str, ...]] = ("the sound of {}.", "a recording of {}.", "someone saying {}.")
 
     def __init__(
         self, sample_rate: int = 16_000, seconds: float = 1.0, n_mels: int = 64, augment: bool = False
     ) -> None:
+        if not 1000 <= sample_rate <= 384_000 or seconds <= 0 or n_mels < 1:
+            raise ValueError(
+                f"AudioModality: sample_rate={sample_rate} (1000–384000 Hz), seconds={seconds} (> 0) and "
+                f"n_mels={n_mels} (>= 1) must all be in range"
+            )
         self.sample_rate, self.seconds, self.n_mels, self.augment = sample_rate, seconds, n_mels, augment
 
     def log_mel(self, wave: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:

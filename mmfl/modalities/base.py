@@ -27,6 +27,9 @@ class Modality(ABC):
     """Python packages this modality needs beyond mmfl's own; checked when it is used."""
     templates: ClassVar[tuple[str, ...] | None] = None
     """Hand-written class prompt templates for this modality's tasks (None: mmfl's image-style default)."""
+    renders_image: ClassVar[bool] = False
+    """True when ``transform`` makes images [3, H, W] for the vision tower (audio spectrograms, a plugin's
+    plots): then every part that works with ``image`` (pixel prompts, VPT, MaPLe) works with it too."""
 
     @abstractmethod
     def transform(self, backbone: Backbone, train: bool) -> Callable[[Any], Tensor]:

@@ -22,6 +22,7 @@ class ImageModality(Modality):
 
     name = "image"
     input_key = "image"
+    renders_image = True
 
     def __init__(self, augment: bool = False) -> None:
         self.augment = augment

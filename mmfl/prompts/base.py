@@ -72,10 +72,11 @@ class TrainablePart(nn.Module):
         if modalities is None:
             return
         allowed = type(self).modalities
-        bad = [m for m in modalities if allowed is not None and m not in allowed]
+        bad = [m for m in modalities if not _allows(allowed, m)]
         if bad or not modalities:
+            also = " and modalities that render images" if allowed is not None and "image" in allowed else ""
             raise ValueError(
-                f"{type(self).__name__}: modalities={list(modalities)}; it works with {list(allowed or ['any'])}"
+                f"{type(self).__name__}: modalities={list(modalities)}; it works with {list(allowed or ['any'])}{also}"
             )
         self.modalities = tuple(modalities)
 
@@ -93,8 +94,12 @@ class TrainablePart(nn.Module):
             )
 
     def supports(self, modality: str) -> bool:
-        """Whether this part can serve clients of ``modality`` (those in ``modalities``; all when None)."""
-        return self.modalities is None or modality in self.modalities
+        """Whether this part can serve clients of ``modality``: those in ``modalities`` (all when None); when
+        that includes ``image``, also any modality that renders images (``Modality.renders_image``). A
+        restriction set on the part itself (:meth:`restrict_to`, a recipe's ``modalities``) is taken literally."""
+        if "modalities" in self.__dict__:  # set on this part: exactly these (None: any)
+            return self.modalities is None or modality in self.modalities
+        return _allows(type(self).modalities, modality)
 
     def prompt_input(self, x: Tensor, modality: str) -> Tensor:
         """The input batch [B, ...] after this part's input prompt (unchanged by default)."""
@@ -120,3 +125,17 @@ class TrainablePart(nn.Module):
     def adapt_text_features(self, f: Tensor) -> Tensor:
         """Class text features [C, D] or [B, C, D] after this part (unchanged by default)."""
         return f
+
+
+def _allows(allowed: tuple[str, ...] | None, modality: str) -> bool:
+    """Whether a part limited to ``allowed`` (None: any) serves ``modality``; image parts serve image-like ones."""
+    if allowed is None or modality in allowed:
+        return True
+    if "image" not in allowed:
+        return False
+    from mmfl.modalities import ModalityError, get_modality_class  # lazy: mmfl.modalities imports this module
+
+    try:
+        return get_modality_class(modality).renders_image
+    except ModalityError:
+        return False
