@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {data} | {enc} | {r['params']:,} | {100 * r['start']:.1f}% | {100 * r['final']:.1f}% "
             f"| {r['s_per_epoch']:.1f} |"
         )
-    print("\n".join(lines))  # noqa: T201 - the benchmark's output
+    print("\n".join(lines))  # the benchmark's output
 
 
 if __name__ == "__main__":
