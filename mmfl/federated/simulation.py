@@ -198,13 +198,13 @@ class Simulation:
     def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
         return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
 
-    def _loader(self, task: PreparedTask, ds, train: bool, seed: int = 0):
-        modality = task.task.build_modality()
+    def _loader(self, module: ClientModule, ds, train: bool, seed: int = 0):
+        """A loader of ``ds`` through the transform of the module's own modality."""
         bs = self.training.batch_size if train else self.training.eval_batch_size
         return make_loader(
             ds,
-            task.input_key,
-            modality.transform(self.backbone, train),
+            module.modality.input_key,
+            module.modality.transform(self.backbone, train),
             bs,
             shuffle=train,
             seed=seed,
@@ -225,7 +225,7 @@ class Simulation:
         module.load_trainable_state_dict(self.global_state)
         s = derived_seed(self.seed, rnd, client.data.cid)
         seed_all(s)
-        loader = self._loader(client.task, client.data.train, train=True, seed=s)
+        loader = self._loader(module, client.data.train, train=True, seed=s)
         trainer = self._trainer(self.training.epochs, self.training.max_steps)
         trainer.fit(module, train_dataloaders=loader)
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -235,7 +235,7 @@ class Simulation:
     def evaluate(self, module: ClientModule, task: PreparedTask, ds) -> dict[str, float]:
         """Test loss and accuracy of ``module`` on ``ds``."""
         trainer = self._trainer()
-        out = trainer.test(module, dataloaders=self._loader(task, ds, train=False), verbose=False)[0]
+        out = trainer.test(module, dataloaders=self._loader(module, ds, train=False), verbose=False)[0]
         return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
 
     def evaluator(self, task: PreparedTask) -> ClientModule:
