@@ -1,4 +1,5 @@
-"""The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]``, ``mmfl zeroshot``, ``mmfl modalities``."""
+"""The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]``, ``mmfl evaluate``, ``mmfl zeroshot``,
+``mmfl modalities``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 from mmfl.backbone import Backbone, check_backbone_args
 from mmfl.data.bundled import BUNDLED
 from mmfl.data.task import Task, check_task, prepare_task
+from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
+from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
 from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation, seed_all
 from mmfl.modalities import ModalityError, available_modalities
@@ -47,6 +50,13 @@ def fit_parser() -> ArgumentParser:
         type=Federation | None,
         default=None,
         help="round settings; omit for a centralised run (one client per task, one round)",
+    )
+    p.add_argument(
+        "--evaluation",
+        type=Protocol | None,
+        default=None,
+        help="the evaluation protocol: base-to-novel split, validation hold-out and checkpoint selection, unseen "
+        "clients, transfer targets, seeds, baselines (see mmfl.evaluation.Protocol)",
     )
     return p
 
@@ -121,6 +131,12 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="mmfl", description=__doc__, allow_abbrev=False)
     sub = parser.add_subcommands(required=True)
     sub.add_subcommand("fit", fit_parser(), help="train: a federation, or a centralised run")
+    sub.add_subcommand(
+        "evaluate",
+        add_evaluate_arguments(fit_parser()),
+        help="the evaluation protocol on a recipe: base/novel/HM, local vs global, per modality, ECE, unseen "
+        "clients, transfer, baselines, mean ± std over seeds; writes report.md, metrics.json and plots",
+    )
     sub.add_subcommand("zeroshot", zeroshot_parser(), help="zero-shot top-1 of a backbone on a data set")
     sub.add_subcommand("modalities", ArgumentParser(), help="list the registered modalities")
     return parser
@@ -145,8 +161,12 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
-    """Check everything cheap, prepare data, build the backbone, then run and write the outputs."""
+def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, list[Task], Federation]:
+    """Instantiate a recipe and check everything cheap (no data loaded, no model built).
+
+    Returns:
+        The instantiated recipe, its tasks, and its federation (one round for a centralised recipe).
+    """
     init = parser.instantiate(cfg)
     tasks: list[Task] = init.tasks
     if not tasks:
@@ -157,6 +177,8 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
     for t in tasks:
         check_task(t)
     check_backbone_args(cfg.backbone.model_name, cfg.backbone.pretrained)
+    if init.evaluation is not None:
+        init.evaluation.check(tasks)
     federation = init.federation
     if federation is None:
         for t in tasks:
@@ -168,23 +190,61 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
                 )
                 t.clients, t.partitioner = 1, None
         federation = Federation(rounds=1)
+    return init, tasks, federation
+
+
+def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
+    """Check everything cheap, prepare data, build the backbone, then run and write the outputs."""
+    init, tasks, federation = check_recipe(parser, cfg)
+    protocol: Protocol = init.evaluation or Protocol()
     out = _output_dir(cfg)
     _check_output_dir(out, cfg.overwrite)
 
-    prepared = [prepare_task(t, seed=cfg.seed) for t in tasks]
+    prepared = [prepare_task(t, seed=cfg.seed, **protocol.split_args()) for t in tasks]
     seed_all(cfg.seed)  # random-weight backbones must come out the same for the same seed
     backbone = Backbone(**cfg.backbone.as_dict())
-    sim = Simulation(backbone, prepared, init.parts, init.training, federation, seed=cfg.seed, output_dir=None)
+    sim = Simulation(
+        backbone,
+        prepared,
+        init.parts,
+        init.training,
+        federation,
+        seed=cfg.seed,
+        output_dir=None,
+        selection=protocol.selection,
+    )
     # Everything is built and checked: now write.
     out.mkdir(parents=True, exist_ok=True)
-    for f in RUN_FILES:
+    for f in (*RUN_FILES, "best.safetensors"):
         (out / f).unlink(missing_ok=True)
     parser.save(cfg, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
     sim.attach_output(out)
     log.info("writing to %s", out)
     sim.run()
+    if sim.best_round is not None:
+        log.info("best validation accuracy %.1f%% at round %d: best.safetensors", 100 * sim.best_score, sim.best_round)
     log.info("done: %s", ", ".join(str(out / f) for f in RUN_FILES))
     return sim
+
+
+def evaluate_command(parser: ArgumentParser, cfg: Namespace) -> dict:
+    """``mmfl evaluate``: check the recipe and the output folder, then run the protocol and write the report."""
+    init, tasks, federation = check_recipe(parser, cfg)
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+    else:
+        out = _output_dir(cfg) / "eval"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {str(out)!r} exists and is not a folder")
+    existing = [f for f in OUTPUTS if (out / f).exists()]
+    if existing and not cfg.overwrite:
+        raise ValueError(
+            f"--output_dir {str(out)!r} already holds an evaluation ({', '.join(existing)}); choose another "
+            "--output_dir, or pass --overwrite=true to replace it"
+        )
+    summary = run_evaluate(cfg, init, tasks, federation, out)
+    parser.save(cfg, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
+    return summary
 
 
 def _setup_logging() -> None:
@@ -206,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, source in available_modalities().items():
             print(f"{name:<16} {source}")
         return 0
-    fit = parser._subcommands_action._name_parser_map["fit"]
+    sub = parser._subcommands_action._name_parser_map
     try:
         if cfg.subcommand == "zeroshot":
             run_zeroshot(cfg.zeroshot)
             return 0
-        run_fit(fit, cfg.fit)
+        if cfg.subcommand == "evaluate":
+            evaluate_command(sub["evaluate"], cfg.evaluate)
+            return 0
+        run_fit(sub["fit"], cfg.fit)
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, ModalityError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"mmfl {cfg.subcommand}: error: {msg}", file=sys.stderr)

@@ -241,6 +241,10 @@ class ClientModule(L.LightningModule):
         """Logs ``test_loss`` and ``test_acc``."""
         self._step(batch, self.test_acc, "test")
 
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[Tensor, Tensor]:
+        """Logits [B, C] and labels [B] of one batch (for metrics computed after the pass)."""
+        return self(batch[self.modality.input_key]).float(), batch[LABEL]
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The configured optimizer over the trainable parts only."""
         params = [p for p in self.parts.parameters() if p.requires_grad]
@@ -255,3 +259,4 @@ class ClientModule(L.LightningModule):
 
     on_test_start = on_fit_start
     on_validation_start = on_fit_start
+    on_predict_start = on_fit_start

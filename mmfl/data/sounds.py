@@ -150,12 +150,19 @@ class AnimalSounds(DataSource):
         return clips
 
     def load(self) -> datasets.DatasetDict:
-        """Train and test splits, disjoint in variants: columns ``audio`` (WAV path) and ``label``."""
+        """Train and test splits, disjoint in variants: columns ``audio`` (WAV path), ``label`` and ``noise``
+        (``clean`` or ``snr<dB>``: a domain, for ``Task.domain_column``)."""
         clips = self.synthesize()
         order = np.random.default_rng(self.seed).permutation(len(self.variants))
         test_variants = set(order[: max(1, round(self.test_fraction * len(self.variants)))].tolist())
         names = self.class_names
-        features = datasets.Features({"audio": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        features = datasets.Features(
+            {
+                "audio": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=names),
+                "noise": datasets.Value("string"),
+            }
+        )
         out = {}
         for split in ("train", "test"):
             rows = []
@@ -163,11 +170,14 @@ class AnimalSounds(DataSource):
                 if (v in test_variants) != (split == "test"):
                     continue
                 sound = SOUND_NAMES[i]
+                snr = self.variants[v][2]
+                noise = "clean" if snr is None else f"snr{snr:g}"
                 if self.label_set == "own":
-                    rows.append((path, i))
+                    rows.append((path, i, noise))
                 elif sound in TO_SILHOUETTES:
-                    rows.append((path, names.index(TO_SILHOUETTES[sound])))
+                    rows.append((path, names.index(TO_SILHOUETTES[sound]), noise))
             out[split] = datasets.Dataset.from_dict(
-                {"audio": [p for p, _ in rows], "label": [y for _, y in rows]}, features=features
+                {"audio": [r[0] for r in rows], "label": [r[1] for r in rows], "noise": [r[2] for r in rows]},
+                features=features,
             )
         return datasets.DatasetDict(out)

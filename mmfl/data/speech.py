@@ -106,20 +106,26 @@ class SpokenWords(DataSource):
         return clips
 
     def load(self) -> datasets.DatasetDict:
-        """Train and test splits, disjoint in voices: columns ``audio`` (WAV path) and ``label``."""
+        """Train and test splits, disjoint in voices: columns ``audio`` (WAV path), ``label`` and ``accent`` (the
+        espeak-ng voice's accent: a domain, for ``Task.domain_column``)."""
         clips = self.synthesize()
         rng = np.random.default_rng(self.seed)
         voices = list(rng.permutation(self.voices))
         n_test = max(1, round(self.test_fraction * len(voices)))
         test_voices = set(voices[:n_test])
         features = datasets.Features(
-            {"audio": datasets.Value("string"), "label": datasets.ClassLabel(names=self.words)}
+            {
+                "audio": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=self.words),
+                "accent": datasets.Value("string"),
+            }
         )
         out = {}
         for split, keep in (("train", lambda v: v not in test_voices), ("test", lambda v: v in test_voices)):
-            rows = [(p, y) for p, y, v in clips if keep(v)]
+            rows = [(p, y, v.split("+")[0]) for p, y, v in clips if keep(v)]
             out[split] = datasets.Dataset.from_dict(
-                {"audio": [p for p, _ in rows], "label": [y for _, y in rows]}, features=features
+                {"audio": [r[0] for r in rows], "label": [r[1] for r in rows], "accent": [r[2] for r in rows]},
+                features=features,
             )
         return datasets.DatasetDict(out)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -13,12 +13,11 @@ import numpy as np
 from flwr_datasets.partitioner import IidPartitioner, Partitioner
 
 from mmfl.data.sources import DataSource
+from mmfl.data.splits import DOMAIN, LABEL, drop_domains, hold_out, keep_labels, split_classes
 from mmfl.federated.scopes import check_name
 from mmfl.modalities import Modality, get_modality_class
 
 log = logging.getLogger(__name__)
-
-LABEL = "label"
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -50,6 +49,9 @@ class Task:
         class_names: label names when the label column has none (or to rename them).
         templates: hand-written prompt templates (``{}`` = class name) for zero-shot class features;
             when None, the modality's own, else :data:`DEFAULT_TEMPLATES`.
+        domain_column: a column naming each example's domain (accent, noise level, style, ...); the
+            evaluation reports accuracy per domain.
+        holdout_domains: domains left out of training (domain shift: they are seen only at test time).
     """
 
     name: str
@@ -63,6 +65,8 @@ class Task:
     max_test_examples: int | None = None
     class_names: list[str] | None = None
     templates: list[str] | None = None
+    domain_column: str | None = None
+    holdout_domains: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.modality is None:  # the data source's own modality (image unless it says otherwise)
@@ -106,16 +110,29 @@ class ClientData:
     train: datasets.Dataset
     test: datasets.Dataset | None = None
 
+    def classes(self) -> list[int]:
+        """The labels present in this client's training data (its "own" classes)."""
+        return sorted(set(np.asarray(self.train[LABEL]).tolist()))
+
 
 @dataclass
 class PreparedTask:
-    """A task with its data loaded, checked, normalised and partitioned."""
+    """A task with its data loaded, checked, normalised and partitioned.
+
+    With a base-to-novel split, ``class_names``, the clients' data, ``val`` and ``test`` hold the base
+    classes only; ``test_novel`` holds the novel classes' test examples, labelled ``0 ..`` in the order of
+    ``novel_class_names``.
+    """
 
     task: Task
     class_names: list[str]
     input_key: str
     test: datasets.Dataset
     clients: list[ClientData]
+    val: datasets.Dataset | None = None
+    novel_class_names: list[str] = field(default_factory=list)
+    test_novel: datasets.Dataset | None = None
+    unseen: list[ClientData] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -141,6 +158,8 @@ def check_task(task: Task) -> None:
         raise ValueError(f"task {task.name!r}: local_test_fraction must be in [0, 1)")
     if task.templates is not None and (not task.templates or any("{}" not in t for t in task.templates)):
         raise ValueError(f"task {task.name!r}: every template needs a '{{}}' for the class name")
+    if task.holdout_domains and not task.domain_column:
+        raise ValueError(f"task {task.name!r}: holdout_domains needs a domain_column naming each example's domain")
 
 
 def _class_names(task: Task, ds: datasets.Dataset, label_column: str) -> list[str]:
@@ -165,17 +184,20 @@ def _class_names(task: Task, ds: datasets.Dataset, label_column: str) -> list[st
 
 def _normalise(task: Task, split: str, ds: datasets.Dataset, input_key: str) -> datasets.Dataset:
     src = task.data
-    missing = [c for c in (src.input_column, src.label_column) if c not in ds.column_names]
+    wanted = [src.input_column, src.label_column] + ([task.domain_column] if task.domain_column else [])
+    missing = [c for c in wanted if c not in ds.column_names]
     if missing:
         raise ValueError(
             f"task {task.name!r}: the {split} split of {src.describe()} has no column(s) {missing}; it has "
-            f"{ds.column_names}. Set the data source's input_column / label_column."
+            f"{ds.column_names}. Set the data source's input_column / label_column (or the task's domain_column)."
         )
-    ds = ds.select_columns([src.input_column, src.label_column])
+    ds = ds.select_columns(wanted)
     renames = {src.input_column: input_key, src.label_column: LABEL}
+    if task.domain_column:
+        renames[task.domain_column] = DOMAIN
     renames = {k: v for k, v in renames.items() if k != v}
-    if input_key == LABEL and src.input_column != LABEL:
-        raise ValueError(f"modality input key {input_key!r} clashes with the label column")
+    if input_key in (LABEL, DOMAIN) and src.input_column != input_key:
+        raise ValueError(f"modality input key {input_key!r} clashes with the label or domain column")
     if renames:
         ds = ds.rename_columns(renames)
     return ds
@@ -231,13 +253,36 @@ def _validate_first(task: Task, modality, where: str, ds: datasets.Dataset, inpu
         ) from e
 
 
-def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
+def prepare_task(
+    task: Task,
+    seed: int = 0,
+    *,
+    base_to_novel: bool = False,
+    val_fraction: float = 0.0,
+    unseen_clients: int = 0,
+) -> PreparedTask:
     """Load, check, normalise and partition one task's data.
 
+    Args:
+        task: the task.
+        seed: seeds the few-shot choice, the local test split and the validation hold-out.
+        base_to_novel: train (and validate) on the base classes only (:func:`~mmfl.data.splits.split_classes`);
+            the novel classes' test examples go to ``test_novel``.
+        val_fraction: share of the training split held out (before partitioning) as validation data for
+            checkpoint selection.
+        unseen_clients: the last this many of the task's ``clients`` partitions are held out of training
+            entirely (``PreparedTask.unseen``), to measure generalisation to clients never seen.
+
     Raises:
-        ValueError: missing columns, labels without names, or an empty client partition.
+        ValueError: missing columns, labels without names, an empty client partition, or settings that leave
+            no data.
     """
     check_task(task)
+    if not 0 <= unseen_clients < task.clients:
+        raise ValueError(
+            f"task {task.name!r}: {unseen_clients} unseen client(s) must leave at least one of its {task.clients} "
+            "clients to train; raise `clients` or lower evaluation.unseen_clients"
+        )
     input_key = get_modality_class(task.modality).input_key
     dd = task.data.load()
     for split in ("train", "test"):
@@ -249,12 +294,34 @@ def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
     _class_names(task, dd["test"], task.data.label_column)
     if task.max_test_examples is not None and len(test) > task.max_test_examples:
         test = test.shuffle(seed=0).select(range(task.max_test_examples)).flatten_indices()
+    novel_names: list[str] = []
+    test_novel = None
+    if base_to_novel:
+        base, novel = split_classes(len(class_names))
+        train, test_novel = keep_labels(train, base), keep_labels(test, novel, offset=len(base))
+        test = keep_labels(test, base)
+        class_names, novel_names = class_names[: len(base)], class_names[len(base) :]
+    if task.holdout_domains:
+        seen = set(map(str, train[DOMAIN]))
+        unknown = [d for d in task.holdout_domains if str(d) not in seen | set(map(str, test[DOMAIN]))]
+        if unknown:
+            raise ValueError(
+                f"task {task.name!r}: holdout_domains {unknown} occur in no split's column {task.domain_column!r}"
+            )
+        train = drop_domains(train, task.holdout_domains)
+        if len(train) == 0:
+            raise ValueError(f"task {task.name!r}: holding out domains {task.holdout_domains} leaves no training data")
+    train, val = hold_out(train, val_fraction, seed)
 
     partitioner = (task.partitioner or IidPartitioner)(task.clients)
     partitioner.dataset = train
-    clients = []
+    clients, unseen = [], []
     for i in range(task.clients):
         part = partitioner.load_partition(i)
+        cid = f"{task.name}/{task.modality}/{i}"
+        if i >= task.clients - unseen_clients:  # held out: its whole partition is evaluation data
+            unseen.append(ClientData(cid, task.name, task.modality, part.flatten_indices()))
+            continue
         if task.shots is not None:
             part = _few_shot(part, task.shots, seed + i)
         local_test = None
@@ -266,18 +333,20 @@ def prepare_task(task: Task, seed: int = 0) -> PreparedTask:
                 f"task {task.name!r}: client {i} of {task.clients} got no training examples; "
                 "use fewer clients or a less skewed partitioner"
             )
-        clients.append(ClientData(f"{task.name}/{task.modality}/{i}", task.name, task.modality, part, local_test))
+        clients.append(ClientData(cid, task.name, task.modality, part, local_test))
     modality = task.build_modality()
     for where, ds in [("test split", test)] + [(f"client {c.cid}", c.train) for c in clients]:
         _validate_first(task, modality, where, ds, input_key)
     log.info(
-        "task %s (%s, %d classes): %d train examples over %d clients (%s), %d test",
+        "task %s (%s, %d classes%s): %d train examples over %d clients (%s)%s, %d test",
         task.name,
         task.modality,
         len(class_names),
+        f" base + {len(novel_names)} novel" if base_to_novel else "",
         sum(len(c.train) for c in clients),
-        task.clients,
+        len(clients),
         type(partitioner).__name__,
+        f", {len(unseen)} unseen client(s)" if unseen else "",
         len(test),
     )
-    return PreparedTask(task, class_names, input_key, test, clients)
+    return PreparedTask(task, class_names, input_key, test, clients, val, novel_names, test_novel, unseen)

@@ -113,6 +113,9 @@ class Simulation:
         federation: round settings.
         seed: seeds initial tensors, client sampling, data order and training.
         output_dir: where ``metrics.csv`` and ``global.safetensors`` go (None: write nothing).
+        selection: ``last``, or ``best_val``: keep the global state of the evaluated round with the best mean
+            validation accuracy over tasks (``best_state``, ``best.safetensors``). Needs tasks with ``val``
+            data; test data never take part.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class Simulation:
         federation: Federation | None = None,
         seed: int = 0,
         output_dir: str | Path | None = None,
+        selection: str = "last",
     ) -> None:
         self.backbone = backbone
         self.tasks = list(tasks)
@@ -134,6 +138,11 @@ class Simulation:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         if self.federation.rounds < 0 or not 0 < self.federation.fraction <= 1:
             raise ValueError("federation.rounds must be >= 0 and federation.fraction in (0, 1]")
+        if selection not in ("last", "best_val"):
+            raise ValueError(f"selection must be 'last' or 'best_val', got {selection!r}")
+        if selection == "best_val" and any(t.val is None or len(t.val) == 0 for t in self.tasks):
+            raise ValueError("selection 'best_val' needs validation data for every task (evaluation.val_fraction)")
+        self.selection = selection
 
         names: dict[str, list[str]] = {}
         for task in self.tasks:
@@ -165,6 +174,13 @@ class Simulation:
             for k, v in c.module.trainable_state_dict(include_local=False).items():
                 self.global_state.setdefault(k, v)
         self._evaluators: dict[str, ClientModule] = {}
+        for task in self.tasks:
+            if task.novel_class_names:  # fail now, not after training, when a part cannot serve new classes
+                self.evaluator(task, novel=True)
+        self.best_round: int | None = None
+        self.best_score = -math.inf
+        self.best_state: dict[str, Tensor] = {}
+        self.best_local: dict[str, dict[str, Tensor]] = {}
         self.metrics = MetricsWriter(None)
         if self.output_dir is not None:
             self.attach_output(self.output_dir)
@@ -178,21 +194,29 @@ class Simulation:
     def _all_parts(self, task: PreparedTask) -> list[TrainablePart]:
         return [f(self.backbone, task.class_names) for f in self.part_factories]
 
-    def build_module(self, task: PreparedTask) -> ClientModule:
+    def build_module(
+        self, task: PreparedTask, class_names: list[str] | None = None, templates: list[str] | None = None
+    ) -> ClientModule:
         """A fresh ClientModule for a client of ``task``, sharing this simulation's backbone.
 
         It gets the parts that work with the task's modality (``TrainablePart.supports``), so one recipe
         can list image, text and audio parts for a multi-modal federation.
+
+        Args:
+            task: the task (its name is the scope key of ``task`` tensors).
+            class_names: other class names than the task's (novel classes, a transfer target).
+            templates: other hand-written templates than the task's.
         """
-        parts = [p for p in self._all_parts(task) if p.supports(task.modality)]
+        names = list(class_names or task.class_names)
+        parts = [p for p in (f(self.backbone, names) for f in self.part_factories) if p.supports(task.modality)]
         return ClientModule(
             self.backbone,
             task.task.build_modality(),
             task.name,
-            task.class_names,
+            names,
             parts,
             optimizer=self.training.optimizer,
-            templates=task.task.prompt_templates(),
+            templates=templates or task.task.prompt_templates(),
         )
 
     def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
@@ -238,24 +262,57 @@ class Simulation:
         out = trainer.test(module, dataloaders=self._loader(module, ds, train=False), verbose=False)[0]
         return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
 
-    def evaluator(self, task: PreparedTask) -> ClientModule:
-        """A module per task that holds the global tensors (local tensors at their initial values)."""
-        key = f"{task.name}/{task.modality}"
+    def class_dependent_keys(self, task: PreparedTask) -> list[str]:
+        """Keys of the task's trainable tensors whose shape depends on the class list (class-specific parts):
+        they cannot serve classes they were not trained on. Found by building the parts for one more class."""
+        names = list(task.class_names)
+        a = self.build_module(task, names).trainable_state_dict()
+        b = self.build_module(task, [*names, f"{names[0]} extra"]).trainable_state_dict()
+        return sorted(k for k in a if k not in b or a[k].shape != b[k].shape)
+
+    def check_new_classes(self, task: PreparedTask) -> None:
+        """Raise a clear error when the task's parts cannot classify classes they were not trained on."""
+        keys = self.class_dependent_keys(task)
+        if keys:
+            raise ValueError(
+                f"task {task.name!r}: tensors {keys} are class-specific (one per trained class, e.g. CoOp "
+                "class_specific: true), so they cannot classify novel classes or another data set's; base-to-novel "
+                "and cross-dataset evaluation need class-agnostic parts"
+            )
+
+    def evaluator(self, task: PreparedTask, novel: bool = False) -> ClientModule:
+        """A module per task that holds the global tensors (local tensors at their initial values).
+
+        Args:
+            task: the task.
+            novel: with the task's novel class names (base-to-novel evaluation).
+        """
+        key = f"{task.name}/{task.modality}" + ("/novel" if novel else "")
         if key not in self._evaluators:
-            self._evaluators[key] = self.build_module(task)
+            if novel:
+                self.check_new_classes(task)
+            self._evaluators[key] = self.build_module(task, task.novel_class_names if novel else None)
         module = self._evaluators[key]
         module.load_trainable_state_dict(self.global_state)
         return module
 
     def evaluate_tasks(self, rnd: int) -> dict[str, float]:
-        """Evaluate every task on its test split with the global tensors; record the rows."""
-        accs = {}
+        """Evaluate every task on its test split (and its novel classes' and validation data, when it has
+        them) with the global tensors; record the rows; keep the best state by validation accuracy."""
+        accs, vals = {}, []
         for task in self.tasks:
-            m = self.evaluate(self.evaluator(task), task, task.test)
-            self.metrics.add(
-                rnd, "task", task.name, task.modality, "", "test", m["loss"], m["accuracy"], len(task.test)
-            )
-            accs[f"{task.name}/{task.modality}"] = m["accuracy"]
+            splits = [("test", False, task.test), ("test_novel", True, task.test_novel), ("val", False, task.val)]
+            for split, novel, ds in splits:
+                if ds is None or len(ds) == 0:
+                    continue
+                m = self.evaluate(self.evaluator(task, novel), task, ds)
+                self.metrics.add(rnd, "task", task.name, task.modality, "", split, m["loss"], m["accuracy"], len(ds))
+                if split == "val":
+                    vals.append(m["accuracy"])
+                else:
+                    accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
+        if self.selection == "best_val" and sum(vals) / len(vals) > self.best_score:
+            self._keep_best(rnd, sum(vals) / len(vals))
         for c in self.clients:
             if c.data.test is not None and len(c.data.test):
                 c.module.load_trainable_state_dict(self.global_state)
@@ -282,6 +339,25 @@ class Simulation:
         if self.output_dir is not None:
             self.save_local_states(sampled, rnd)
         return merged
+
+    def _keep_best(self, rnd: int, score: float) -> None:
+        """Snapshot the global state and every client's local tensors as the best so far (by validation)."""
+        self.best_round, self.best_score = rnd, score
+        self.best_state = {k: v.clone() for k, v in self.global_state.items()}
+        self.best_local = {c.data.cid: self._local_state(c) for c in self.clients}
+        if self.output_dir is not None:
+            meta = {"round": str(rnd), "val_accuracy": f"{score:.6f}", "backbone": self.backbone.model_name}
+            save_state(self.output_dir / "best.safetensors", self.best_state, meta)
+
+    def selected(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """The state the selection rule picks: (global tensors, local tensors per client id)."""
+        if self.selection == "best_val" and self.best_round is not None:
+            return self.best_state, self.best_local
+        return self.global_state, {c.data.cid: self._local_state(c) for c in self.clients}
+
+    @staticmethod
+    def _local_state(c: _Client) -> dict[str, Tensor]:
+        return {k: v for k, v in c.module.trainable_state_dict().items() if is_local(k)}
 
     def save_local_states(self, clients: Sequence[_Client], rnd: int) -> None:
         """Write each client's ``local`` tensors (never sent) to ``local/<task>/<modality>/<i>.safetensors``."""

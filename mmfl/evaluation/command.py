@@ -1,0 +1,112 @@
+"""``mmfl evaluate -c RECIPE [--checkpoint FILE] --output_dir DIR``: the protocol end to end, then the report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jsonargparse import ArgumentParser, Namespace
+
+from mmfl.backbone import Backbone
+from mmfl.data.task import check_task
+from mmfl.evaluation.protocol import Protocol
+from mmfl.evaluation.report import add_means, plot_methods, plot_rounds, write_report
+from mmfl.evaluation.runner import run_seed, summarize
+from mmfl.federated.checkpoint import load_state
+from mmfl.federated.simulation import seed_all
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("report.md", "metrics.json", "accuracy_per_round.png", "base_novel.png")
+
+
+def add_evaluate_arguments(p: ArgumentParser) -> ArgumentParser:
+    """The arguments ``mmfl evaluate`` adds to a recipe's."""
+    p.add_argument(
+        "--checkpoint",
+        type=str | None,
+        default=None,
+        help="a trained run's global.safetensors (or best.safetensors) for the recipe's seed; its local/ folder "
+        "gives the clients' local tensors. Other seeds, and all seeds without it, are trained",
+    )
+    return p
+
+
+def check_checkpoint(path: str | None, seed: int, seeds: list[int]) -> Path | None:
+    """Read the checkpoint now (a bad file fails before any training), and check its seed is evaluated."""
+    if path is None:
+        return None
+    load_state(path)  # FileNotFoundError / ValueError naming the file
+    if seed not in seeds:
+        raise ValueError(
+            f"--checkpoint holds the run of seed {seed} (the recipe's --seed), which is not among evaluation.seeds "
+            f"{seeds}; pass the --seed it was trained with"
+        )
+    return Path(path)
+
+
+def run_evaluate(cfg: Namespace, init: Namespace, tasks, federation, out: Path) -> dict:
+    """Run the protocol for every seed, then write ``metrics.json``, ``report.md`` and the plots to ``out``.
+
+    Args:
+        cfg: the parsed recipe (``evaluate`` arguments included).
+        init: the instantiated recipe.
+        tasks: the recipe's checked tasks.
+        federation: its federation settings (a centralised recipe: one round).
+        out: the output folder (checked not to hold an earlier report).
+
+    Returns:
+        The summary: ``{method: mean ± std tree}``.
+    """
+    protocol: Protocol = init.evaluation or Protocol()
+    protocol.check(tasks)
+    for tr in protocol.transfer:
+        check_task(tr.task)
+    seeds = list(protocol.seeds or [cfg.seed])
+    checkpoint = check_checkpoint(cfg.checkpoint, cfg.seed, seeds)
+    seed_all(cfg.seed)  # random-weight backbones come out as in `mmfl fit`
+    backbone = Backbone(**cfg.backbone.as_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    for f in OUTPUTS:
+        (out / f).unlink(missing_ok=True)
+    per_seed: dict[int, dict] = {}
+    curves = []
+    for s in seeds:
+        ckpt = checkpoint if s == cfg.seed else None
+        results, facts = run_seed(
+            backbone, tasks, init.parts, init.training, federation, protocol, s, out, checkpoint=ckpt
+        )
+        per_seed[s] = {"facts": facts, "methods": {m: add_means(r) for m, r in results.items()}}
+        csv_file = (ckpt.parent if ckpt is not None else out / f"seed_{s}" / "federated") / "metrics.csv"
+        if csv_file.is_file():
+            curves.append(csv_file)
+    methods = list(next(iter(per_seed.values()))["methods"])
+    summary = {m: summarize([per_seed[s]["methods"][m] for s in seeds]) for m in methods}
+    first = per_seed[seeds[0]]["facts"]
+    facts = {
+        "backbone": cfg.backbone.model_name,
+        "pretrained": cfg.backbone.pretrained,
+        "seeds": seeds,
+        "rounds": federation.rounds,
+        "fraction": federation.fraction,
+        "epochs": init.training.epochs,
+        "max_steps": init.training.max_steps,
+        "batch_size": init.training.batch_size,
+        "parts": [p.class_path.rsplit(".", 1)[-1] for p in cfg.parts] if cfg.parts else [],
+        "base_to_novel": protocol.base_to_novel,
+        "val_fraction": protocol.val_fraction,
+        "selection": protocol.selection,
+        "template": protocol.template,
+        "ece_bins": protocol.ece_bins,
+        "baselines": protocol.baselines,
+        "tasks": first["tasks"],
+        "runs": {
+            f"seed {s}": ", ".join(f"{k} {v}" for k, v in per_seed[s]["facts"].items() if k not in ("seed", "tasks"))
+            for s in seeds
+        },
+    }
+    write_report(out, facts, per_seed, summary)
+    plot_rounds(out, curves)
+    plot_methods(out, summary, protocol.base_to_novel)
+    log.info("wrote %s", ", ".join(str(out / f) for f in OUTPUTS))
+    return summary
