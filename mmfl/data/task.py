@@ -269,9 +269,10 @@ def prepare_task(
         base_to_novel: train (and validate) on the base classes only (:func:`~mmfl.data.splits.split_classes`);
             the novel classes' test examples go to ``test_novel``.
         val_fraction: share of the training split held out (before partitioning) as validation data for
-            checkpoint selection.
+            checkpoint selection; at most ``max_test_examples`` of it are scored.
         unseen_clients: the last this many of the task's ``clients`` partitions are held out of training
-            entirely (``PreparedTask.unseen``), to measure generalisation to clients never seen.
+            entirely (``PreparedTask.unseen``), to measure generalisation to clients never seen; each keeps at
+            most ``max_test_examples`` of its partition.
 
     Raises:
         ValueError: missing columns, labels without names, an empty client partition, or settings that leave
@@ -312,6 +313,8 @@ def prepare_task(
         if len(train) == 0:
             raise ValueError(f"task {task.name!r}: holding out domains {task.holdout_domains} leaves no training data")
     train, val = hold_out(train, val_fraction, seed)
+    if val is not None and task.max_test_examples is not None and len(val) > task.max_test_examples:
+        val = val.select(range(task.max_test_examples))  # the rest stays held out (never trained on)
 
     partitioner = (task.partitioner or IidPartitioner)(task.clients)
     partitioner.dataset = train
@@ -319,7 +322,9 @@ def prepare_task(
     for i in range(task.clients):
         part = partitioner.load_partition(i)
         cid = f"{task.name}/{task.modality}/{i}"
-        if i >= task.clients - unseen_clients:  # held out: its whole partition is evaluation data
+        if i >= task.clients - unseen_clients:  # held out: its partition is evaluation data (capped like test)
+            if task.max_test_examples is not None and len(part) > task.max_test_examples:
+                part = part.shuffle(seed=0).select(range(task.max_test_examples))
             unseen.append(ClientData(cid, task.name, task.modality, part.flatten_indices()))
             continue
         if task.shots is not None:
