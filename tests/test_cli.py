@@ -61,7 +61,8 @@ def test_every_recipe_runs_with_a_tiny_override(recipe: Path, tmp_path: Path) ->
         got = {(r["task"], r["modality"]) for r in rows if r["round"] == rnd and r["level"] == "task"}
         assert got == tasks
     fits = [r for r in rows if r["split"] == "fit"]
-    assert len(fits) == sum(t["clients"] for t in cfg["tasks"])
+    unseen = (cfg.get("evaluation") or {}).get("unseen_clients", 0)  # held out of training by the protocol
+    assert len(fits) == sum(t["clients"] - unseen for t in cfg["tasks"])
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 and int(r["examples"]) > 0 for r in rows)
     state = load_file(out / "global.safetensors")
     key = re.compile(r"^(global|task/[^/]+|modality/[^/]+|task_modality/[^/]+/[^/]+)/[a-z_]+\.[\w.]+$")

@@ -223,3 +223,75 @@ def test_novel_and_validation_accuracy_are_recorded_every_n_rounds(tiny_backbone
     novel = [r for r in sim.metrics.rows if r["split"] == "test_novel"]
     assert all(r["examples"] == len(task.test_novel) for r in novel)
     assert np.isfinite([r["accuracy"] for r in novel]).all()
+
+
+# ---------------------------------------------------------------- scoring: domains, pooled data, personal tensors
+def test_domains_are_scored_separately_and_held_out_ones_marked(tiny_backbone) -> None:
+    from mmfl.evaluation.metrics import accuracy as acc
+    from mmfl.evaluation.report import add_means, report_lines
+    from mmfl.evaluation.runner import Scorer, predict, zero_shot_method
+
+    task = prepare_task(_text_task(clients=2, domain_column="style", holdout_domains=["italic"]))
+    scorer = Scorer([task], [], Protocol(), batch_size=16, accelerator="cpu")
+    method = zero_shot_method(tiny_backbone, "a photo of a {}.")
+    result = scorer.score(method)
+    domains = result["tasks"]["words/text"]["domains"]
+    assert set(domains) == {"plain", "bold", "italic"}
+    assert sum(d["n"] for d in domains.values()) == len(task.test)
+    assert [d for d, v in domains.items() if v["unseen"]] == ["italic"]
+    logits, labels = predict(method(task, task.class_names), task.test, 16, "cpu")
+    rows = [i for i, d in enumerate(task.test["domain"]) if d == "bold"]
+    assert domains["bold"]["top1"] == pytest.approx(acc(logits[rows], labels[rows]))
+    assert result["tasks"]["words/text"]["base"]["top1"] == pytest.approx(acc(logits, labels))
+    for c in task.clients:  # no personal tensors: every client classifies like the task's module
+        assert result["clients"][c.cid]["global"] == pytest.approx(acc(logits, labels))
+        assert result["clients"][c.cid]["local"] == pytest.approx(acc(logits, labels, c.classes()))
+    facts = {
+        "backbone": "mmfl-tiny",
+        "pretrained": None,
+        "seeds": [0],
+        "rounds": 1,
+        "fraction": 1.0,
+        "epochs": 1,
+        "max_steps": -1,
+        "batch_size": 32,
+        "parts": [],
+        "base_to_novel": False,
+        "val_fraction": 0.0,
+        "selection": "last",
+        "template": "a photo of a {}.",
+        "ece_bins": 15,
+        "tasks": [],
+    }
+    text = "\n".join(report_lines(facts, {"zeroshot": summarize([add_means(result)])}))
+    assert "## Domains" in text and "words/text italic*" in text and "words/text bold |" in text
+
+
+def test_pooled_client_holds_all_trained_data() -> None:
+    from mmfl.evaluation.runner import pooled
+
+    task = prepare_task(_text_task(clients=3), unseen_clients=1)
+    central = pooled(task)
+    assert len(central.clients) == 1 and not central.unseen
+    assert sorted(central.clients[0].train["text"]) == sorted(t for c in task.clients for t in c.train["text"])
+    assert central.test is task.test and central.class_names == task.class_names
+
+
+def test_personal_tensors_are_used_for_each_clients_own_score(tiny_backbone) -> None:
+    from mmfl.evaluation.runner import learned_method, personal_method
+
+    task = prepare_task(_text_task(clients=2))
+    parts = [lambda b, names: CoOp(b, names, n_ctx=2, scopes={"ctx": "local"})]
+    sim = Simulation(tiny_backbone, [task], parts, LocalTraining(max_steps=1, accelerator="cpu"), Federation(rounds=1))
+    assert personal_method(sim, {}, {c.data.cid: {} for c in sim.clients}) is None
+    key = sim.clients[0].module.trainable_keys()[0]
+    local = {
+        c.data.cid: {key: torch.full_like(c.module.trainable_state_dict()[key], float(i))}
+        for i, c in enumerate(sim.clients)
+    }
+    own = personal_method(sim, {}, local)
+    for c in task.clients:
+        assert torch.equal(own(task, c).trainable_state_dict()[key], local[c.cid][key])
+    assert not torch.equal(
+        learned_method(sim, {})(task, task.class_names).trainable_state_dict()[key], local[task.clients[1].cid][key]
+    )
