@@ -157,7 +157,11 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
 
     unseen = sorted({c for m in methods for c in (_get(summary[m], "unseen") or {})})
     if unseen:
-        lines += ["", "## Unseen clients (never trained; scored on their whole partition, %)", ""]
+        lines += [
+            "",
+            "## Unseen clients (never trained; scored on their partition, capped at max_test_examples; %)",
+            "",
+        ]
         lines += _table(
             ["method"] + [f"{c} local" for c in unseen] + [f"{c} global" for c in unseen],
             [
@@ -271,7 +275,8 @@ def plot_methods(out: Path, summary: dict, base_to_novel: bool) -> None:
             label={"base": "base" if base_to_novel else "top-1", "novel": "novel", "hm": "HM"}[b],
         )
     ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(methods))])
-    ax.set_xticklabels([METHOD_NAMES[m].split(" (")[0] for m in methods])
+    short = {"zeroshot": "zero-shot\n(1 template)", "ensemble": "zero-shot\n(ensemble)"}
+    ax.set_xticklabels([short.get(m, m) for m in methods])
     ax.set_ylabel("top-1 (%), mean over tasks")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
