@@ -295,3 +295,20 @@ def test_personal_tensors_are_used_for_each_clients_own_score(tiny_backbone) -> 
     assert not torch.equal(
         learned_method(sim, {})(task, task.class_names).trainable_state_dict()[key], local[task.clients[1].cid][key]
     )
+
+
+def test_iid_partitions_of_label_sorted_data_hold_every_class() -> None:
+    # stored in label order, like the generated audio sets: contiguous shards would give each client 2 classes
+    names = datasets.ClassLabel(names=["cat", "dog", "bird", "lion"])
+
+    def split(n: int) -> datasets.Dataset:
+        labels = sorted(i % 4 for i in range(n))
+        return datasets.Dataset.from_dict({"text": [f"x{i}" for i in range(n)], "label": labels}).cast_column(
+            "label", names
+        )
+
+    data = InMemory(datasets.DatasetDict(train=split(200), test=split(20)), input_column="text")
+    p = prepare_task(Task(name="words", data=data, modality="text", clients=2))
+    for c in p.clients:
+        assert c.classes() == [0, 1, 2, 3]
+    assert sorted(t for c in p.clients for t in c.train["text"]) == sorted(split(200)["text"])

@@ -161,7 +161,7 @@ class InMemory(DataSource):
         label_column: str = "label",
     ) -> None:
         super().__init__(input_column, label_column)
-        if isinstance(data, dict):
+        if isinstance(data, dict) and not isinstance(data, datasets.DatasetDict):  # a DatasetDict is a dict too
             data = datasets.Dataset.from_dict(data)
         self.data, self.class_names = data, class_names
         self.test_fraction, self.seed = test_fraction, seed

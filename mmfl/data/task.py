@@ -317,6 +317,10 @@ def prepare_task(
         val = val.select(range(task.max_test_examples))  # the rest stays held out (never trained on)
 
     partitioner = (task.partitioner or IidPartitioner)(task.clients)
+    if isinstance(partitioner, IidPartitioner):
+        # IidPartitioner cuts contiguous shards (FederatedDataset shuffles first): on data stored in label order
+        # (the generated audio sets) unshuffled shards would be a pathological split, not an IID one.
+        train = train.shuffle(seed=seed).flatten_indices()
     partitioner.dataset = train
     clients, unseen = [], []
     for i in range(task.clients):
