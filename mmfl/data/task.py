@@ -316,6 +316,7 @@ def prepare_task(
     if val is not None and task.max_test_examples is not None and len(val) > task.max_test_examples:
         val = val.select(range(task.max_test_examples))  # the rest stays held out (never trained on)
 
+    stored = train  # in its stored order: its first example is checked below
     partitioner = (task.partitioner or IidPartitioner)(task.clients)
     if isinstance(partitioner, IidPartitioner):
         # IidPartitioner cuts contiguous shards (FederatedDataset shuffles first): on data stored in label order
@@ -344,7 +345,7 @@ def prepare_task(
             )
         clients.append(ClientData(cid, task.name, task.modality, part, local_test))
     modality = task.build_modality()
-    for where, ds in [("test split", test)] + [(f"client {c.cid}", c.train) for c in clients]:
+    for where, ds in [("train split", stored), ("test split", test)] + [(f"client {c.cid}", c.train) for c in clients]:
         _validate_first(task, modality, where, ds, input_key)
     log.info(
         "task %s (%s, %d classes%s): %d train examples over %d clients (%s)%s, %d test",
