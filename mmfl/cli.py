@@ -91,6 +91,36 @@ def zeroshot_parser() -> ArgumentParser:
     return p
 
 
+def flower_app_parser() -> ArgumentParser:
+    """Arguments of ``mmfl flower-app``: a recipe (checked, resolved) plus where the app and the run go."""
+    p = fit_parser()
+    p.add_argument("--app_dir", type=str, required=True, help="the Flower app folder to write (pyproject.toml)")
+    p.add_argument(
+        "--min_nodes", type=int, default=0, help="nodes to wait for before a round (default: one per client)"
+    )
+    return p
+
+
+def write_flower_app(parser: ArgumentParser, cfg: Namespace) -> Path:
+    """Check the recipe, then write the app whose ServerApp writes to ``--output_dir``."""
+    try:
+        from mmfl.federated.flower import write_app
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"the Flower engine needs flwr: pip install 'mmfl[flower]' ({e})") from None
+    check_recipe(parser, cfg)
+    out = _output_dir(cfg).resolve()
+    _check_output_dir(out, cfg.overwrite)
+    app_dir = Path(cfg.app_dir)
+    recipe = cfg.clone()
+    for k in ("app_dir", "min_nodes", "output_dir", "overwrite", "config"):
+        recipe.pop(k, None)
+    fit = fit_parser()
+    text = fit.dump(recipe, skip_none=False, skip_validation=True)
+    path = write_app(text, app_dir, out, min_nodes=cfg.min_nodes)
+    log.info("wrote %s; run it with: flwr run %s <connection>", path, app_dir)
+    return path
+
+
 def run_zeroshot(cfg: Namespace) -> dict:
     """Check the arguments, build the backbone, score, and print the result."""
     check_backbone_args(cfg.backbone, cfg.pretrained)
@@ -136,6 +166,11 @@ def build_parser() -> ArgumentParser:
         add_evaluate_arguments(fit_parser()),
         help="the evaluation protocol on a recipe: base/novel/HM, local vs global, per modality, ECE, unseen "
         "clients, transfer, baselines, mean ± std over seeds; writes report.md, metrics.json and plots",
+    )
+    sub.add_subcommand(
+        "flower-app",
+        flower_app_parser(),
+        help="write a Flower app folder that runs a recipe on Flower's simulation or deployment engine",
     )
     sub.add_subcommand("zeroshot", zeroshot_parser(), help="zero-shot top-1 of a backbone on a data set")
     sub.add_subcommand("modalities", ArgumentParser(), help="list the registered modalities")
@@ -270,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.subcommand == "zeroshot":
             run_zeroshot(cfg.zeroshot)
+            return 0
+        if cfg.subcommand == "flower-app":
+            write_flower_app(sub["flower-app"], cfg["flower-app"])
             return 0
         if cfg.subcommand == "evaluate":
             evaluate_command(sub["evaluate"], cfg.evaluate)
