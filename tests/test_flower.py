@@ -1,0 +1,171 @@
+"""The Flower engine on 127.0.0.1: a real SuperLink and SuperNodes (deployment), the simulation engine with many
+virtual clients, and a SuperNode killed mid-run. Every process started here is stopped here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from mmfl import cli
+
+pytest.importorskip("flwr", reason="the Flower engine needs flwr: pip install 'mmfl[flower]'")
+
+BIN = Path(sys.executable).parent
+RECIPE = """
+backbone: {model_name: mmfl-tiny}
+tasks:
+  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: CLIENTS, shots: 4, max_test_examples: 30}
+  - {name: animals, data: {class_path: mmfl.data.AnimalSilhouettes}, clients: CLIENTS, shots: 4, max_test_examples: 30}
+parts:
+  - class_path: mmfl.prompts.CoOp
+    init_args: {n_ctx: 2, scope: task}
+  - class_path: mmfl.prompts.ClipAdapter
+    init_args: {scope: global}
+training: {accelerator: cpu, max_steps: 2}
+federation: {rounds: ROUNDS}
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(_port()),
+        PYTHONUNBUFFERED="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink starts flower-superexec by name
+    )
+    return env
+
+
+def _kill_by_home(home: Path) -> None:
+    """SIGKILL every process started with this FLWR_HOME: Flower detaches some of its children (SuperExec,
+    ServerApp, ClientApp processes) into sessions of their own, out of reach of a process-group kill."""
+    mark = f"FLWR_HOME={home}".encode() + b"\0"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if mark in (proc / "environ").read_bytes() + b"\0":
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+class Processes:
+    """Starts processes in their own process groups and stops every one of them."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.procs = env, logs, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("w")
+        p = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        _kill_by_home(Path(self.env["FLWR_HOME"]))
+        for p in self.procs:
+            p.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def processes(env: dict[str, str], logs: Path) -> Iterator[Processes]:
+    """Processes that are all killed (with their children) on the way out."""
+    procs = Processes(env, logs)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def _app(tmp_path: Path, clients: int, rounds: int, out: Path, min_nodes: int = 0) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("CLIENTS", str(clients)).replace("ROUNDS", str(rounds)))
+    app = tmp_path / "app"
+    args = ["flower-app", "-c", str(recipe), "--app_dir", str(app), "--output_dir", str(out)]
+    assert cli.main([*args, f"--min_nodes={min_nodes}"]) == 0
+    return recipe
+
+
+def _flwr(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=env["FLWR_HOME"]
+    )
+
+
+def _status(env: dict[str, str], connection: str) -> list[str]:
+    """The status of every run the SuperLink knows (``flwr ls``), e.g. ``finished:completed``."""
+    done = _flwr(env, "ls", connection, "--format", "json", timeout=60)
+    runs = json.loads(done.stdout)["runs"]
+    return [r["status"] for r in runs]
+
+
+def _in_process(recipe: Path, out: Path) -> dict:
+    assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(out)]) == 0
+    return load_file(out / "global.safetensors")
+
+
+@pytest.mark.slow
+def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = _env(home)
+    link = _port()  # Flower 1.42 serves the Fleet, Control and runtime APIs on one HTTP port
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    out = tmp_path / "flower-run"
+    recipe = _app(tmp_path, clients=1, rounds=2, out=out)
+    with processes(env, tmp_path) as procs:
+        procs.start(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--host=127.0.0.1",
+            f"--port={link}",
+            "--disable-runtime-dependency-installation",
+        )
+        for i, cid in enumerate(["digits/image/0", "animals/image/0"]):
+            procs.start(
+                f"supernode{i}",
+                "flower-supernode",
+                "--insecure",
+                f"--superlink=127.0.0.1:{link}",
+                "--host=127.0.0.1",
+                f"--port={_port()}",
+                f'--node-config=client="{cid}"',
+            )
+        time.sleep(4)
+        done = _flwr(env, "run", str(tmp_path / "app"), "deploy", "--stream")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _status(env, "deploy") == ["finished:completed"]
+    flower = load_file(out / "global.safetensors")
+    local = _in_process(recipe, tmp_path / "in-process")
+    assert flower.keys() == local.keys() and any(k.startswith("global/") for k in flower)
+    for k in flower:
+        assert (flower[k] - local[k]).abs().max() < 1e-5, k
