@@ -169,3 +169,30 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
     assert flower.keys() == local.keys() and any(k.startswith("global/") for k in flower)
     for k in flower:
         assert (flower[k] - local[k]).abs().max() < 1e-5, k
+
+
+@pytest.mark.slow
+def test_simulation_engine_with_twenty_virtual_clients(tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = _env(home)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
+        "options.num-supernodes = 20\noptions.backend.client-resources.num-cpus = 1\n"
+        "options.backend.init-args.num-cpus = 2\n"
+    )
+    out = tmp_path / "flower-run"
+    _app(tmp_path, clients=10, rounds=1, out=out)  # 2 tasks × 10 clients, one per virtual SuperNode
+    procs = Processes(env, tmp_path)
+    try:
+        done = _flwr(env, "run", str(tmp_path / "app"), "local", "--stream")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _status(env, "local") == ["finished:completed"]
+    finally:
+        procs.stop_all()  # the local SuperLink `flwr run` started, and its children
+    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    fits = {r[4] for r in rows if r[0] == "1" and r[5] == "fit"}
+    assert len(fits) == 20 and {c.rsplit("/", 1)[0] for c in fits} == {"digits/image", "animals/image"}
+    assert {(r[2], r[5]) for r in rows if r[0] == "1" and r[1] == "task"} == {("digits", "test"), ("animals", "test")}
+    state = load_file(out / "global.safetensors")
+    assert {k.split("/")[0] for k in state} == {"task", "global"}
