@@ -196,3 +196,60 @@ def test_simulation_engine_with_twenty_virtual_clients(tmp_path: Path) -> None:
     assert {(r[2], r[5]) for r in rows if r[0] == "1" and r[1] == "task"} == {("digits", "test"), ("animals", "test")}
     state = load_file(out / "global.safetensors")
     assert {k.split("/")[0] for k in state} == {"task", "global"}
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = _env(home)
+    link = _port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    out = tmp_path / "flower-run"
+    _app(tmp_path, clients=2, rounds=3, out=out, min_nodes=2)
+    with processes(env, tmp_path) as procs:
+        procs.start("superlink", "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={link}")
+        nodes = {}
+        for cid in ["digits/image/0", "animals/image/0", "digits/image/1"]:
+            nodes[cid] = procs.start(
+                cid.replace("/", "-"),
+                "flower-supernode",
+                "--insecure",
+                f"--superlink=127.0.0.1:{link}",
+                "--host=127.0.0.1",
+                f"--port={_port()}",
+                f'--node-config=client="{cid}"',
+            )
+        time.sleep(4)
+        run = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(tmp_path / "app"), "deploy", "--stream"],
+            env=env,
+            cwd=home,
+            stdout=(tmp_path / "run.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.procs.append(run)
+        deadline = time.monotonic() + 300
+        metrics = out / "metrics.csv"
+        while time.monotonic() < deadline:  # wait for round 1 to finish, then kill one node
+            if metrics.is_file() and any(line.startswith("1,task") for line in metrics.read_text().splitlines()):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("round 1 did not finish")
+        os.killpg(nodes["digits/image/1"].pid, signal.SIGKILL)
+        assert run.wait(timeout=500) == 0
+        assert _status(env, "deploy") == ["finished:completed"]
+    rows = [line.split(",") for line in metrics.read_text().splitlines()[1:]]
+    assert {r[4] for r in rows if r[0] == "1" and r[5] == "fit"} == {
+        "digits/image/0",
+        "animals/image/0",
+        "digits/image/1",
+    }
+    failed = [r for r in rows if r[5] == "fit_failed"]
+    assert failed and {r[0] for r in failed} <= {"2", "3"}  # the round after the kill reports it
+    for rnd in ("2", "3"):  # the others go on training; every round is evaluated
+        assert {"digits/image/0", "animals/image/0"} <= {r[4] for r in rows if r[0] == rnd and r[5] == "fit"}
+        assert {r[2] for r in rows if r[0] == rnd and r[1] == "task"} == {"digits", "animals"}
