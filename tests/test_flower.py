@@ -253,3 +253,35 @@ def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> N
     for rnd in ("2", "3"):  # the others go on training; every round is evaluated
         assert {"digits/image/0", "animals/image/0"} <= {r[4] for r in rows if r[0] == rnd and r[5] == "fit"}
         assert {r[2] for r in rows if r[0] == rnd and r[1] == "task"} == {"digits", "animals"}
+
+
+def test_the_app_flower_reads_and_the_node_config(tmp_path: Path, tiny_backbone) -> None:
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    from mmfl.federated.flower import client_index, federation_from_config
+
+    out = tmp_path / "run"
+    _app(tmp_path, clients=2, rounds=1, out=out, min_nodes=3)
+    cfg = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(cfg, check_module=True, project_dir=tmp_path / "app")
+    assert ok, errors
+    run_config = cfg["tool"]["flwr"]["app"]["config"]
+    assert run_config["output-dir"] == str(out.resolve()) and run_config["min-nodes"] == 3
+    sim = federation_from_config(run_config)
+    assert federation_from_config(run_config) is sim  # built once per process
+    cids = [c.data.cid for c in sim.clients]
+    assert cids == ["digits/image/0", "digits/image/1", "animals/image/0", "animals/image/1"]
+    assert client_index(sim, {"client": "animals/image/0"}) == 2 and client_index(sim, {"partition-id": 3}) == 3
+    with pytest.raises(ValueError, match="not a client of the recipe"):
+        client_index(sim, {"client": "fashion/image/0"})
+    with pytest.raises(ValueError, match="out of range"):
+        client_index(sim, {"partition-id": 4})
+    with pytest.raises(ValueError, match="give the node a client"):
+        client_index(sim, {})
+    # a bad recipe is refused before an app is written
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPE.replace("CLIENTS", "0").replace("ROUNDS", "1"))
+    assert cli.main(["flower-app", "-c", str(bad), "--app_dir", str(tmp_path / "bad-app")]) == 2
+    assert not (tmp_path / "bad-app").exists()

@@ -134,6 +134,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which of the recipe's clients this node runs (the server then sends it only that client's tensors)."""
+    sim = federation_from_config(dict(context.run_config))
+    cid = sim.clients[client_index(sim, dict(context.node_config))].data.cid
+    return Message(RecordDict({"client": ConfigRecord({"cid": cid})}), reply_to=msg)
+
+
 # ---------------------------------------------------------------- ServerApp
 class ScopedFedAvg(FlowerFedAvg):
     """Flower's FedAvg sampling and messaging, merged per scope group with mmfl's own aggregator.
@@ -161,14 +169,29 @@ class ScopedFedAvg(FlowerFedAvg):
         (FedAvg's own messages share one RecordDict, so each node gets a record of its own.)
         """
         state = self.sim.global_state
+        sampled = list(super().configure_train(server_round, arrays, config, grid))
+        self._learn_keys(
+            grid, [m.metadata.dst_node_id for m in sampled if m.metadata.dst_node_id not in self.node_keys]
+        )
         messages = []
-        for msg in super().configure_train(server_round, arrays, config, grid):
+        for msg in sampled:
             node = msg.metadata.dst_node_id
             keys = self.node_keys.get(node)
             mine = arrays if keys is None else ArrayRecord({k: state[k] for k in keys if k in state})
             record = RecordDict({"arrays": mine, "config": ConfigRecord(dict(msg.content["config"]))})
             messages.append(Message(record, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
+
+    def _learn_keys(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask new nodes which client they run (one query round trip) and note that client's non-local keys."""
+        if not nodes:
+            return
+        keys = {c.data.cid: c.module.trainable_keys(include_local=False) for c in self.sim.clients}
+        record = RecordDict({"config": ConfigRecord({"ask": "client"})})
+        asks = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        for reply in grid.send_and_receive(asks, timeout=600):
+            if not reply.has_error():  # a node that cannot answer gets the whole state and is learned later
+                self.node_keys[reply.metadata.src_node_id] = keys[str(reply.content["client"]["cid"])]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Merge each key over the replies that hold it; record failed nodes in metrics.csv."""
