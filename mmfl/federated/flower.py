@@ -147,7 +147,7 @@ class ScopedFedAvg(FlowerFedAvg):
     """Flower's FedAvg sampling and messaging, merged per scope group with mmfl's own aggregator.
 
     Plain FedAvg requires every reply to carry the same keys; clients of different tasks and modalities do
-    not. Each node is sent only the tensors of its own keys (learned from its first reply), and each key is
+    not. Each node is sent only the tensors of its own keys (learned by a query before its first round), and each key is
     merged over exactly the clients that returned it, by the recipe's aggregator.
 
     Args:
