@@ -8,12 +8,12 @@ from pathlib import Path
 from jsonargparse import ArgumentParser, Namespace
 
 from mmfl.backbone import Backbone
-from mmfl.data.task import check_task
+from mmfl.data.task import Task, check_task
 from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.report import add_means, plot_methods, plot_rounds, write_report
 from mmfl.evaluation.runner import run_seed, summarize
 from mmfl.federated.checkpoint import load_state
-from mmfl.federated.simulation import seed_all
+from mmfl.federated.settings import Federation, seed_all
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def check_checkpoint(path: str | None, seed: int, seeds: list[int]) -> Path | No
     return Path(path)
 
 
-def run_evaluate(cfg: Namespace, init: Namespace, tasks, federation, out: Path) -> dict:
+def run_evaluate(cfg: Namespace, init: Namespace, tasks: list[Task], federation: Federation, out: Path) -> dict:
     """Run the protocol for every seed, then write ``metrics.json``, ``report.md`` and the plots to ``out``.
 
     Args:
