@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
+import yaml
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentError, ArgumentParser, Namespace
 
 from mmfl.backbone import Backbone, check_backbone_args
 from mmfl.data.bundled import BUNDLED
@@ -16,6 +17,8 @@ from mmfl.data.task import Task, check_task, prepare_task
 from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
 from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
+from mmfl.federated.faults import RoundFailed
+from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation, seed_all
 from mmfl.modalities import ModalityError, available_modalities
 
@@ -36,6 +39,13 @@ def fit_parser() -> ArgumentParser:
         help="where config.yaml, metrics.csv and global.safetensors go (default runs/<recipe>)",
     )
     p.add_argument("--overwrite", type=bool, default=False, help="replace the outputs of an earlier run there")
+    p.add_argument(
+        "--resume",
+        type=str | None,
+        default=None,
+        help="a run folder: continue it after its last complete round (the recipe must be the one it ran; "
+        "only federation.rounds may change, to extend it). `mmfl fit --resume RUN` alone reuses RUN/config.yaml",
+    )
     p.add_class_arguments(Backbone, "backbone", instantiate=False)
     p.add_argument("--tasks", type=list[Task], required=True, help="the tasks and their clients")
     p.add_argument(
@@ -112,7 +122,7 @@ def write_flower_app(parser: ArgumentParser, cfg: Namespace) -> Path:
     _check_output_dir(out, cfg.overwrite)
     app_dir = Path(cfg.app_dir)
     recipe = cfg.clone()
-    for k in ("app_dir", "min_nodes", "output_dir", "overwrite", "config"):
+    for k in ("app_dir", "min_nodes", "output_dir", "overwrite", "config", "resume"):
         recipe.pop(k, None)
     fit = fit_parser()
     text = fit.dump(recipe, skip_none=False, skip_validation=True)
@@ -215,6 +225,8 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
     if init.evaluation is not None:
         init.evaluation.check(tasks)
     federation = init.federation
+    if federation is not None:
+        federation.check()
     if federation is None:
         for t in tasks:
             if t.clients != 1:
@@ -228,12 +240,68 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
     return init, tasks, federation
 
 
+RUN_ONLY_KEYS = ("config", "output_dir", "overwrite", "resume", "__path__")
+
+
+def recipe_differences(parser: ArgumentParser, a: Namespace, b: Namespace) -> list[str]:
+    """The keys (dotted) whose values differ between two recipes, ignoring where a run writes and
+    ``federation.rounds`` (a resumed run may be extended)."""
+
+    def flat(cfg: Namespace) -> dict[str, object]:
+        d = yaml.safe_load(parser.dump(cfg, skip_none=False, skip_validation=True))
+        for k in RUN_ONLY_KEYS:
+            d.pop(k, None)
+        if isinstance(d.get("federation"), dict):
+            d["federation"].pop("rounds", None)
+        out: dict[str, object] = {}
+
+        def walk(prefix: str, v: object) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), x)
+            else:
+                out[prefix] = v
+
+        walk("", d)
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def check_resume(parser: ArgumentParser, cfg: Namespace) -> Path:
+    """The run folder of ``--resume``, after checking that it holds a run of this very recipe."""
+    out = Path(cfg.resume)
+    if cfg.output_dir and Path(cfg.output_dir).resolve() != out.resolve():
+        raise ValueError(f"--resume {str(out)!r} and --output_dir {cfg.output_dir!r} differ; give only --resume")
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"--resume {str(out)!r}: no run there (no config.yaml); start it with mmfl fit -c RECIPE --output_dir"
+        )
+    try:
+        before = parser.parse_path(str(saved))
+    except (ArgumentError, ValueError, TypeError) as e:
+        raise ValueError(f"--resume: cannot read {str(saved)!r}: {e}") from None
+    diff = recipe_differences(parser, before, cfg)
+    if diff:
+        raise ValueError(
+            f"--resume {str(out)!r}: the recipe differs from the one the run started with in {', '.join(diff)}; "
+            "resume with the same recipe (only federation.rounds may change), or start a new run"
+        )
+    return out
+
+
 def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
-    """Check everything cheap, prepare data, build the backbone, then run and write the outputs."""
+    """Check everything cheap, prepare data, build the backbone, then run and write the outputs
+    (or continue the run of ``--resume``)."""
     init, tasks, federation = check_recipe(parser, cfg)
     protocol: Protocol = init.evaluation or Protocol()
-    out = _output_dir(cfg)
-    _check_output_dir(out, cfg.overwrite)
+    if cfg.resume:
+        out = check_resume(parser, cfg)
+    else:
+        out = _output_dir(cfg)
+        _check_output_dir(out, cfg.overwrite)
 
     prepared = [prepare_task(t, seed=cfg.seed, **protocol.split_args()) for t in tasks]
     seed_all(cfg.seed)  # random-weight backbones must come out the same for the same seed
@@ -248,11 +316,16 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
         output_dir=None,
         selection=protocol.selection,
     )
+    done = sim.resume(out) if cfg.resume else None  # a bad checkpoint fails here, before anything is written
+    if cfg.resume and done is None:
+        log.info("%s has no complete round yet: starting it from the beginning", out)
     # Everything is built and checked: now write.
     out.mkdir(parents=True, exist_ok=True)
-    for f in (*RUN_FILES, "best.safetensors"):
-        (out / f).unlink(missing_ok=True)
-    parser.save(cfg, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
+    if done is None:
+        for f in (*RUN_FILES, "best.safetensors", CHECKPOINT):
+            (out / f).unlink(missing_ok=True)
+    if not cfg.resume:
+        parser.save(cfg, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
     sim.attach_output(out)
     log.info("writing to %s", out)
     sim.run()
@@ -296,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmfl`` command. Returns the exit status."""
     _setup_logging()
     parser = build_parser()
-    cfg = parser.parse_args(argv)  # bad keys/types/files: prints the problem, exits 2
+    cfg = parser.parse_args(
+        _resume_argv(list(sys.argv[1:] if argv is None else argv))
+    )  # bad keys/types/files: prints the problem, exits 2
     if cfg.subcommand == "modalities":
         for name, source in available_modalities().items():
             print(f"{name:<16} {source}")
@@ -313,11 +388,31 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_command(sub["evaluate"], cfg.evaluate)
             return 0
         run_fit(sub["fit"], cfg.fit)
+    except RoundFailed as e:
+        print(f"mmfl {cfg.subcommand}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, ModalityError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"mmfl {cfg.subcommand}: error: {msg}", file=sys.stderr)
         return 2
     return 0
+
+
+def _resume_argv(argv: list[str]) -> list[str]:
+    """``mmfl fit --resume RUN`` without ``-c``: read the recipe from ``RUN/config.yaml``."""
+    if not argv or argv[0] != "fit" or any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
+        return argv
+    for i, a in enumerate(argv):
+        run = (
+            argv[i + 1]
+            if a == "--resume" and i + 1 < len(argv)
+            else a.partition("=")[2]
+            if a.startswith("--resume=")
+            else None
+        )
+        if run:
+            return ["fit", "-c", str(Path(run) / "config.yaml"), *argv[1:]]
+    return argv
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from torch import Tensor
 
-from mmfl.federated.aggregate import Update, aggregate
+from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
+from mmfl.federated.faults import validate_update
 from mmfl.federated.scopes import is_local
 from mmfl.federated.simulation import Simulation
 
@@ -198,13 +199,26 @@ class ScopedFedAvg(FlowerFedAvg):
         replies = list(replies)
         updates, losses = [], []
         failed = [m for m in replies if m.has_error()]
+        invalid: list[tuple[Message, str]] = []
         for msg in replies:
             if msg.has_error():
                 continue
-            state: dict[str, Tensor] = msg.content["arrays"].to_torch_state_dict()
-            metrics = msg.content["metrics"]
-            cid = str(msg.content["client"]["cid"])
-            n = int(metrics["num-examples"])
+            try:
+                state: dict[str, Tensor] = msg.content["arrays"].to_torch_state_dict()
+                metrics = msg.content["metrics"]
+                cid = str(msg.content["client"]["cid"])
+                n = int(metrics["num-examples"])
+            except (KeyError, TypeError, ValueError) as e:
+                invalid.append((msg, f"malformed reply: {type(e).__name__}: {e}"))
+                continue
+            problem = (
+                validate_update(Update(cid, state, n), self.sim.specs[cid])
+                if cid in self.sim.specs
+                else (f"unknown client {cid!r}")
+            )
+            if problem:
+                invalid.append((msg, f"InvalidUpdate: {problem}"))
+                continue
             self.node_keys[msg.metadata.src_node_id] = sorted(state)
             updates.append(Update(cid, state, n))
             c = next(c for c in self.sim.clients if c.data.cid == cid)
@@ -214,17 +228,18 @@ class ScopedFedAvg(FlowerFedAvg):
                 ev = {"loss": math.nan, "accuracy": float(metrics["local-test-accuracy"])}
                 self.sim._record_client(server_round, c, "local_test", ev, int(metrics["local-test-examples"]))
             losses.append((loss, n))
-        for msg in failed:
+        for msg, why in [(m, f"error: {m.error.reason}") for m in failed] + invalid:
             node = msg.metadata.src_node_id
             self.failures[server_round] = self.failures.get(server_round, 0) + 1
-            self.sim.metrics.add(server_round, "node", "", "", str(node), "fit_failed", math.nan, math.nan, 0)
-            log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+            self.sim.metrics.add(server_round, "node", "", "", str(node), "fit_failed", math.nan, math.nan, 0, note=why)
+            log.warning("round %d: node %d left out: %s", server_round, node, why)
+        failed = failed + [m for m, _ in invalid]
         if not updates:
             log.warning("round %d: no client replied; the global state is unchanged", server_round)
             return None, MetricRecord({"failures": float(len(failed))})
         order = {c.data.cid: i for i, c in enumerate(self.sim.clients)}
         updates.sort(key=lambda u: order[u.cid])  # the in-process engine's order (it fixes float sums)
-        self.sim.global_state.update(aggregate(updates, self.sim.federation.aggregator))
+        self.sim.merge(server_round, updates, len(replies))
         total = sum(n for _, n in losses)
         loss = sum(v * n for v, n in losses) / total if total else math.nan
         return ArrayRecord(self.sim.global_state), MetricRecord(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
-COLUMNS = ["round", "level", "task", "modality", "client", "split", "loss", "accuracy", "examples"]
+COLUMNS = ["round", "level", "task", "modality", "client", "split", "loss", "accuracy", "examples", "value", "note"]
+"""``value``: a number that is neither a loss nor an accuracy (ε of ``privacy`` rows, the update norm of ``fit``
+rows); ``note``: why a client was left out (``fit_failed`` rows)."""
 
 
 class MetricsWriter:
@@ -36,13 +39,15 @@ class MetricsWriter:
         loss: float,
         accuracy: float,
         examples: int,
+        value: float = math.nan,
+        note: str = "",
     ) -> None:
         """Record one row."""
         self.rows.append(
             dict(
                 zip(
                     COLUMNS,
-                    [rnd, level, task, modality, client, split, loss, accuracy, examples],
+                    [rnd, level, task, modality, client, split, loss, accuracy, examples, value, note],
                     strict=True,
                 )
             )
@@ -55,6 +60,19 @@ class MetricsWriter:
         if not total:
             return math.nan
         return sum(float(r[column]) * int(r["examples"]) for r in rows) / total
+
+    def restore(self, rows: list[dict[str, object]]) -> None:
+        """Replace the rows with ``rows`` (a checkpoint's) and rewrite the file atomically."""
+        self.rows = [dict(r) for r in rows]
+        self._written = len(self.rows)
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
 
     def flush(self) -> None:
         """Append the rows recorded since the last flush."""

@@ -11,6 +11,7 @@ import torch
 from jsonargparse import lazy_instance
 
 from mmfl.federated.aggregate import Aggregator, FedAvg
+from mmfl.federated.privacy import DifferentialPrivacy
 from mmfl.module import OptimizerFactory, default_optimizer
 
 
@@ -21,9 +22,18 @@ class Federation:
     Args:
         rounds: number of rounds.
         fraction: share of clients sampled each round.
-        min_clients: sample at least this many clients per round.
-        aggregator: how each tensor's copies are merged within its scope group.
+        min_clients: sample at least this many clients per round, and complete a round only when at least
+            this many (or all sampled, if fewer were sampled) replied with a valid update.
+        aggregator: how each tensor's copies are merged within its scope group (FedAvg, FedAvgM, or a robust
+            rule of :mod:`mmfl.federated.robust`: Median, TrimmedMean, Krum).
         eval_every: evaluate every task's test split every this many rounds (and after the last).
+        retries: when fewer than ``min_clients`` succeeded, run the failed clients again this many times before
+            the run stops.
+        client_timeout: seconds a client may train in a round; a slower one is stopped at its next batch and
+            left out of the round (None: no limit).
+        clip_norm: clip each client's update (over all its keys) to this L2 norm before merging (None: no
+            clipping).
+        dp: client-level differential privacy (clipping + Gaussian noise + accounting); None: off.
     """
 
     rounds: int = 5
@@ -31,6 +41,25 @@ class Federation:
     min_clients: int = 1
     aggregator: Aggregator = field(default_factory=lambda: lazy_instance(FedAvg))  # serialisable default
     eval_every: int = 1
+    retries: int = 0
+    client_timeout: float | None = None
+    clip_norm: float | None = None
+    dp: DifferentialPrivacy | None = None
+
+    def check(self) -> None:
+        """Raise a clear error for impossible settings (before any data or model is loaded)."""
+        if self.rounds < 0 or not 0 < self.fraction <= 1:
+            raise ValueError("federation.rounds must be >= 0 and federation.fraction in (0, 1]")
+        if self.min_clients < 1 or self.retries < 0 or self.eval_every < 1:
+            raise ValueError("federation.min_clients and eval_every must be >= 1, federation.retries >= 0")
+        if self.client_timeout is not None and not self.client_timeout > 0:
+            raise ValueError(f"federation.client_timeout must be > 0 seconds, got {self.client_timeout}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"federation.clip_norm must be > 0, got {self.clip_norm}")
+        if self.dp is not None:
+            if self.clip_norm is not None:
+                raise ValueError("give the clip norm once: federation.dp.clip_norm (drop federation.clip_norm)")
+            self.dp.check(self.aggregator)
 
 
 @dataclass

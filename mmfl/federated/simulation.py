@@ -16,9 +16,11 @@ from torch import Tensor
 from mmfl.backbone import Backbone
 from mmfl.data.loader import make_loader
 from mmfl.data.task import ClientData, PreparedTask
-from mmfl.federated.aggregate import Update, aggregate
+from mmfl.federated.aggregate import Update, aggregate, clip_updates, group, update_norms
 from mmfl.federated.checkpoint import save_state
+from mmfl.federated.faults import ClientTimeout, Deadline, InvalidUpdate, RoundFailed, spec_of, validate_update
 from mmfl.federated.metrics import MetricsWriter
+from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.scopes import is_local
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
@@ -76,8 +78,7 @@ class Simulation:
         self.federation = federation or Federation()
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        if self.federation.rounds < 0 or not 0 < self.federation.fraction <= 1:
-            raise ValueError("federation.rounds must be >= 0 and federation.fraction in (0, 1]")
+        self.federation.check()
         if selection not in ("last", "best_val"):
             raise ValueError(f"selection must be 'last' or 'best_val', got {selection!r}")
         if selection == "best_val" and any(t.val is None or len(t.val) == 0 for t in self.tasks):
@@ -113,6 +114,8 @@ class Simulation:
         for c in self.clients:
             for k, v in c.module.trainable_state_dict(include_local=False).items():
                 self.global_state.setdefault(k, v)
+        self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
+        self.completed: int | None = None  # the last completed round (0: the evaluation before training)
         self._evaluators: dict[str, ClientModule] = {}
         for task in self.tasks:
             if task.novel_class_names:  # fail now, not after training, when a part cannot serve new classes
@@ -128,7 +131,10 @@ class Simulation:
     def attach_output(self, output_dir: str | Path) -> None:
         """Write ``metrics.csv`` and ``global.safetensors`` to ``output_dir`` from now on."""
         self.output_dir = Path(output_dir)
+        rows = self.metrics.rows
         self.metrics = MetricsWriter(self.output_dir / "metrics.csv")
+        if rows:  # a resumed run: its rows so far, written again in full
+            self.metrics.restore(rows)
 
     # ---------------------------------------------------------------- building
     def _all_parts(self, task: PreparedTask) -> list[TrainablePart]:
@@ -191,6 +197,8 @@ class Simulation:
         seed_all(s)
         loader = self._loader(module, client.data.train, train=True, seed=s)
         trainer = self._trainer(self.training.epochs, self.training.max_steps)
+        if self.federation.client_timeout is not None:
+            trainer.callbacks.append(Deadline(self.federation.client_timeout))
         trainer.fit(module, train_dataloaders=loader)
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train))
@@ -261,30 +269,142 @@ class Simulation:
                 )
         return accs
 
-    def _record_client(self, rnd: int, c: _Client, split: str, m: dict[str, float], examples: int) -> None:
+    def _record_client(
+        self, rnd: int, c: _Client, split: str, m: dict[str, float], examples: int, value: float = math.nan
+    ) -> None:
         self.metrics.add(
-            rnd, "client", c.task.name, c.task.modality, c.data.cid, split, m["loss"], m["accuracy"], examples
+            rnd, "client", c.task.name, c.task.modality, c.data.cid, split, m["loss"], m["accuracy"], examples, value
         )
 
+    def try_client(self, client: _Client, rnd: int) -> tuple[Update | None, dict[str, float], str]:
+        """Fit one client and check its reply. Returns (update, metrics, "") or (None, {}, why it failed).
+
+        A client that raises, runs past ``client_timeout`` or returns an invalid reply (NaN/Inf, missing or extra
+        keys, wrong shapes or dtypes) gets its local tensors back as they were before the round.
+        """
+        before = self.local_state(client)
+        t0 = time.monotonic()
+        try:
+            update, m = self.fit_client(client, rnd)
+            limit = self.federation.client_timeout
+            if limit is not None and time.monotonic() - t0 > limit:
+                raise ClientTimeout(f"the reply came after {time.monotonic() - t0:.1f} s (client_timeout {limit:g} s)")
+            problem = validate_update(update, self.specs[client.data.cid])
+            if problem:
+                raise InvalidUpdate(problem)
+        except Exception as e:  # a faulty client must not stop the federation
+            client.module.load_trainable_state_dict(before)
+            why = f"{type(e).__name__}: {e}"
+            log.warning(
+                "round %d: client %s left out: %s",
+                rnd,
+                client.data.cid,
+                why,
+                exc_info=not isinstance(e, InvalidUpdate | ClientTimeout),
+            )
+            return None, {}, why
+        return update, m, ""
+
     def run_round(self, rnd: int) -> dict[str, Tensor]:
-        """One round: sample, fit, merge. Returns the merged tensors."""
-        updates = []
+        """One round: sample, fit (leaving faulty clients out, retrying them up to ``retries`` times), merge.
+
+        Returns:
+            The merged tensors.
+
+        Raises:
+            RoundFailed: fewer than ``min_clients`` clients succeeded after the retries.
+        """
         sampled = [self.clients[i] for i in self.sample(rnd)]
+        replies: dict[str, tuple[Update, dict[str, float]]] = {}
+        failed: dict[str, str] = {}
+        needed = min(self.federation.min_clients, len(sampled))
+        for attempt in range(self.federation.retries + 1):
+            for c in sampled:
+                if c.data.cid in replies or (attempt and c.data.cid not in failed):
+                    continue
+                update, m, why = self.try_client(c, rnd)
+                if update is None:
+                    failed[c.data.cid] = why
+                else:
+                    replies[c.data.cid] = (update, m)
+                    failed.pop(c.data.cid, None)
+            if len(replies) >= needed:
+                break
+            if attempt < self.federation.retries:
+                log.warning(
+                    "round %d: %d of %d clients succeeded (min_clients %d); retrying the failed ones",
+                    rnd,
+                    len(replies),
+                    len(sampled),
+                    needed,
+                )
+        updates = [replies[c.data.cid][0] for c in sampled if c.data.cid in replies]
+        norms = dict(zip([u.cid for u in updates], update_norms(updates, self.global_state), strict=True))
         for c in sampled:
-            update, m = self.fit_client(c, rnd)
-            self._record_client(rnd, c, "fit", m, update.num_examples)
-            updates.append(update)
-        merged = aggregate(updates, self.federation.aggregator)
-        self.global_state.update(merged)
+            if c.data.cid in replies:
+                self._record_client(
+                    rnd, c, "fit", replies[c.data.cid][1], replies[c.data.cid][0].num_examples, value=norms[c.data.cid]
+                )
+            else:
+                self.metrics.add(
+                    rnd,
+                    "client",
+                    c.task.name,
+                    c.task.modality,
+                    c.data.cid,
+                    "fit_failed",
+                    math.nan,
+                    math.nan,
+                    0,
+                    note=failed[c.data.cid],
+                )
+        if len(updates) < needed:
+            self.metrics.rows = [r for r in self.metrics.rows if r["round"] != rnd]  # the round did not happen
+            reasons = "; ".join(f"{cid}: {why}" for cid, why in failed.items())
+            raise RoundFailed(
+                f"round {rnd}: only {len(updates)} of {len(sampled)} sampled clients succeeded, fewer than "
+                f"min_clients={needed} (after {self.federation.retries} retries); {reasons}. The run stops; the last "
+                f"complete round is {rnd - 1} (resume with --resume once the clients are mended)"
+            )
+        merged = self.merge(rnd, updates, len(sampled))
         if self.output_dir is not None:
             self.save_local_states(sampled, rnd)
+        return merged
+
+    def merge(self, rnd: int, updates: Sequence[Update], sampled: int) -> dict[str, Tensor]:
+        """Clip (``clip_norm`` or DP), merge each key over its scope group, add DP noise and record ε; update the
+        global state. ``sampled``: how many clients were sampled this round (the DP accountant's sample size)."""
+        dp = self.federation.dp
+        clip = dp.clip_norm if dp is not None else self.federation.clip_norm
+        if clip is not None:
+            updates = clip_updates(updates, self.global_state, clip)
+        merged = aggregate(updates, self.federation.aggregator, self.global_state)
+        if dp is not None:
+            counts = {k: len(pairs) for k, pairs in group(updates).items()}
+            merged = dp.noise(merged, counts, self.seed, rnd)
+            eps = dp.epsilon(rnd, len(self.clients), sampled)
+            self.metrics.add(
+                rnd,
+                "server",
+                "",
+                "",
+                "",
+                "privacy",
+                math.nan,
+                math.nan,
+                len(updates),
+                value=eps,
+                note=f"epsilon at delta={dp.delta:g}",
+            )
+            log.info("round %d: client-level DP, ε = %.3f at δ = %g", rnd, eps, dp.delta)
+        self.global_state.update(merged)
         return merged
 
     def _keep_best(self, rnd: int, score: float) -> None:
         """Snapshot the global state and every client's local tensors as the best so far (by validation)."""
         self.best_round, self.best_score = rnd, score
         self.best_state = {k: v.clone() for k, v in self.global_state.items()}
-        self.best_local = {c.data.cid: self._local_state(c) for c in self.clients}
+        self.best_local = {c.data.cid: self.local_state(c) for c in self.clients}
         if self.output_dir is not None:
             meta = {"round": str(rnd), "val_accuracy": f"{score:.6f}", "backbone": self.backbone.model_name}
             save_state(self.output_dir / "best.safetensors", self.best_state, meta)
@@ -293,10 +413,11 @@ class Simulation:
         """The state the selection rule picks: (global tensors, local tensors per client id)."""
         if self.selection == "best_val" and self.best_round is not None:
             return self.best_state, self.best_local
-        return self.global_state, {c.data.cid: self._local_state(c) for c in self.clients}
+        return self.global_state, {c.data.cid: self.local_state(c) for c in self.clients}
 
     @staticmethod
-    def _local_state(c: _Client) -> dict[str, Tensor]:
+    def local_state(c: _Client) -> dict[str, Tensor]:
+        """A copy of the client's ``local`` tensors (they never leave it)."""
         return {k: v for k, v in c.module.trainable_state_dict().items() if is_local(k)}
 
     def save_local_states(self, clients: Sequence[_Client], rnd: int) -> None:
@@ -308,34 +429,62 @@ class Simulation:
                 save_state(self.output_dir / "local" / f"{c.data.cid}.safetensors", state, {"round": str(rnd)})
 
     # ---------------------------------------------------------------- the loop
+    def resume(self, run_dir: str | Path) -> int | None:
+        """Restore the state after the last complete round from ``run_dir/checkpoint.safetensors``.
+
+        Returns:
+            That round, or None when the run has no checkpoint yet (it then starts from the beginning).
+
+        Raises:
+            ValueError: a truncated or corrupt checkpoint, or one written by another recipe or seed.
+        """
+        path = Path(run_dir) / CHECKPOINT
+        if not path.exists():
+            return None
+        return restore(self, load_checkpoint(path))
+
+    def _end_round(self, rnd: int, started: float, msg: str) -> None:
+        self.metrics.flush()
+        if self.output_dir is not None:
+            if rnd > 0:
+                save_state(
+                    self.output_dir / "global.safetensors",
+                    self.global_state,
+                    {"round": str(rnd), "rounds": str(self.federation.rounds), "backbone": self.backbone.model_name},
+                )
+            save_checkpoint(self, rnd)  # the commit point: a resumed run continues after this round
+        self.completed = rnd
+        log.info("%s (%.1f s)", msg, time.perf_counter() - started)
+
     def run(self) -> dict[str, Tensor]:
-        """Run all rounds (evaluating before round 1 and every ``eval_every`` rounds).
+        """Run all rounds (evaluating before round 1 and every ``eval_every`` rounds), continuing after
+        :meth:`resume`'s round when it was called. Writes a checkpoint after every round when it has an output
+        folder.
 
         Returns:
             The final global trainable state.
+
+        Raises:
+            RoundFailed: a round had fewer than ``min_clients`` successful clients, even after the retries.
         """
         rounds = self.federation.rounds
         with quiet_lightning():
-            accs = self.evaluate_tasks(0)
-            self.metrics.flush()
-            log.info("round 0/%d (before training): test accuracy %s", rounds, _fmt(accs))
-            for rnd in range(1, rounds + 1):
+            if self.completed is None:
+                t0 = time.perf_counter()
+                accs = self.evaluate_tasks(0)
+                self._end_round(0, t0, f"round 0/{rounds} (before training): test accuracy {_fmt(accs)}")
+            elif self.completed < rounds:
+                log.info("resuming after round %d of %d", self.completed, rounds)
+            for rnd in range(self.completed + 1, rounds + 1):
                 t0 = time.perf_counter()
                 n = len(self.sample(rnd))
                 self.run_round(rnd)
                 fit_loss = self.metrics.mean(rnd, "fit", "loss")
-                msg = f"round {rnd}/{rounds}: {n}/{len(self.clients)} clients done, fit loss {fit_loss:.4f}"
+                msg = f"round {rnd}/{rounds}: {n}/{len(self.clients)} clients sampled, fit loss {fit_loss:.4f}"
                 if rnd % self.federation.eval_every == 0 or rnd == rounds:
                     accs = self.evaluate_tasks(rnd)
                     msg += f", test accuracy {_fmt(accs)}"
-                self.metrics.flush()
-                if self.output_dir is not None:
-                    save_state(
-                        self.output_dir / "global.safetensors",
-                        self.global_state,
-                        {"round": str(rnd), "rounds": str(rounds), "backbone": self.backbone.model_name},
-                    )
-                log.info("%s (%.1f s)", msg, time.perf_counter() - t0)
+                self._end_round(rnd, t0, msg)
         return self.global_state
 
 
