@@ -7,8 +7,10 @@ The simulation's names resolve lazily (PEP 562): the parts and data modules impo
 from importlib import import_module
 from typing import Any
 
-from mmfl.federated.aggregate import Aggregator, FedAvg, Update, aggregate
+from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, Update, aggregate, clip_updates
 from mmfl.federated.checkpoint import load_state, save_state
+from mmfl.federated.privacy import DifferentialPrivacy
+from mmfl.federated.robust import Krum, Median, TrimmedMean
 from mmfl.federated.scopes import SCOPES, qualify, scope_prefix
 
 _LAZY = {"Federation", "LocalTraining", "Simulation"}
@@ -16,12 +18,18 @@ _LAZY = {"Federation", "LocalTraining", "Simulation"}
 __all__ = [
     "SCOPES",
     "Aggregator",
+    "DifferentialPrivacy",
     "FedAvg",
+    "FedAvgM",
     "Federation",
+    "Krum",
     "LocalTraining",
+    "Median",
     "Simulation",
+    "TrimmedMean",
     "Update",
     "aggregate",
+    "clip_updates",
     "load_state",
     "qualify",
     "save_state",
