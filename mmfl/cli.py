@@ -369,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmfl`` command. Returns the exit status."""
     _setup_logging()
     parser = build_parser()
-    cfg = parser.parse_args(
-        _resume_argv(list(sys.argv[1:] if argv is None else argv))
-    )  # bad keys/types/files: prints the problem, exits 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resumed = _resume_argv(argv)
+    if resumed is not argv and not Path(resumed[2]).is_file():
+        run = Path(resumed[2]).parent
+        print(f"mmfl fit: error: --resume {str(run)!r}: no run there (no config.yaml)", file=sys.stderr)
+        return 2
+    cfg = parser.parse_args(resumed)  # bad keys/types/files: prints the problem, exits 2
     if cfg.subcommand == "modalities":
         for name, source in available_modalities().items():
             print(f"{name:<16} {source}")

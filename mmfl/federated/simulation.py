@@ -117,7 +117,8 @@ class Simulation:
         self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
         self.completed: int | None = None  # the last completed round (0: the evaluation before training)
         self._evaluators: dict[str, ClientModule] = {}
-        for task in self.tasks:
+        for task in self.tasks:  # built now, so their initial (local) tensors do not depend on when they are needed
+            self.evaluator(task)
             if task.novel_class_names:  # fail now, not after training, when a part cannot serve new classes
                 self.evaluator(task, novel=True)
         self.best_round: int | None = None
