@@ -27,9 +27,9 @@ class DifferentialPrivacy:
     *sum* is ``noise_multiplier · clip_norm`` whatever the group size.
 
     Accounting: fixed-size sampling of ``k`` of ``N`` clients without replacement per round, neighbouring
-    federations differ by one replaced client (so the clipped sum moves by at most ``2 · clip_norm`` and the
-    accountant is given ``noise_multiplier / 2``); Rényi-DP accountant (``accountant: rdp``) or privacy-loss
-    distributions (``pld``) of dp-accounting; ε is reported for ``delta`` after every round.
+    federations differ by one replaced client (so the clipped sum moves by at most ``2 · clip_norm``, which the
+    accountant is told); Rényi-DP accountant (``accountant: rdp``) or privacy-loss distributions (``pld``:
+    tighter, full participation only) of dp-accounting; ε is reported for ``delta`` after every round.
 
     Args:
         noise_multiplier: noise standard deviation on each group's sum, in units of ``clip_norm``.
@@ -43,8 +43,9 @@ class DifferentialPrivacy:
     delta: float = 1e-5
     accountant: str = "rdp"
 
-    def check(self, aggregator: Aggregator) -> None:
-        """Raise a clear error for settings that would not give the stated guarantee."""
+    def check(self, aggregator: Aggregator, fraction: float = 1.0) -> None:
+        """Raise a clear error for settings that would not give the stated guarantee (``fraction``: the share of
+        clients sampled per round)."""
         if not self.noise_multiplier > 0:
             raise ValueError(f"federation.dp.noise_multiplier must be > 0, got {self.noise_multiplier}")
         if not self.clip_norm > 0:
@@ -53,6 +54,11 @@ class DifferentialPrivacy:
             raise ValueError(f"federation.dp.delta must be in (0, 1), got {self.delta}")
         if self.accountant not in ("rdp", "pld"):
             raise ValueError(f"federation.dp.accountant must be 'rdp' or 'pld', got {self.accountant!r}")
+        if self.accountant == "pld" and fraction < 1:
+            raise ValueError(
+                "federation.dp.accountant 'pld' cannot account for client sampling without replacement "
+                f"(federation.fraction {fraction}); use accountant: rdp, or fraction: 1"
+            )
         base = aggregator.base if isinstance(aggregator, FedAvgM) else aggregator
         if not isinstance(base, FedAvg) or base.weighted:
             raise ValueError(
@@ -86,12 +92,18 @@ class DifferentialPrivacy:
         if rounds == 0:
             return 0.0
         relation = dp_accounting.NeighboringRelation.REPLACE_ONE
-        one = dp_accounting.GaussianDpEvent(self.noise_multiplier / 2)  # replace-one: sensitivity 2 · clip_norm
+        # Replace-one moves the clipped sum by up to 2 · clip_norm. dp-accounting's PLD accountant applies that
+        # factor itself under REPLACE_ONE; its RDP accountant takes the noise multiplier relative to the
+        # sensitivity as given, so it is handed noise_multiplier / 2.
+        one = dp_accounting.GaussianDpEvent(self.noise_multiplier / (2 if self.accountant == "rdp" else 1))
         if sample_size < population:
             one = dp_accounting.SampledWithoutReplacementDpEvent(population, sample_size, one)
         event = dp_accounting.SelfComposedDpEvent(one, rounds)
         acc = RdpAccountant(neighboring_relation=relation) if self.accountant == "rdp" else PLDAccountant(relation)
         if not acc.supports(event):
-            raise ValueError(f"the {self.accountant} accountant cannot account for {event}; use accountant: rdp")
+            raise ValueError(
+                f"the {self.accountant} accountant cannot account for {sample_size} of {population} clients sampled "
+                "without replacement; use accountant: rdp (or federation.fraction: 1)"
+            )
         acc.compose(event)
         return float(acc.get_epsilon(self.delta))

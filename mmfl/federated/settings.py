@@ -59,7 +59,7 @@ class Federation:
         if self.dp is not None:
             if self.clip_norm is not None:
                 raise ValueError("give the clip norm once: federation.dp.clip_norm (drop federation.clip_norm)")
-            self.dp.check(self.aggregator)
+            self.dp.check(self.aggregator, self.fraction)
 
 
 @dataclass
