@@ -12,6 +12,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentError, ArgumentParser, Namespace
 
 from mmfl.backbone import Backbone, check_backbone_args
+from mmfl.checks import check_required, check_required_args
 from mmfl.data.bundled import BUNDLED
 from mmfl.data.task import Task, check_task, prepare_task
 from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
@@ -21,6 +22,7 @@ from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation, seed_all
 from mmfl.modalities import ModalityError, available_modalities
+from mmfl.module import make_trainer, quiet_lightning
 
 log = logging.getLogger("mmfl")
 
@@ -212,7 +214,28 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
     Returns:
         The instantiated recipe, its tasks, and its federation (one round for a centralised recipe).
     """
-    init = parser.instantiate(cfg)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    if not isinstance(cfg.backbone, Namespace):
+        raise ValueError(
+            f"backbone is {cfg.backbone!r}; give backbone: {{model_name: ...}} (or drop the key for mmfl-mini)"
+        )
+    check_required_args(Backbone.__init__, dict(cfg.backbone.as_dict()), "backbone")
+    try:
+        init = parser.instantiate(cfg)
+    except (TypeError, AttributeError) as e:  # e.g. init_args: null
+        raise ValueError(f"the recipe cannot be built: {e}") from None
+    for key in ("tasks", "training", "federation", "evaluation"):
+        check_required(init.get(key), key)
+    if not isinstance(init.parts, list):
+        raise ValueError("parts must be a list of class_path entries (or [] for none)")
+    try:  # Lightning's own check of the accelerator and precision, now rather than after the first write
+        with quiet_lightning():
+            make_trainer(1, -1, init.training.accelerator, init.training.precision)
+    except Exception as e:
+        raise ValueError(
+            f"training.accelerator {init.training.accelerator!r} / training.precision {init.training.precision!r}: {e}"
+        ) from None
     tasks: list[Task] = init.tasks
     if not tasks:
         raise ValueError("the recipe has no tasks: give at least one under `tasks:`")

@@ -95,7 +95,7 @@ def test_lightning_fit_trains_only_parts_and_checkpoint_has_no_backbone(tiny_bac
     for k, v in tiny_backbone.model.state_dict().items():
         assert torch.equal(v, frozen_before[k]), k
     trainer.save_checkpoint(tmp_path / "client.ckpt")
-    ckpt = torch.load(tmp_path / "client.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "client.ckpt", weights_only=True)
     assert list(ckpt["state_dict"]) == ["parts.coop.ctx"]
     assert m.backbone is tiny_backbone
 

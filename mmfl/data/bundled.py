@@ -78,6 +78,25 @@ class SklearnDigits(DataSource):
         return _split(_image_dataset(images, d.target, DIGIT_NAMES), self.test_fraction, self.seed, "label")
 
 
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays and nothing else: a pickle that names any other global (code it would run) is
+    refused, so a tampered data file cannot execute anything."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file (only NumPy arrays)")
+        return super().find_class(module, name)
+
+
 class AnimalSilhouettes(DataSource):
     """10,000 animal silhouettes (28×28, 10 classes, MIT) from the ``animal-mnist`` package.
 
@@ -102,7 +121,7 @@ class AnimalSilhouettes(DataSource):
     def _array(self, filename: str) -> np.ndarray:
         path = self._dist.locate_file(f"animal_mnist/data/Animal_MNIST/{filename}")
         with gzip.open(path, "rb") as fh:
-            return np.asarray(pickle.load(fh))
+            return np.asarray(ArrayUnpickler(fh).load())
 
     def load(self) -> datasets.DatasetDict:
         """Both splits of the silhouettes."""

@@ -101,6 +101,12 @@ class Simulation:
                 self.clients.append(_Client(data, task, self.build_module(task)))
         if not self.clients:
             raise ValueError("the federation has no clients: give at least one task")
+        for c in self.clients:
+            if not any(p.requires_grad for p in c.module.parts.parameters()):
+                raise ValueError(
+                    f"clients of task {c.task.name!r} ({c.task.modality}) have nothing to train: add a part to "
+                    "`parts` that works with that modality"
+                )
         used = {name for c in self.clients for name in c.module.parts}
         for task in self.tasks:
             unused = [p.part_name for p in self._all_parts(task) if p.part_name not in used]
