@@ -110,6 +110,18 @@ def flower_app_parser() -> ArgumentParser:
     p.add_argument(
         "--min_nodes", type=int, default=0, help="nodes to wait for before a round (default: one per client)"
     )
+    p.add_argument(
+        "--secure_aggregation",
+        type=bool,
+        default=False,
+        help="run with SecAgg+: the server sees only sums of the clients' tensors (merge rule FedAvg/FedAvgM)",
+    )
+    p.add_argument("--secagg_num_shares", type=float, default=1.0, help="SecAgg+ shares per key (share of clients)")
+    p.add_argument("--secagg_threshold", type=float, default=0.67, help="SecAgg+ shares needed to reconstruct")
+    p.add_argument(
+        "--secagg_clipping_range", type=float, default=8.0, help="SecAgg+ bound on |value| before quantization"
+    )
+    p.add_argument("--secagg_max_weight", type=float, default=1000.0, help="SecAgg+ bound on a client's weight")
     return p
 
 
@@ -119,16 +131,29 @@ def write_flower_app(parser: ArgumentParser, cfg: Namespace) -> Path:
         from mmfl.federated.flower import write_app
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"the Flower engine needs flwr: pip install 'mmfl[flower]' ({e})") from None
-    check_recipe(parser, cfg)
+    init, tasks, federation = check_recipe(parser, cfg)
+    secagg = None
+    if cfg.secure_aggregation:
+        from mmfl.federated.flower_secagg import check_secure
+
+        unseen = init.evaluation.unseen_clients if init.evaluation else 0
+        check_secure(federation.aggregator, sum(t.clients - unseen for t in tasks))
+        secagg = {
+            "num-shares": cfg.secagg_num_shares,
+            "threshold": cfg.secagg_threshold,
+            "clipping-range": cfg.secagg_clipping_range,
+            "max-weight": cfg.secagg_max_weight,
+        }
     out = _output_dir(cfg).resolve()
     _check_output_dir(out, cfg.overwrite)
     app_dir = Path(cfg.app_dir)
     recipe = cfg.clone()
-    for k in ("app_dir", "min_nodes", "output_dir", "overwrite", "config", "resume"):
+    flower_only = ("secure_aggregation", "secagg_num_shares", "secagg_threshold", "secagg_clipping_range")
+    for k in ("app_dir", "min_nodes", "output_dir", "overwrite", "config", "resume", *flower_only, "secagg_max_weight"):
         recipe.pop(k, None)
     fit = fit_parser()
     text = fit.dump(recipe, skip_none=False, skip_validation=True)
-    path = write_app(text, app_dir, out, min_nodes=cfg.min_nodes)
+    path = write_app(text, app_dir, out, min_nodes=cfg.min_nodes, secagg=secagg)
     log.info("wrote %s; run it with: flwr run %s <connection>", path, app_dir)
     return path
 

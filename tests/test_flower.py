@@ -285,3 +285,56 @@ def test_the_app_flower_reads_and_the_node_config(tmp_path: Path, tiny_backbone)
     bad.write_text(RECIPE.replace("CLIENTS", "0").replace("ROUNDS", "1"))
     assert cli.main(["flower-app", "-c", str(bad), "--app_dir", str(tmp_path / "bad-app")]) == 2
     assert not (tmp_path / "bad-app").exists()
+
+
+@pytest.mark.slow
+def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> None:
+    """SecAgg+ on the simulation engine (4 virtual nodes, 2 tasks): the server decodes per-key means from sums
+    only, and the result equals the in-process engine's FedAvg up to SecAgg+'s quantization."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = _env(home)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
+        "options.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 1\n"
+        "options.backend.init-args.num-cpus = 2\n"
+    )
+    out = tmp_path / "flower-run"
+    recipe = tmp_path / "recipe.yaml"
+    adamw = "max_steps: 2, optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.05}}"
+    recipe.write_text(RECIPE.replace("CLIENTS", "2").replace("ROUNDS", "2").replace("max_steps: 2", adamw))
+    app = tmp_path / "app"
+    args = ["flower-app", "-c", str(recipe), "--app_dir", str(app), "--output_dir", str(out)]
+    assert cli.main([*args, "--secure_aggregation=true"]) == 0
+    assert "flower_secagg:secure_server_app" in (app / "pyproject.toml").read_text()
+    procs = Processes(env, tmp_path)
+    try:
+        done = _flwr(env, "run", str(app), "local", "--stream")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _status(env, "local") == ["finished:completed"]
+    finally:
+        procs.stop_all()
+    flower = load_file(out / "global.safetensors")
+    local = _in_process(recipe, tmp_path / "in-process")
+    assert (
+        flower.keys()
+        == local.keys()
+        == {"task/digits/coop.ctx", "task/animals/coop.ctx", *(k for k in local if k.startswith("global/"))}
+    )
+    assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp_path / "r0"), "--federation.rounds=0"]) == 0
+    initial = load_file(tmp_path / "r0" / "checkpoint.safetensors")
+    for k in flower:
+        assert (flower[k] - local[k]).abs().max() < 1e-3, k  # quantization: steps of ~1e-5 per client
+        assert (local[k] - initial[f"global::{k}"]).abs().max() > 1e-2, k  # and training moved every tensor
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert sum(",fit," in r for r in rows) == 8  # 4 clients × 2 rounds
+
+
+def test_secure_aggregation_refuses_rules_that_need_individual_updates(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("CLIENTS", "2").replace("ROUNDS", "1"))
+    args = ["flower-app", "-c", str(recipe), "--app_dir", str(tmp_path / "app"), "--output_dir", str(tmp_path / "o")]
+    median = "--federation.aggregator=mmfl.federated.Median"
+    assert cli.main([*args, "--secure_aggregation=true", median]) == 2
+    assert "secure aggregation reveals only sums, so Median" in capsys.readouterr().err
+    assert not (tmp_path / "app").exists()

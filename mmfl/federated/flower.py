@@ -296,7 +296,12 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def write_app(
-    recipe_yaml: str, app_dir: Path, output_dir: Path | None, overrides: str = "", min_nodes: int = 0
+    recipe_yaml: str,
+    app_dir: Path,
+    output_dir: Path | None,
+    overrides: str = "",
+    min_nodes: int = 0,
+    secagg: dict[str, float] | None = None,
 ) -> Path:
     """Write a Flower app folder (``pyproject.toml``) that runs a recipe; ``flwr run APP_DIR`` runs it.
 
@@ -306,6 +311,8 @@ def write_app(
         output_dir: where the ServerApp writes metrics.csv and global.safetensors (absolute).
         overrides: recipe overrides applied on every node.
         min_nodes: nodes to wait for before a round (0: one per client of the recipe).
+        secagg: run with SecAgg+ (:mod:`mmfl.federated.flower_secagg`), with these settings (``num-shares``,
+            ``threshold``, ``clipping-range``, ``max-weight``); None: without.
 
     Returns:
         The pyproject.toml written.
@@ -316,6 +323,10 @@ def write_app(
     config = {"recipe-yaml": recipe_yaml, "overrides": overrides, "output-dir": str(output_dir or "")}
     if min_nodes:
         config["min-nodes"] = min_nodes
+    apps = ("mmfl.federated.flower:server_app", "mmfl.federated.flower:client_app")
+    if secagg is not None:
+        config.update({f"secagg-{k}": float(v) for k, v in secagg.items()})
+        apps = ("mmfl.federated.flower_secagg:secure_server_app", "mmfl.federated.flower_secagg:secure_client_app")
     lines = [
         "[build-system]",
         'requires = ["hatchling"]',
@@ -331,8 +342,8 @@ def write_app(
         'publisher = "mmfl"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "mmfl.federated.flower:server_app"',
-        'clientapp = "mmfl.federated.flower:client_app"',
+        f'serverapp = "{apps[0]}"',
+        f'clientapp = "{apps[1]}"',
         "",
         "[tool.flwr.app.config]",
         *[f"{k} = {json.dumps(v)}" for k, v in config.items()],
