@@ -290,7 +290,8 @@ def test_the_app_flower_reads_and_the_node_config(tmp_path: Path, tiny_backbone)
 @pytest.mark.slow
 def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> None:
     """SecAgg+ on the simulation engine (4 virtual nodes, 2 tasks): the server decodes per-key means from sums
-    only, and the result equals the in-process engine's FedAvg up to SecAgg+'s quantization."""
+    only, and the result equals the in-process engine's FedAvg up to SecAgg+'s quantization. (One round: over
+    more, AdamW's normalised steps amplify the quantization error of earlier rounds.)"""
     home = tmp_path / "flwr-home"
     home.mkdir()
     env = _env(home)
@@ -302,7 +303,7 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
     out = tmp_path / "flower-run"
     recipe = tmp_path / "recipe.yaml"
     adamw = "max_steps: 2, optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.05}}"
-    recipe.write_text(RECIPE.replace("CLIENTS", "2").replace("ROUNDS", "2").replace("max_steps: 2", adamw))
+    recipe.write_text(RECIPE.replace("CLIENTS", "2").replace("ROUNDS", "1").replace("max_steps: 2", adamw))
     app = tmp_path / "app"
     args = ["flower-app", "-c", str(recipe), "--app_dir", str(app), "--output_dir", str(out)]
     assert cli.main([*args, "--secure_aggregation=true"]) == 0
@@ -324,10 +325,10 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
     assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp_path / "r0"), "--federation.rounds=0"]) == 0
     initial = load_file(tmp_path / "r0" / "checkpoint.safetensors")
     for k in flower:
-        assert (flower[k] - local[k]).abs().max() < 1e-3, k  # quantization: steps of ~1e-5 per client
+        assert (flower[k] - local[k]).abs().max() < 1e-4, k  # quantization: steps of ~4e-6 per client
         assert (local[k] - initial[f"global::{k}"]).abs().max() > 1e-2, k  # and training moved every tensor
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert sum(",fit," in r for r in rows) == 8  # 4 clients × 2 rounds
+    assert sum(",fit," in r for r in rows) == 4  # 4 clients, 1 round
 
 
 def test_secure_aggregation_refuses_rules_that_need_individual_updates(tmp_path: Path, capsys) -> None:
