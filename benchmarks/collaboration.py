@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmfl.backbone import Backbone
-from mmfl.cli import fit_parser
 from mmfl.data import prepare_task
 from mmfl.federated import Simulation
 from mmfl.federated.simulation import seed_all
 from mmfl.module import quiet_lightning
+from mmfl.recipe import fit_parser
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Robust aggregation under attack: f of n clients are malicious; final accuracy under FedAvg vs each robust rule.
 
 ``python -m benchmarks.robust [--quick] [--out DIR]`` runs one federation (digits on mmfl-mini, Dirichlet label
-skew, a class-agnostic CoOp context merged per task) once per (attack, rule) pair, with the same seed, clients,
+skew, a class-specific CoOp context merged per task) once per (attack, rule) pair, with the same seed, clients,
 data and budget. The malicious clients train honestly (or, for the backdoor, on their own data relabelled as the
 target class) and then send a doctored reply ``θ + λ·Δ`` (``Δ``: their honest update, ``θ``: the round's global
 tensors):
@@ -11,7 +11,8 @@ tensors):
     sign flip: λ = −4 (the update reversed and boosted);
     backdoor:  trained to call everything the target class, λ = n/f (model replacement).
 
-The table gives the test accuracy after the last round and, for the backdoor, the share of test inputs of
+"FedAvg + clip" clips every update to the median honest update norm of the unattacked FedAvg run. The table
+gives the test accuracy after the last round and, for the backdoor, the share of test inputs of
 other classes that are classified as the target class (attack success). ``DIR/robust.json`` holds the figures.
 """
 
@@ -22,9 +23,11 @@ import dataclasses
 import functools
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from flwr_datasets.partitioner import DirichletPartitioner
 
@@ -80,13 +83,13 @@ def run(backbone: Backbone, task, attack: str, rule: dict, args: argparse.Namesp
     """One federation under ``attack`` with merge ``rule``; its final accuracy and backdoor success."""
     seed_all(0)
     rule = dict(rule)
-    if rule.get("clip_norm") == "median":  # a fixed clip norm: the honest clients' typical update size
+    if rule.get("clip_norm") == "median":  # the honest clients' median update norm (measured without attack)
         rule["clip_norm"] = args.clip_norm
     training = LocalTraining(
         epochs=1, batch_size=32, accelerator="cpu", optimizer=lambda p: torch.optim.AdamW(p, lr=0.01)
     )
     fed = Federation(rounds=args.rounds, eval_every=args.rounds, **rule)
-    parts = [lambda bb, names: CoOp(bb, names, ctx_init="a photo of a", scope="task")]
+    parts = [lambda bb, names: CoOp(bb, names, ctx_init="a photo of a", class_specific=True, scope="task")]
     sim = Attacked(backbone, [task], parts, training, fed, seed=0)
     sim.attack = attack
     sim.malicious = frozenset(c.data.cid for c in sim.clients[: args.f])
@@ -97,6 +100,10 @@ def run(backbone: Backbone, task, attack: str, rule: dict, args: argparse.Namesp
         logits, labels = predict(sim.evaluator(task), task.test, accelerator="cpu")
     pred = logits.argmax(dim=1)
     others = labels != TARGET
+    norms = [float(r["value"]) for r in sim.metrics.rows if r["split"] == "fit"]
+    if attack == "none" and args.clip_norm is None:
+        args.clip_norm = statistics.median(norms)
+        log.warning("clip norm for 'FedAvg + clip': %.4f (the median honest update norm)", args.clip_norm)
     return {
         "accuracy": float((pred == labels).float().mean()),
         "target_rate": float((pred[others] == TARGET).float().mean()),
@@ -113,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--f", type=int, default=None, help="malicious clients")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--shots", type=int, default=None)
-    ap.add_argument("--clip_norm", type=float, default=0.5)
+    ap.add_argument(
+        "--clip_norm", type=float, default=None, help="default: the median update norm of the unattacked FedAvg run"
+    )
     ap.add_argument("--test", type=int, default=300, help="test examples")
     ap.add_argument("--attacks", nargs="*", default=list(ATTACKS))
     ap.add_argument("--out", default=None, help="folder for robust.json")
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.shots = args.shots or (4 if args.quick else 8)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    datasets.disable_progress_bars()
     seed_all(0)
     backbone = Backbone(args.backbone)
     task = prepare_task(
@@ -138,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for attack in args.attacks:
+    attacks = ["none", *[a for a in args.attacks if a != "none"]]  # "none" first: it measures the clip norm
+    for attack in attacks:
         for name, rule in rules(args.f).items():
             r = run(backbone, task, attack, rule, args)
             results.setdefault(attack, {})[name] = r
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     setting = (
         f"{args.backbone}, digits, {args.clients} clients ({args.f} malicious), Dirichlet α=1, {args.shots} shots, "
-        f"{args.rounds} rounds, clip norm {args.clip_norm}, {args.test} test examples"
+        f"{args.rounds} rounds, clip norm {args.clip_norm:.3g}, {args.test} test examples"
     )
     print(setting + "\n" + "\n".join(lines))  # the benchmark's output
     if args.out:

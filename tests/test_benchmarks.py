@@ -53,3 +53,40 @@ def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbo
             "moods/text/0": "moods/text",
         }
         assert all(0.0 <= a <= 1.0 for a in r.accuracy.values())
+
+
+def test_robust_benchmark_attackers_send_what_they_claim(tiny_backbone: Backbone) -> None:
+    import functools
+
+    import torch
+
+    from benchmarks.robust import Attacked
+    from mmfl.data import SklearnDigits, Task, prepare_task
+    from mmfl.federated import FedAvg, Federation, LocalTraining, Median, Simulation
+    from mmfl.prompts import CoOp
+
+    task = prepare_task(Task("digits", SklearnDigits(), clients=4, shots=2, max_test_examples=12))
+    training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    key = "task/digits/coop.ctx"
+
+    def sim(attack: str, aggregator) -> Attacked:
+        s = Attacked(
+            tiny_backbone, [task], [functools.partial(CoOp, n_ctx=2)], training, Federation(1, aggregator=aggregator)
+        )
+        s.attack, s.malicious = attack, frozenset({s.clients[0].data.cid})
+        return s
+
+    s = sim("scaled", FedAvg())
+    g = s.global_state[key].clone()
+    honest, _ = Simulation.fit_client(s, s.clients[0], 1)  # the same seed and start: the same honest update
+    doctored, _ = s.fit_client(s.clients[0], 1)
+    assert torch.allclose(doctored.state[key], g + 10 * (honest.state[key] - g), atol=1e-6)
+    assert torch.equal(
+        s.fit_client(s.clients[1], 1)[0].state[key], Simulation.fit_client(s, s.clients[1], 1)[0].state[key]
+    )
+    shift = {}
+    for name, agg in {"fedavg": FedAvg(), "median": Median()}.items():
+        s = sim("scaled", agg)
+        s.run_round(1)
+        shift[name] = (s.global_state[key] - g).norm().item()
+    assert shift["median"] < shift["fedavg"] / 2  # the median is not dragged by the boosted reply

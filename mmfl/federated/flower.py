@@ -51,10 +51,10 @@ def federation_from_config(run_config: dict) -> Simulation:
         ValueError: the recipe is missing or invalid (the message names what to fix).
     """
     from mmfl.backbone import Backbone
-    from mmfl.cli import check_recipe, fit_parser
     from mmfl.data.task import prepare_task
     from mmfl.evaluation.protocol import Protocol
     from mmfl.federated.settings import seed_all
+    from mmfl.recipe import check_recipe, fit_parser
 
     text = str(run_config.get("recipe-yaml", ""))
     overrides = shlex.split(str(run_config.get("overrides", "")))

@@ -1,0 +1,149 @@
+"""One round of a federation, robust to faulty clients: sample, fit each client (leaving out the ones that raise,
+time out or reply invalid tensors, retrying them), then clip, merge per scope group, and add DP noise."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from mmfl.federated.aggregate import Update, aggregate, clip_updates, group, update_norms
+from mmfl.federated.faults import ClientTimeout, InvalidUpdate, RoundFailed, validate_update
+
+if TYPE_CHECKING:
+    from mmfl.federated.simulation import _Client
+
+log = logging.getLogger("mmfl.federated.simulation")
+
+
+class Rounds:
+    """The round logic of :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the simulation's
+    clients, federation settings, global state and metrics)."""
+
+    def try_client(self, client: _Client, rnd: int) -> tuple[Update | None, dict[str, float], str]:
+        """Fit one client and check its reply. Returns (update, metrics, "") or (None, {}, why it failed).
+
+        A client that raises, runs past ``client_timeout`` or returns an invalid reply (NaN/Inf, missing or extra
+        keys, wrong shapes or dtypes) gets its local tensors back as they were before the round.
+        """
+        before = self.local_state(client)
+        t0 = time.monotonic()
+        try:
+            update, m = self.fit_client(client, rnd)
+            limit = self.federation.client_timeout
+            if limit is not None and time.monotonic() - t0 > limit:
+                raise ClientTimeout(f"the reply came after {time.monotonic() - t0:.1f} s (client_timeout {limit:g} s)")
+            problem = validate_update(update, self.specs[client.data.cid])
+            if problem:
+                raise InvalidUpdate(problem)
+        except Exception as e:  # a faulty client must not stop the federation
+            client.module.load_trainable_state_dict(before)
+            why = f"{type(e).__name__}: {e}"
+            log.warning(
+                "round %d: client %s left out: %s",
+                rnd,
+                client.data.cid,
+                why,
+                exc_info=not isinstance(e, InvalidUpdate | ClientTimeout),
+            )
+            return None, {}, why
+        return update, m, ""
+
+    def run_round(self, rnd: int) -> dict[str, Tensor]:
+        """One round: sample, fit (leaving faulty clients out, retrying them up to ``retries`` times), merge.
+
+        Returns:
+            The merged tensors.
+
+        Raises:
+            RoundFailed: fewer than ``min_clients`` clients succeeded after the retries.
+        """
+        sampled = [self.clients[i] for i in self.sample(rnd)]
+        replies: dict[str, tuple[Update, dict[str, float]]] = {}
+        failed: dict[str, str] = {}
+        needed = min(self.federation.min_clients, len(sampled))
+        for attempt in range(self.federation.retries + 1):
+            for c in sampled:
+                if c.data.cid in replies or (attempt and c.data.cid not in failed):
+                    continue
+                update, m, why = self.try_client(c, rnd)
+                if update is None:
+                    failed[c.data.cid] = why
+                else:
+                    replies[c.data.cid] = (update, m)
+                    failed.pop(c.data.cid, None)
+            if len(replies) >= needed:
+                break
+            if attempt < self.federation.retries:
+                log.warning(
+                    "round %d: %d of %d clients succeeded (min_clients %d); retrying the failed ones",
+                    rnd,
+                    len(replies),
+                    len(sampled),
+                    needed,
+                )
+        updates = [replies[c.data.cid][0] for c in sampled if c.data.cid in replies]
+        norms = dict(zip([u.cid for u in updates], update_norms(updates, self.global_state), strict=True))
+        for c in sampled:
+            if c.data.cid in replies:
+                self._record_client(
+                    rnd, c, "fit", replies[c.data.cid][1], replies[c.data.cid][0].num_examples, value=norms[c.data.cid]
+                )
+            else:
+                self.metrics.add(
+                    rnd,
+                    "client",
+                    c.task.name,
+                    c.task.modality,
+                    c.data.cid,
+                    "fit_failed",
+                    math.nan,
+                    math.nan,
+                    0,
+                    note=failed[c.data.cid],
+                )
+        if len(updates) < needed:
+            self.metrics.rows = [r for r in self.metrics.rows if r["round"] != rnd]  # the round did not happen
+            reasons = "; ".join(f"{cid}: {why}" for cid, why in failed.items())
+            raise RoundFailed(
+                f"round {rnd}: only {len(updates)} of {len(sampled)} sampled clients succeeded, fewer than "
+                f"min_clients={needed} (after {self.federation.retries} retries); {reasons}. The run stops; the last "
+                f"complete round is {rnd - 1} (resume with --resume once the clients are mended)"
+            )
+        merged = self.merge(rnd, updates, len(sampled))
+        if self.output_dir is not None:
+            self.save_local_states(sampled, rnd)
+        return merged
+
+    def merge(self, rnd: int, updates: Sequence[Update], sampled: int) -> dict[str, Tensor]:
+        """Clip (``clip_norm`` or DP), merge each key over its scope group, add DP noise and record ε; update the
+        global state. ``sampled``: how many clients were sampled this round (the DP accountant's sample size)."""
+        dp = self.federation.dp
+        clip = dp.clip_norm if dp is not None else self.federation.clip_norm
+        if clip is not None:
+            updates = clip_updates(updates, self.global_state, clip)
+        merged = aggregate(updates, self.federation.aggregator, self.global_state)
+        if dp is not None:
+            counts = {k: len(pairs) for k, pairs in group(updates).items()}
+            merged = dp.noise(merged, counts, self.seed, rnd)
+            eps = dp.epsilon(rnd, len(self.clients), sampled)
+            self.metrics.add(
+                rnd,
+                "server",
+                "",
+                "",
+                "",
+                "privacy",
+                math.nan,
+                math.nan,
+                len(updates),
+                value=eps,
+                note=f"epsilon at delta={dp.delta:g}",
+            )
+            log.info("round %d: client-level DP, ε = %.3f at δ = %g", rnd, eps, dp.delta)
+        self.global_state.update(merged)
+        return merged

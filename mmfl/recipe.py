@@ -1,0 +1,188 @@
+"""Recipes: the parser of ``mmfl fit`` (its keys mirror the constructors they configure), the cheap checks run
+before any data is loaded or model built, and the checks of ``--resume``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
+
+from mmfl.backbone import Backbone, check_backbone_args
+from mmfl.checks import check_required, check_required_args
+from mmfl.data.task import Task, check_task
+from mmfl.evaluation.protocol import Protocol
+from mmfl.federated.settings import Federation, LocalTraining
+from mmfl.federated.simulation import PartFactory
+from mmfl.module import make_trainer, quiet_lightning
+
+log = logging.getLogger("mmfl")
+
+
+def fit_parser() -> ArgumentParser:
+    """The parser of a recipe: its keys mirror the constructors they configure."""
+    p = ArgumentParser(description="Run a federation (or a centralised run) from a YAML recipe.", allow_abbrev=False)
+    p.add_argument("-c", "--config", action=ActionConfigFile, help="the recipe (YAML)")
+    p.add_argument("--seed", type=int, default=0, help="seeds initial tensors, sampling, data order, training")
+    p.add_argument(
+        "--output_dir",
+        type=str | None,
+        default=None,
+        help="where config.yaml, metrics.csv and global.safetensors go (default runs/<recipe>)",
+    )
+    p.add_argument("--overwrite", type=bool, default=False, help="replace the outputs of an earlier run there")
+    p.add_argument(
+        "--resume",
+        type=str | None,
+        default=None,
+        help="a run folder: continue it after its last complete round (the recipe must be the one it ran; "
+        "only federation.rounds may change, to extend it). `mmfl fit --resume RUN` alone reuses RUN/config.yaml",
+    )
+    p.add_class_arguments(Backbone, "backbone", instantiate=False)
+    p.add_argument("--tasks", type=list[Task], required=True, help="the tasks and their clients")
+    p.add_argument(
+        "--parts",
+        type=list[PartFactory],
+        default=[],
+        help="trainable parts each client owns (class_path + init_args)",
+    )
+    p.add_class_arguments(LocalTraining, "training")
+    p.add_argument(
+        "--federation",
+        type=Federation | None,
+        default=None,
+        help="round settings; omit for a centralised run (one client per task, one round)",
+    )
+    p.add_argument(
+        "--evaluation",
+        type=Protocol | None,
+        default=None,
+        help="the evaluation protocol: base-to-novel split, validation hold-out and checkpoint selection, unseen "
+        "clients, transfer targets, seeds, baselines (see mmfl.evaluation.Protocol)",
+    )
+    return p
+
+
+def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, list[Task], Federation]:
+    """Instantiate a recipe and check everything cheap (no data loaded, no model built).
+
+    Returns:
+        The instantiated recipe, its tasks, and its federation (one round for a centralised recipe).
+    """
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    if not isinstance(cfg.backbone, Namespace):
+        raise ValueError(
+            f"backbone is {cfg.backbone!r}; give backbone: {{model_name: ...}} (or drop the key for mmfl-mini)"
+        )
+    check_required_args(Backbone.__init__, dict(cfg.backbone.as_dict()), "backbone")
+    try:
+        init = parser.instantiate(cfg)
+    except (TypeError, AttributeError) as e:  # e.g. init_args: null
+        raise ValueError(f"the recipe cannot be built: {e}") from None
+    for key in ("tasks", "training", "federation", "evaluation"):
+        check_required(init.get(key), key)
+    if not isinstance(init.parts, list):
+        raise ValueError("parts must be a list of class_path entries (or [] for none)")
+    try:  # Lightning's own check of the accelerator and precision, now rather than after the first write
+        with quiet_lightning():
+            make_trainer(1, -1, init.training.accelerator, init.training.precision)
+    except Exception as e:
+        raise ValueError(
+            f"training.accelerator {init.training.accelerator!r} / training.precision {init.training.precision!r}: {e}"
+        ) from None
+    tasks: list[Task] = init.tasks
+    if not tasks:
+        raise ValueError("the recipe has no tasks: give at least one under `tasks:`")
+    names = [(t.name, t.modality) for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tasks repeat a (name, modality) pair: {names}")
+    for t in tasks:
+        check_task(t)
+    check_backbone_args(cfg.backbone.model_name, cfg.backbone.pretrained)
+    if init.evaluation is not None:
+        init.evaluation.check(tasks)
+    federation = init.federation
+    if federation is not None:
+        federation.check()
+    if federation is None:
+        for t in tasks:
+            if t.clients != 1:
+                log.info(
+                    "no federation section: task %s is held by one client (clients=%d ignored)",
+                    t.name,
+                    t.clients,
+                )
+                t.clients, t.partitioner = 1, None
+        federation = Federation(rounds=1)
+    return init, tasks, federation
+
+
+RUN_ONLY_KEYS = ("config", "output_dir", "overwrite", "resume", "__path__")
+
+
+def recipe_differences(parser: ArgumentParser, a: Namespace, b: Namespace) -> list[str]:
+    """The keys (dotted) whose values differ between two recipes, ignoring where a run writes and
+    ``federation.rounds`` (a resumed run may be extended)."""
+
+    def flat(cfg: Namespace) -> dict[str, object]:
+        d = yaml.safe_load(parser.dump(cfg, skip_none=False, skip_validation=True))
+        for k in RUN_ONLY_KEYS:
+            d.pop(k, None)
+        if isinstance(d.get("federation"), dict):
+            d["federation"].pop("rounds", None)
+        out: dict[str, object] = {}
+
+        def walk(prefix: str, v: object) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), x)
+            else:
+                out[prefix] = v
+
+        walk("", d)
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def check_resume(parser: ArgumentParser, cfg: Namespace) -> Path:
+    """The run folder of ``--resume``, after checking that it holds a run of this very recipe."""
+    out = Path(cfg.resume)
+    if cfg.output_dir and Path(cfg.output_dir).resolve() != out.resolve():
+        raise ValueError(f"--resume {str(out)!r} and --output_dir {cfg.output_dir!r} differ; give only --resume")
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"--resume {str(out)!r}: no run there (no config.yaml); start it with mmfl fit -c RECIPE --output_dir"
+        )
+    try:
+        before = parser.parse_path(str(saved))
+    except (ArgumentError, ValueError, TypeError) as e:
+        raise ValueError(f"--resume: cannot read {str(saved)!r}: {e}") from None
+    diff = recipe_differences(parser, before, cfg)
+    if diff:
+        raise ValueError(
+            f"--resume {str(out)!r}: the recipe differs from the one the run started with in {', '.join(diff)}; "
+            "resume with the same recipe (only federation.rounds may change), or start a new run"
+        )
+    return out
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """``mmfl fit --resume RUN`` without ``-c``: read the recipe from ``RUN/config.yaml``."""
+    if not argv or argv[0] != "fit" or any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
+        return argv
+    for i, a in enumerate(argv):
+        run = (
+            argv[i + 1]
+            if a == "--resume" and i + 1 < len(argv)
+            else a.partition("=")[2]
+            if a.startswith("--resume=")
+            else None
+        )
+        if run:
+            return ["fit", "-c", str(Path(run) / "config.yaml"), *argv[1:]]
+    return argv
