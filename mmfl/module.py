@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmfl.backbone import Backbone
-from mmfl.data.task import LABEL
+from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.scopes import is_local, qualify
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
@@ -200,19 +200,37 @@ class ClientModule(L.LightningModule):
             f_t = part.adapt_text_features(f_t)
         return F.normalize(f_t, dim=-1)
 
-    def input_features(self, x: Tensor) -> Tensor:
-        """Inputs [B, ...] → normalised joint-space features [B, D], through the parts' input hooks."""
+    def frozen_encoding(self) -> bool:
+        """Whether no part acts before or inside the encoder of this client's inputs, so their encodings are a
+        function of the inputs alone (and may come from a :class:`~mmfl.data.feature_cache.FeatureCache`)."""
+        return not any(p.changes_encoding() for p in self.parts.values())
+
+    def input_features(self, x: Tensor | None, encoded: Tensor | None = None) -> Tensor:
+        """Inputs [B, ...] → normalised joint-space features [B, D], through the parts' input hooks.
+
+        Args:
+            x: the inputs (ignored when ``encoded`` is given).
+            encoded: cached frozen encodings [B, D] of the inputs (only when :meth:`frozen_encoding`).
+        """
         parts = list(self.parts.values())
-        for part in parts:
-            x = part.prompt_input(x, self.modality.name)
-        f_x = self.modality.encode(self.backbone, x, parts)  # [B, D]
+        if encoded is None:
+            for part in parts:
+                x = part.prompt_input(x, self.modality.name)
+            f_x = self.modality.encode(self.backbone, x, parts)  # [B, D]
+        else:
+            f_x = encoded.to(self.logit_dtype)  # [B, D]
         for part in parts:
             f_x = part.adapt_input_features(f_x)
         return F.normalize(f_x, dim=-1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Inputs [B, ...] → class logits [B, C]."""
-        f_x = self.input_features(x)  # [B, D]
+    @property
+    def logit_dtype(self) -> torch.dtype:
+        """The dtype the frozen encoders produce (their parameters' dtype)."""
+        return next(self.backbone.model.parameters()).dtype
+
+    def forward(self, x: Tensor | None, encoded: Tensor | None = None) -> Tensor:
+        """Inputs [B, ...] (or their cached encodings [B, D]) → class logits [B, C]."""
+        f_x = self.input_features(x, encoded)  # [B, D]
         f_t = self.class_text_features(f_x).to(f_x.dtype)  # [C, D] or [B, C, D]
         scale = self.backbone.logit_scale.exp()
         if f_t.dim() == 3:  # one set of class features per input (CoCoOp)
@@ -220,8 +238,8 @@ class ClientModule(L.LightningModule):
         return scale * f_x @ f_t.t()  # [B, C]
 
     def _step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> Tensor:
-        x, y = batch[self.modality.input_key], batch[LABEL]
-        logits = self(x)
+        x, y = batch.get(self.modality.input_key), batch[LABEL]
+        logits = self(x, batch.get(ENCODED))
         loss = F.cross_entropy(logits.float(), y)
         metric(logits, y)
         bs = y.shape[0]
@@ -243,7 +261,7 @@ class ClientModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[Tensor, Tensor]:
         """Logits [B, C] and labels [B] of one batch (for metrics computed after the pass)."""
-        return self(batch[self.modality.input_key]).float(), batch[LABEL]
+        return self(batch.get(self.modality.input_key), batch.get(ENCODED)).float(), batch[LABEL]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The configured optimizer over the trainable parts only."""

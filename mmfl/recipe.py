@@ -83,6 +83,10 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
         raise ValueError(f"the recipe cannot be built: {e}") from None
     for key in ("tasks", "training", "federation", "evaluation"):
         check_required(init.get(key), key)
+    if init.training.feature_cache not in ("disk", "memory", "off"):
+        raise ValueError(
+            f"training.feature_cache must be 'disk', 'memory' or 'off', got {init.training.feature_cache!r}"
+        )
     if not isinstance(init.parts, list):
         raise ValueError("parts must be a list of class_path entries (or [] for none)")
     try:  # Lightning's own check of the accelerator and precision, now rather than after the first write

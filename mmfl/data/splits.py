@@ -8,6 +8,8 @@ import datasets
 import numpy as np
 
 LABEL = "label"
+ENCODED = "encoded"
+"""The batch key of cached frozen encodings [B, D] that stand in for the raw inputs."""
 DOMAIN = "domain"
 
 

@@ -76,6 +76,10 @@ class LocalTraining:
         accelerator: Lightning accelerator (``auto`` picks a GPU when there is one).
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ...).
         num_workers: DataLoader worker processes.
+        feature_cache: ``disk`` (default), ``memory`` or ``off``: when no part of a client acts before or inside
+            its input encoder (e.g. CoOp), encode each input once and reuse the encoding across epochs, rounds,
+            clients (``memory``) and runs (``disk``: under ``$MMFL_CACHE/features``). See
+            :mod:`mmfl.data.feature_cache`.
     """
 
     epochs: int = 1
@@ -86,6 +90,7 @@ class LocalTraining:
     accelerator: str = "auto"
     precision: str = "32-true"
     num_workers: int = 0
+    feature_cache: str = "disk"
 
 
 def derived_seed(*parts: object) -> int:

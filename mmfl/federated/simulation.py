@@ -11,10 +11,14 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from torch import Tensor
 
 from mmfl.backbone import Backbone
+from mmfl.backbones import cache_dir
+from mmfl.data.feature_cache import FeatureCache, encoded_loader
 from mmfl.data.loader import make_loader
+from mmfl.data.splits import LABEL
 from mmfl.data.task import ClientData, PreparedTask
 from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
@@ -73,6 +77,7 @@ class Simulation(Rounds):
         selection: str = "last",
     ) -> None:
         self.backbone = backbone
+        self.features = make_feature_cache(backbone, training or LocalTraining())
         self.tasks = list(tasks)
         self.part_factories = list(parts)
         self.training = training or LocalTraining()
@@ -177,8 +182,13 @@ class Simulation(Rounds):
         return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
 
     def _loader(self, module: ClientModule, ds, train: bool, seed: int = 0):
-        """A loader of ``ds`` through the transform of the module's own modality."""
+        """A loader of ``ds`` through the transform of the module's own modality, or of the inputs' cached
+        frozen encodings when the module's parts leave its encoder untouched (same batches, same order)."""
         bs = self.training.batch_size if train else self.training.eval_batch_size
+        if self.features is not None and module.frozen_encoding():
+            encoded = self.features.encodings(module.modality, ds, train)  # [N, D] or None
+            if encoded is not None:
+                return encoded_loader(encoded, ds[LABEL], bs, shuffle=train, seed=seed)
         return make_loader(
             ds,
             module.modality.input_key,
@@ -370,6 +380,18 @@ class Simulation(Rounds):
                     msg += f", test accuracy {_fmt(accs)}"
                 self._end_round(rnd, t0, msg)
         return self.global_state
+
+
+def make_feature_cache(backbone: Backbone, training: LocalTraining) -> FeatureCache | None:
+    """The frozen-feature cache the training settings ask for (None: ``feature_cache: off``)."""
+    mode = training.feature_cache
+    if mode not in ("disk", "memory", "off"):
+        raise ValueError(f"training.feature_cache must be 'disk', 'memory' or 'off', got {mode!r}")
+    if mode == "off":
+        return None
+    gpu = training.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    directory = cache_dir() / "features" if mode == "disk" else None
+    return FeatureCache(backbone, directory, batch_size=training.eval_batch_size, device="cuda" if gpu else "cpu")
 
 
 def _fmt(accs: dict[str, float]) -> str:

@@ -135,3 +135,12 @@ class AudioModality(Modality):
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
         """Spectrogram images [B, 3, H, W] → joint-space features [B, D] (with the parts' VPT tokens, if any)."""
         return encode_with_vision_tower(backbone, x, parts)
+
+    def cache_id(self, backbone: Backbone, train: bool) -> str | None:
+        """Every setting the spectrogram image depends on; None when cropping at random."""
+        if train and self.augment:
+            return None
+        return (
+            f"audio|sr={self.sample_rate}|s={self.seconds}|mels={self.n_mels}|size={backbone.image_size}|"
+            f"norm={backbone.image_mean_std}"
+        )

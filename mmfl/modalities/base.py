@@ -47,5 +47,15 @@ class Modality(ABC):
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
         """Encode a batch of inputs [B, ...] → unnormalised joint-space features [B, D]."""
 
+    def cache_id(self, backbone: Backbone, train: bool) -> str | None:
+        """An identifier of ``transform(backbone, train)`` when it is deterministic (the same input always gives
+        the same tensor), so that frozen encodings of its inputs may be cached; None when it is random (data
+        augmentation) or unknown. Two transforms with the same id must give the same tensors.
+
+        The default (None) turns the frozen-feature cache off for this modality; plugins opt in.
+        """
+        del backbone, train
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

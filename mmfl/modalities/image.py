@@ -42,6 +42,12 @@ class ImageModality(Modality):
         """Images [B, 3, H, W] → joint-space features [B, D] (with the parts' VPT tokens, if any)."""
         return encode_with_vision_tower(backbone, x, parts)
 
+    def cache_id(self, backbone: Backbone, train: bool) -> str | None:
+        """The evaluation preprocessing (its repr names sizes, crop and normalisation); None when augmenting."""
+        if train and self.augment:
+            return None
+        return f"image|rgb|{backbone.preprocess_val!r}"
+
 
 def encode_with_vision_tower(backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
     """Image-like inputs [B, 3, H, W] → joint-space features [B, D], with the parts' vision prompt tokens.

@@ -34,6 +34,11 @@ class TextModality(Modality):
 
         return apply
 
+    def cache_id(self, backbone: Backbone, train: bool) -> str | None:
+        """The backbone's tokenizer (its type, context length) — the text is its own input."""
+        tok = backbone.tokenizer
+        return f"text|{type(tok).__module__}.{type(tok).__qualname__}|{backbone.context_length}|{backbone.model_name}"
+
     def validate(self, value: Any) -> None:
         """Inputs must be strings."""
         if not isinstance(value, str):

@@ -101,6 +101,12 @@ class TrainablePart(nn.Module):
             return self.modalities is None or modality in self.modalities
         return _allows(type(self).modalities, modality)
 
+    def changes_encoding(self) -> bool:
+        """Whether this part acts before or inside the frozen encoder of inputs (an input prompt, vision or text
+        prompt tokens). When no part of a client does, its inputs' encodings are frozen and may be cached."""
+        hooks = ("prompt_input", "vision_prompt_tokens", "text_prompt_tokens")
+        return any(getattr(type(self), h) is not getattr(TrainablePart, h) for h in hooks)
+
     def prompt_input(self, x: Tensor, modality: str) -> Tensor:
         """The input batch [B, ...] after this part's input prompt (unchanged by default)."""
         return x

@@ -1,0 +1,216 @@
+"""Frozen-feature cache: when nothing trainable touches the input side of a client's encoder, each input's
+encoding is computed once and reused across epochs, rounds, clients and runs.
+
+Entries are keyed by (backbone weights, transform, example): the backbone by a digest of its frozen tensors
+(a random-weight backbone built with another seed is another backbone), the transform by the modality's
+:meth:`~mmfl.modalities.base.Modality.cache_id`, the example by a digest of its raw stored value (image bytes,
+waveform, text). Any change to one of the three is a miss, never a stale hit. On disk, one safetensors file per
+(backbone, transform) under ``$MMFL_CACHE/features`` holds the digests and the features; it is rewritten
+atomically whenever entries were added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from mmfl.backbone import Backbone
+from mmfl.data.loader import make_loader
+from mmfl.data.splits import ENCODED, LABEL
+from mmfl.federated.checkpoint import load_state, save_state
+from mmfl.modalities.base import Modality
+
+log = logging.getLogger(__name__)
+
+
+def example_digest(value: Any) -> bytes:
+    """A 16-byte digest of one stored (undecoded) example: bytes, text, numbers, or nests of them."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(v: Any) -> None:
+        if isinstance(v, bytes | bytearray | memoryview):
+            h.update(b"b%d:" % len(v))
+            h.update(v)
+        elif isinstance(v, str):
+            h.update(b"s" + v.encode() + b"\0")
+        elif isinstance(v, dict):
+            h.update(b"{")
+            for k in sorted(v):
+                feed(str(k))
+                feed(v[k])
+            h.update(b"}")
+        elif isinstance(v, list | tuple):
+            h.update(b"[%d" % len(v))
+            for x in v:
+                feed(x)
+            h.update(b"]")
+        else:  # numbers, None, booleans
+            h.update(pickle.dumps(v, protocol=4))
+
+    feed(value)
+    return h.digest()
+
+
+def backbone_digest(backbone: Backbone) -> str:
+    """A digest of the backbone's name and every frozen tensor (names, shapes, dtypes, bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(backbone.model_name.encode())
+    for name, t in sorted(backbone.model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Encodings of inputs by a frozen encoder, in memory and (optionally) on disk.
+
+    Args:
+        backbone: the frozen backbone.
+        directory: where cache files live (None: memory only).
+        batch_size: batch size of the encoding passes.
+        device: where to encode (default: the backbone's device).
+    """
+
+    def __init__(
+        self, backbone: Backbone, directory: str | Path | None = None, batch_size: int = 64, device: str | None = None
+    ) -> None:
+        self.backbone = backbone
+        self.directory = Path(directory) if directory is not None else None
+        self.batch_size = batch_size
+        self.device = device
+        self._backbone_digest: str | None = None
+        self._stores: dict[str, tuple[dict[bytes, int], list[Tensor]]] = {}
+        self._digests: dict[str, list[bytes]] = {}  # per dataset fingerprint
+        self.hits = self.misses = 0
+
+    # ---------------------------------------------------------------- keys
+    def store_key(self, modality: Modality, train: bool) -> str | None:
+        """The (backbone, transform) key of a store, or None when the transform is random."""
+        tid = modality.cache_id(self.backbone, train)
+        if tid is None:
+            return None
+        if self._backbone_digest is None:
+            self._backbone_digest = backbone_digest(self.backbone)
+        return hashlib.blake2b(f"{self._backbone_digest}|{modality.name}|{tid}".encode(), digest_size=16).hexdigest()
+
+    def digests(self, ds: datasets.Dataset, input_key: str) -> list[bytes]:
+        """The digest of each example of ``ds`` (memoised per dataset fingerprint)."""
+        fp = f"{ds._fingerprint}|{input_key}"
+        if fp not in self._digests:
+            column = ds.with_format("arrow")[input_key]  # the stored values, undecoded
+            self._digests[fp] = [example_digest(v) for v in column.to_pylist()]
+        return self._digests[fp]
+
+    # ---------------------------------------------------------------- stores
+    def _path(self, key: str) -> Path | None:
+        return self.directory / f"{key}.safetensors" if self.directory is not None else None
+
+    def _store(self, key: str) -> tuple[dict[bytes, int], list[Tensor]]:
+        if key not in self._stores:
+            rows: dict[bytes, int] = {}
+            chunks: list[Tensor] = []
+            path = self._path(key)
+            if path is not None and path.exists():
+                try:
+                    state = load_state(path)
+                    d, f = state["digests"], state["features"]  # [N, 16] uint8, [N, D]
+                    rows = {bytes(d[i].tolist()): i for i in range(d.shape[0])}
+                    chunks = [f]
+                except (ValueError, KeyError) as e:  # a damaged cache is a miss, never an error
+                    log.warning("feature cache %s unreadable (%s): recomputing", path, e)
+            self._stores[key] = (rows, chunks)
+        return self._stores[key]
+
+    def _save(self, key: str) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        rows, chunks = self._stores[key]
+        feats = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        self._stores[key] = (rows, [feats])
+        order = sorted(rows, key=rows.get)
+        digests = torch.tensor([list(d) for d in order], dtype=torch.uint8)  # [N, 16]
+        save_state(path, {"digests": digests, "features": feats}, {"backbone": self.backbone.model_name})
+
+    # ---------------------------------------------------------------- lookup
+    @torch.no_grad()
+    def encodings(self, modality: Modality, ds: datasets.Dataset, train: bool) -> Tensor | None:
+        """The frozen encodings [N, D] of ``ds``'s inputs (in ``ds`` order), computing the missing ones; None
+        when the modality's transform is random (no caching possible)."""
+        key = self.store_key(modality, train)
+        if key is None:
+            return None
+        rows, chunks = self._store(key)
+        digs = self.digests(ds, modality.input_key)
+        missing: list[int] = []
+        seen: set[bytes] = set()
+        for i, d in enumerate(digs):  # each distinct input that is not stored yet, once
+            if d not in rows and d not in seen:
+                seen.add(d)
+                missing.append(i)
+        self.misses += len(missing)
+        self.hits += len(digs) - len(missing)
+        if missing:
+            new = self._encode(modality, ds.select(missing), train)  # [M, D]
+            start = sum(c.shape[0] for c in chunks)
+            for j, i in enumerate(missing):
+                rows[digs[i]] = start + j
+            chunks.append(new)
+            self._save(key)
+        feats = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        self._stores[key] = (rows, [feats])
+        return feats[torch.tensor([rows[d] for d in digs], dtype=torch.long)]  # [N, D]
+
+    def _encode(self, modality: Modality, ds: datasets.Dataset, train: bool) -> Tensor:
+        device = torch.device(self.device) if self.device else self.backbone.device
+        self.backbone.to(device)
+        self.backbone.model.eval()
+        loader = make_loader(ds, modality.input_key, modality.transform(self.backbone, train), self.batch_size, False)
+        out = [modality.encode(self.backbone, b[modality.input_key].to(device), []).float().cpu() for b in loader]
+        return torch.cat(out)  # [M, D]
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Hands the sampler's index lists to the collate function."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: list[int]) -> list[int]:
+        return idx
+
+
+def encoded_loader(
+    encodings: Tensor, labels: list[int] | Tensor, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """Batches ``{"encoded": [B, D], "label": [B]}`` drawn in exactly the order of :func:`make_loader` with the
+    same seed (the same sampler and generator), so cached and raw training see the same batches."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = encodings.shape[0]
+    if shuffle:
+        sampler = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(range(n))
+
+    def collate(idx: list[int]) -> dict[str, Tensor]:
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return {ENCODED: encodings[i], LABEL: labels[i]}
+
+    return DataLoader(
+        _Indices(n),
+        sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=False),
+        batch_size=None,
+        collate_fn=collate,
+    )
