@@ -74,6 +74,8 @@ class Backbone:
         self._text = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
         if self._text is None:
             raise TypeError(f"{model_name!r} has no text tower mmfl knows how to drive.")
+        self.truncate_text = True
+        """Cut learned-prompt batches to their longest prompt before the text tower (see encode_text_embeds)."""
         with torch.no_grad():  # open_clip models do not expose it: read it off one encoding, once
             self.embed_dim: int = int(self.encode_text(self.tokenize(["a"])).shape[-1])
         log.info(
@@ -251,9 +253,33 @@ class Backbone:
         tokens = tokens.to(embeds.device)
         if deep_prompts is not None:
             self._check_deep_text_prompts(deep_prompts, prompt_start, tokens.shape[-1])
+        keep = self._text_keep(tokens, deep_prompts, prompt_start)
+        if keep < tokens.shape[1]:  # positions after every prompt's end token change nothing that is pooled
+            embeds, tokens = embeds[:, :keep], tokens[:, :keep]  # [N, keep, W], [N, keep]
         if self._hf:
             return self._encode_hf_embeds(embeds, tokens, deep_prompts, prompt_start)
         return self._encode_native_embeds(embeds, tokens, deep_prompts, prompt_start)
+
+    def _text_keep(self, tokens: Tensor, deep: Tensor | None, start: int) -> int:
+        """How many leading positions the text tower needs: up to the longest prompt's end token (and the deep
+        prompts' positions), when the rest cannot change the pooled feature; else all of them.
+
+        That holds for HF towers (padding is masked out of attention and pooling) and for native towers with a
+        causal mask or a padding mask that pool at the end token or the first token.
+        """
+        length = tokens.shape[1]
+        if not self.truncate_text:
+            return length
+        if not self._hf:
+            t = self._text
+            pool = getattr(t, "text_pool_type", None) or getattr(t, "pool_type", "argmax")
+            masked = t.attn_mask is not None or getattr(t, "use_pad_mask", False)
+            if getattr(t, "cls_emb", None) is not None or pool not in ("argmax", "eos", "first") or not masked:
+                return length
+        keep = int(self.text_lengths(tokens).max())
+        if deep is not None:
+            keep = max(keep, start + deep.shape[1])
+        return min(length, keep)
 
     def _check_deep_text_prompts(self, prompts: Tensor, start: int, length: int) -> None:
         depth, width = self.text_depth, self.text_width

@@ -74,3 +74,26 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path) -> None:
 def test_unknown_pretrained_tag_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="neither a pretrained tag"):
         Backbone("ViT-B-32", pretrained="not-a-tag")
+
+
+@pytest.mark.parametrize("which", ["tiny_backbone", "hf_backbone", "mini_backbone"])
+def test_learned_prompts_cut_to_their_longest_prompt_equal_the_full_context(which: str, request) -> None:
+    """The text tower sees only up to the longest prompt's end token; the pooled features equal the full-length
+    ones (causal mask / padding mask), for prompts of different lengths, with and without deep prompts."""
+    bb = request.getfixturevalue(which)
+    tokens = bb.tokenize(["a photo of a cat.", "x", "a photo of the sea lion of the digit one two three."])
+    embeds = bb.embed_tokens(tokens)  # [3, L, W]
+    assert int(bb.text_lengths(tokens).max()) < tokens.shape[1]  # there is something to cut
+    with torch.no_grad():
+        cut = bb.encode_text_embeds(embeds, tokens)
+        bb.truncate_text = False
+        try:
+            full = bb.encode_text_embeds(embeds, tokens)
+            deep = torch.randn(1, 2, bb.text_width) * 0.02
+            full_deep = bb.encode_text_embeds(embeds, tokens, deep_prompts=deep) if bb.text_depth > 1 else None
+        finally:
+            bb.truncate_text = True
+        assert torch.allclose(cut, full, atol=1e-5), (cut - full).abs().max()
+        if full_deep is not None:
+            assert torch.allclose(bb.encode_text_embeds(embeds, tokens, deep_prompts=deep), full_deep, atol=1e-5)
+        assert torch.allclose(full, bb.encode_text(tokens), atol=1e-5)  # and both equal open_clip's own path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.collaboration import SETTINGS, run_setting
 from mmfl.backbone import Backbone
 
@@ -90,3 +92,32 @@ def test_robust_benchmark_attackers_send_what_they_claim(tiny_backbone: Backbone
         s.run_round(1)
         shift[name] = (s.global_state[key] - g).norm().item()
     assert shift["median"] < shift["fedavg"] / 2  # the median is not dragged by the boosted reply
+
+
+@pytest.mark.slow
+def test_benchmark_run_smoke_writes_every_figure(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.run import KEYS, main
+
+    r = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--quick",
+            "--backbone",
+            "mmfl-tiny",
+            "--accelerator",
+            "cpu",
+            "--no-flower",
+            "--sizes",
+            "1,3",
+        ]
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(KEYS) <= set(saved) and saved["efficiency"] == r["efficiency"]
+    assert 0 < r["efficiency"] < 1.5 and r["cache_speedup"] > 0 and r["rss_100_over_1"] > 0
+    # CoOp's context: n_ctx × text width float32, sent and received; the full model: every backbone tensor, twice
+    assert r["bytes_per_client_round"] == 2 * 4 * 64 * 4
+    bb = Backbone("mmfl-tiny")
+    assert r["full_model_bytes"] == 2 * sum(t.numel() * t.element_size() for t in bb.model.state_dict().values())

@@ -114,3 +114,45 @@ def test_training_beats_the_start(tiny_backbone: Backbone) -> None:
     sim.run()
     acc = {r["round"]: r["accuracy"] for r in sim.metrics.rows if r["level"] == "task"}
     assert acc[3] > acc[0] + 0.05, acc
+
+
+def test_no_frozen_tensor_is_duplicated_per_client(tiny_backbone: Backbone) -> None:
+    """Count the storages of every live tensor shaped like one of the backbone's large frozen tensors: 8 clients
+    hold no more of them than 1 (clients cost their trainable tensors only), and client data are views of one
+    shared table."""
+
+    frozen = tiny_backbone.model.state_dict().values()
+    floor = sorted(t.numel() for t in frozen)[-20]
+    shapes = {tuple(t.shape) for t in frozen if t.numel() >= floor}  # the 20 largest frozen tensors' shapes
+
+    def big_storages() -> set[int]:
+        gc.collect()
+        out = set()
+        for o in gc.get_objects():
+            try:
+                if isinstance(o, torch.Tensor) and tuple(o.shape) in shapes:
+                    out.add(o.untyped_storage().data_ptr())
+            except (ReferenceError, RuntimeError):
+                continue
+        return out
+
+    def federation(n: int) -> Simulation:
+        tasks = [prepare_task(Task("digits", SklearnDigits(), clients=n, shots=2, max_test_examples=10))]
+        sim = _sim(tiny_backbone, tasks)
+        sim.run_round(1)
+        return sim
+
+    one = federation(1)
+    base = big_storages()
+    del one
+    eight = federation(8)
+    assert len(big_storages() - base) == 0  # nothing large was allocated per client
+
+    def buffers(ds) -> set[int]:  # where the inputs (the bulk of the data) live
+        column = ds.data.table.column("image")
+        return {b.address for ch in column.chunks for b in ch.buffers() if b is not None}
+
+    per_client = [buffers(c.data.train) for c in eight.clients]
+    union = set().union(*per_client)
+    # views of one table (stored in a chunk or two) share its buffers; 8 copies would give 8 times as many
+    assert per_client[0] and len(union) <= 2 * len(per_client[0])
