@@ -124,8 +124,9 @@ def efficiency_and_cache(s: Setting, repeats: int = 3) -> dict[str, float]:
         tights.append(tight_loop(sim, 2 + r))
     off = build(s, "off", backbone=sim.backbone)
     timed_round(off, 1)
-    uncached = [timed_round(off, 2 + r) for r in range(max(1, repeats - 1))]
+    uncached = [timed_round(off, 2 + r) for r in range(repeats)]
     t_round, t_tight, t_off = min(rounds), min(tights), min(uncached)
+    diff = max(float((sim.global_state[k] - off.global_state[k]).abs().max()) for k in sim.global_state)
     steps = sum(-(-len(sim.clients[i].data.train) // s.batch_size) for i in sim.sample(2))
     return {
         "round_s": t_round,
@@ -134,6 +135,7 @@ def efficiency_and_cache(s: Setting, repeats: int = 3) -> dict[str, float]:
         "round_uncached_s": t_off,
         "cache_speedup": t_off / t_round,
         "steps_per_round": steps,
+        "cache_max_abs_diff": diff,  # the same rounds with and without the cache: how far apart they end
         "overhead_per_client_round_ms": 1000 * (t_round - t_tight) / len(sim.clients),
     }
 
