@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -162,14 +163,15 @@ def payload_bytes(s: Setting, sim: Simulation | None = None) -> dict[str, int]:
     return {"bytes_per_client_round": 2 * mine, "full_model_bytes": 2 * full}
 
 
-def peak_rss_mib(s: Setting, clients: int) -> float:
+def peak_rss_mib(s: Setting, clients: int) -> dict[str, float]:
     """Peak resident memory (MiB) of a fresh process that builds the setting with ``clients`` clients and runs
-    one round (the feature cache is read from disk, so every size pays the same encoding cost)."""
+    one round (the feature cache is read from disk, so every size pays the same encoding cost), and its resident
+    memory after the round (``rss_mib``)."""
     args = Setting(**{**s.__dict__, "clients": clients}).args()
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.perf", "--rss", *args], capture_output=True, text=True, check=True
     )
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     s = Setting(**{k: getattr(a, k) for k in Setting().__dict__})
     sim = build(s, "disk")
     timed_round(sim, 1)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    status = Path("/proc/self/status").read_text().splitlines()
+    now = next(int(x.split()[1]) for x in status if x.startswith("VmRSS:")) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": peak, "rss_mib": now}))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ def table(r: dict) -> str:
             " / ".join(f"{n}: {v:.0f} MiB" for n, v in r["peak_rss_mib"].items()),
         ),
         (
+            "resident memory after the round, 100 ÷ 1",
+            f"{r['end_rss_100_over_1']:.2f}",
+            " / ".join(f"{n}: {v:.0f} MiB" for n, v in r["end_rss_mib"].items()),
+        ),
+        (
             "frozen-feature cache speed-up",
             f"{r['cache_speedup']:.1f}×",
             f"{r['round_uncached_s']:.2f} s ÷ {r['round_s']:.2f} s per round",
@@ -137,11 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
     r.update(payload_bytes(s, build(s, "memory")))
     sizes = [int(x) for x in args.sizes.split(",")]
     mem = Setting(**{**s.__dict__, "shots": 1})  # the same data per client whatever their number
-    r["peak_rss_mib"] = {}
+    r["peak_rss_mib"], r["end_rss_mib"] = {}, {}
     for n in sizes:
         log.warning("peak memory with %d clients", n)
-        r["peak_rss_mib"][str(n)] = peak_rss_mib(mem, n)
+        m = peak_rss_mib(mem, n)
+        r["peak_rss_mib"][str(n)], r["end_rss_mib"][str(n)] = m["peak_rss_mib"], m["rss_mib"]
     r["rss_100_over_1"] = r["peak_rss_mib"][str(sizes[-1])] / r["peak_rss_mib"][str(sizes[0])]
+    r["end_rss_100_over_1"] = r["end_rss_mib"][str(sizes[-1])] / r["end_rss_mib"][str(sizes[0])]
     if args.flower:
         from benchmarks.flower_compare import compare
 
