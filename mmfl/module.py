@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,10 +46,34 @@ def quiet_lightning() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+@functools.cache
+def _entry_point_groups_in_use(group: str) -> bool:
+    return bool(importlib.metadata.entry_points(group=group))
+
+
+def _skip_empty_callback_scan() -> None:
+    """Every ``Trainer()`` scans all installed distributions for external-callback entry points (~10 ms, more
+    than a client's local round on a GPU). mmfl builds one Trainer per client per round, so the scan is done
+    once per process: when the group has no entry points the (unchanged) loader is skipped; when it has some,
+    Lightning's own loader runs every time, as before."""
+    from lightning.pytorch.trainer.connectors import callback_connector as cc
+
+    original = cc._load_external_callbacks
+    if getattr(original, "__mmfl_cached__", False):
+        return
+
+    def load(group: str) -> list:
+        return original(group) if _entry_point_groups_in_use(group) else []
+
+    load.__mmfl_cached__ = True  # type: ignore[attr-defined]
+    cc._load_external_callbacks = load
+
+
 def make_trainer(
     max_epochs: int = 1, max_steps: int = -1, accelerator: str = "auto", precision: str = "32-true"
 ) -> L.Trainer:
     """A quiet single-device Trainer (no logger, checkpoints, progress bar or sanity steps)."""
+    _skip_empty_callback_scan()
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
