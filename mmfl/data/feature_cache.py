@@ -90,6 +90,7 @@ class FeatureCache:
         self._backbone_digest: str | None = None
         self._stores: dict[str, tuple[dict[bytes, int], list[Tensor]]] = {}
         self._digests: dict[str, list[bytes]] = {}  # per dataset fingerprint
+        self._labels: dict[str, Tensor] = {}
         self.hits = self.misses = 0
 
     # ---------------------------------------------------------------- keys
@@ -109,6 +110,13 @@ class FeatureCache:
             column = ds.with_format("arrow")[input_key]  # the stored values, undecoded
             self._digests[fp] = [example_digest(v) for v in column.to_pylist()]
         return self._digests[fp]
+
+    def labels(self, ds: datasets.Dataset) -> Tensor:
+        """The labels of ``ds`` [N] (memoised per dataset fingerprint)."""
+        fp = f"{ds._fingerprint}|{LABEL}"
+        if fp not in self._labels:
+            self._labels[fp] = torch.as_tensor(ds.with_format("arrow")[LABEL].to_numpy(), dtype=torch.long)
+        return self._labels[fp]
 
     # ---------------------------------------------------------------- stores
     def _path(self, key: str) -> Path | None:

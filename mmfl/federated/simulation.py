@@ -18,7 +18,6 @@ from mmfl.backbone import Backbone
 from mmfl.backbones import cache_dir
 from mmfl.data.feature_cache import FeatureCache, encoded_loader
 from mmfl.data.loader import make_loader
-from mmfl.data.splits import LABEL
 from mmfl.data.task import ClientData, PreparedTask
 from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
@@ -188,7 +187,7 @@ class Simulation(Rounds):
         if self.features is not None and module.frozen_encoding():
             encoded = self.features.encodings(module.modality, ds, train)  # [N, D] or None
             if encoded is not None:
-                return encoded_loader(encoded, ds[LABEL], bs, shuffle=train, seed=seed)
+                return encoded_loader(encoded, self.features.labels(ds), bs, shuffle=train, seed=seed)
         return make_loader(
             ds,
             module.modality.input_key,
