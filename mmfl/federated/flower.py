@@ -262,6 +262,19 @@ class ScopedFedAvg(FlowerFedAvg):
         return MetricRecord(out)
 
 
+def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
+    """The ServerApp's federation (writing to ``output-dir``), the nodes to wait for (``min-nodes``, default one
+    per client) and the nodes to train each round (the recipe's fraction and ``min_clients``)."""
+    sim = federation_from_config(cfg)
+    out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
+    if out is not None:
+        sim.attach_output(out)
+    min_nodes = int(cfg.get("min-nodes", len(sim.clients)))
+    fed = sim.federation
+    min_train = max(1, min(min_nodes, max(fed.min_clients, math.ceil(fed.fraction * min_nodes))))
+    return sim, out, min_nodes, min_train
+
+
 server_app = ServerApp()
 
 
@@ -271,19 +284,9 @@ def main(grid: Grid, context: Context) -> None:
     from mmfl.module import quiet_lightning
 
     cfg = dict(context.run_config)
-    sim = federation_from_config(cfg)
-    out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
-    if out is not None:
-        sim.attach_output(out)
-    n = len(sim.clients)
-    min_nodes = int(cfg.get("min-nodes", n))
-    fraction = sim.federation.fraction
+    sim, out, min_nodes, min_train = server_setup(cfg)
     strategy = ScopedFedAvg(
-        sim,
-        out,
-        fraction_train=fraction,
-        min_train_nodes=max(1, min(min_nodes, max(sim.federation.min_clients, math.ceil(fraction * min_nodes)))),
-        min_available_nodes=min_nodes,
+        sim, out, fraction_train=sim.federation.fraction, min_train_nodes=min_train, min_available_nodes=min_nodes
     )
     with quiet_lightning():
         strategy.start(

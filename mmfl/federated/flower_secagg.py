@@ -36,7 +36,7 @@ from torch import Tensor
 from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import validate_update
-from mmfl.federated.flower import LOCAL_STATE, client_index, federation_from_config
+from mmfl.federated.flower import LOCAL_STATE, client_index, federation_from_config, server_setup
 from mmfl.federated.scopes import is_local
 from mmfl.federated.simulation import Simulation
 
@@ -190,23 +190,8 @@ class SecureScopedFedAvg(LegacyFedAvg):
                 k: agg.merge(k, v.double()[None], one, sim.global_state[k].double()).to(v.dtype)
                 for k, v in merged.items()
             }
-        dp = sim.federation.dp
-        if dp is not None:
-            merged = dp.noise(merged, counts, sim.seed, server_round)
-            eps = dp.epsilon(server_round, len(sim.clients), len(results) + len(failures))
-            sim.metrics.add(
-                server_round,
-                "server",
-                "",
-                "",
-                "",
-                "privacy",
-                math.nan,
-                math.nan,
-                len(results),
-                value=eps,
-                note=f"epsilon at delta={dp.delta:g}",
-            )
+        if sim.federation.dp is not None:
+            merged = sim.private(server_round, merged, counts, len(results) + len(failures), len(results))
         sim.global_state.update(merged)
         return self.initialize_parameters(None), {"clients": len(results), "failures": len(failures)}
 
@@ -239,19 +224,13 @@ def secure_main(grid: Grid, context: Context) -> None:
     from mmfl.module import quiet_lightning
 
     cfg = {**DEFAULTS, **dict(context.run_config)}
-    sim = federation_from_config(cfg)
+    sim, out, min_nodes, min_train = server_setup(cfg)
     check_secure(sim.federation.aggregator, len(sim.clients))
-    out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
-    if out is not None:
-        sim.attach_output(out)
-    n = len(sim.clients)
-    min_nodes = int(cfg.get("min-nodes", n))
-    fraction = sim.federation.fraction
     strategy = SecureScopedFedAvg(
         sim,
         out,
-        fraction_fit=fraction,
-        min_fit_clients=max(3, min(min_nodes, max(sim.federation.min_clients, math.ceil(fraction * min_nodes)))),
+        fraction_fit=sim.federation.fraction,
+        min_fit_clients=max(3, min_train),
         min_available_clients=min_nodes,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=sim.federation.rounds), strategy=strategy)

@@ -129,21 +129,19 @@ class Rounds:
         merged = aggregate(updates, self.federation.aggregator, self.global_state)
         if dp is not None:
             counts = {k: len(pairs) for k, pairs in group(updates).items()}
-            merged = dp.noise(merged, counts, self.seed, rnd)
-            eps = dp.epsilon(rnd, len(self.clients), sampled)
-            self.metrics.add(
-                rnd,
-                "server",
-                "",
-                "",
-                "",
-                "privacy",
-                math.nan,
-                math.nan,
-                len(updates),
-                value=eps,
-                note=f"epsilon at delta={dp.delta:g}",
-            )
-            log.info("round %d: client-level DP, ε = %.3f at δ = %g", rnd, eps, dp.delta)
+            merged = self.private(rnd, merged, counts, sampled, len(updates))
         self.global_state.update(merged)
         return merged
+
+    def private(
+        self, rnd: int, merged: dict[str, Tensor], counts: dict[str, int], sampled: int, replied: int
+    ) -> dict[str, Tensor]:
+        """Add the DP noise of ``federation.dp`` to ``merged`` (``counts``: the clients merged per key), record ε
+        for the ``sampled`` clients of the round in a ``privacy`` row, and return the noised tensors."""
+        dp = self.federation.dp
+        noised = dp.noise(merged, counts, self.seed, rnd)
+        eps = dp.epsilon(rnd, len(self.clients), sampled)
+        note = f"epsilon at delta={dp.delta:g}"
+        self.metrics.add(rnd, "server", "", "", "", "privacy", math.nan, math.nan, replied, value=eps, note=note)
+        log.info("round %d: client-level DP, ε = %.3f at δ = %g", rnd, eps, dp.delta)
+        return noised
