@@ -69,6 +69,31 @@ def _skip_empty_callback_scan() -> None:
     cc._load_external_callbacks = load
 
 
+def _cuda_accelerator_keeping_cache() -> L.pytorch.accelerators.Accelerator:
+    """Lightning's CUDA accelerator, except that its teardown keeps PyTorch's CUDA memory cache.
+
+    Lightning's ``teardown`` empties the CUDA cache and cuBLAS workspaces after every ``fit``. mmfl runs one short
+    ``fit`` per client per round, so every client would allocate its memory again from the driver (synchronous
+    ``cudaMalloc``s); keeping the cache lets the next client reuse it. Memory is still released when the process
+    ends, or by ``torch.cuda.empty_cache()``.
+    """
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    class KeepCacheCUDAAccelerator(CUDAAccelerator):
+        def teardown(self) -> None:
+            pass
+
+    return KeepCacheCUDAAccelerator()
+
+
+def _accelerator(name: str) -> str | L.pytorch.accelerators.Accelerator:
+    """The accelerator to give a Trainer: ``auto``/``gpu``/``cuda`` with CUDA present become the cache-keeping CUDA
+    accelerator; anything else is passed through to Lightning as written."""
+    if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return _cuda_accelerator_keeping_cache()
+    return name
+
+
 def make_trainer(
     max_epochs: int = 1, max_steps: int = -1, accelerator: str = "auto", precision: str = "32-true"
 ) -> L.Trainer:
@@ -77,7 +102,7 @@ def make_trainer(
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
-        accelerator=accelerator,
+        accelerator=_accelerator(accelerator),
         devices=1,
         precision=precision,
         logger=False,

@@ -106,3 +106,25 @@ def test_public_api_resolves() -> None:
     for name in mmfl.__all__:
         assert getattr(mmfl, name) is not None, name
     assert mmfl.Backbone is Backbone and mmfl.CoOp is CoOp
+
+
+def test_trainers_on_cuda_keep_the_memory_cache_between_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fit per client per round: Lightning's CUDA teardown (empty the cache, free cuBLAS workspaces) would
+    make every client allocate again; mmfl's CUDA accelerator keeps the cache. CPU runs are untouched."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    from mmfl.module import _accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _accelerator("auto") == "auto" and _accelerator("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    acc = _accelerator("auto")
+    assert isinstance(acc, CUDAAccelerator) and _accelerator("cpu") == "cpu"
+
+    def refuse() -> None:
+        raise AssertionError("the CUDA cache was emptied")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", refuse)
+    acc.teardown()  # keeps the cache
+    with pytest.raises(AssertionError, match="emptied"):
+        CUDAAccelerator().teardown()  # Lightning's own does empty it
