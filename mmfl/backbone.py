@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mmfl.backbones import resolve_offline
 from mmfl.backbones.args import check_backbone_args
-from mmfl.backbones.blocks import replace_block_input, run_blocks
+from mmfl.backbones.blocks import encode_vit_prompted, replace_block_input, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -394,14 +394,7 @@ class Backbone:
                 f"prompt tokens {tuple(prompts.shape)} must be [P, {width}] or [K, P, {width}] with "
                 f"1 <= K <= {n_layers} (the vision tower's blocks)"
             )
-        prompts = prompts.to(v.class_embedding.dtype)
-        x = v._embeds(images)  # [B, 1+N, W] after ln_pre
-        n_prompt = prompts.shape[1]
-        x = torch.cat([x[:, :1], prompts[0].expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+P+N, W]
-        x = run_blocks(v.transformer, x, None, prompts[1:], start=1, first=1)
-        x = torch.cat([x[:, :1], x[:, 1 + n_prompt :]], dim=1)  # [B, 1+N, W]: prompts dropped
-        pooled, _ = v._pool(x)  # [B, W]
-        return pooled @ v.proj if v.proj is not None else pooled  # [B, D]
+        return encode_vit_prompted(v, images, prompts.to(v.class_embedding.dtype))
 
     def __repr__(self) -> str:
         return f"Backbone({self.model_name!r}, pretrained={self.pretrained!r})"

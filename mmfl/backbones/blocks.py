@@ -36,3 +36,16 @@ def replace_block_input(
     if args:
         return (_replace_span(args[0], prompts, start), *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": _replace_span(kwargs["hidden_states"], prompts, start)}
+
+
+def encode_vit_prompted(visual: nn.Module, images: Tensor, prompts: Tensor) -> Tensor:
+    """An open_clip ``VisionTransformer``'s forward with prompt tokens: ``prompts[0]`` [P, W] inserted after the
+    class token at the input, positions replaced by ``prompts[k]`` before block k (0 < k < K), the prompts
+    dropped again before pooling. Images [B, 3, H, W], prompts [K, P, W] → features [B, D]."""
+    x = visual._embeds(images)  # [B, 1+N, W] after ln_pre
+    n_prompt = prompts.shape[1]
+    x = torch.cat([x[:, :1], prompts[0].expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+P+N, W]
+    x = run_blocks(visual.transformer, x, None, prompts[1:], start=1, first=1)
+    x = torch.cat([x[:, :1], x[:, 1 + n_prompt :]], dim=1)  # [B, 1+N, W]: prompts dropped
+    pooled, _ = visual._pool(x)  # [B, W]
+    return pooled @ visual.proj if visual.proj is not None else pooled  # [B, D]
