@@ -70,39 +70,73 @@ def _skip_empty_callback_scan() -> None:
 
 
 def _cuda_accelerator_keeping_cache() -> L.pytorch.accelerators.Accelerator:
-    """Lightning's CUDA accelerator, except that its teardown keeps PyTorch's CUDA memory cache.
+    """Lightning's CUDA accelerator, except that it keeps PyTorch's CUDA memory cache and cuBLAS workspaces.
 
-    Lightning's ``teardown`` empties the CUDA cache and cuBLAS workspaces after every ``fit``. mmfl runs one short
-    ``fit`` per client per round, so every client would allocate its memory again from the driver (synchronous
-    ``cudaMalloc``s); keeping the cache lets the next client reuse it. Memory is still released when the process
-    ends, or by ``torch.cuda.empty_cache()``.
+    Lightning's CUDA accelerator empties the memory cache and frees the cuBLAS workspaces at the start (``setup``)
+    and at the end (``teardown``) of every ``fit``/``test``. mmfl runs one short ``fit`` per client per round, so
+    every client would allocate its memory and workspaces again from the driver (synchronous cudaMalloc calls);
+    keeping them lets the next client reuse them. Memory is still released when the process ends, or by
+    ``torch.cuda.empty_cache()``.
     """
     from lightning.pytorch.accelerators import CUDAAccelerator
 
     class KeepCacheCUDAAccelerator(CUDAAccelerator):
+        def setup(self, trainer: L.Trainer) -> None:
+            self.set_nvidia_flags(trainer.local_rank)
+
         def teardown(self) -> None:
             pass
 
     return KeepCacheCUDAAccelerator()
 
 
-def _accelerator(name: str) -> str | L.pytorch.accelerators.Accelerator:
-    """The accelerator to give a Trainer: ``auto``/``gpu``/``cuda`` with CUDA present become the cache-keeping CUDA
-    accelerator; anything else is passed through to Lightning as written."""
+def _resident_strategy(device: str) -> L.pytorch.strategies.Strategy:
+    """Lightning's single-device strategy, except that its teardown leaves the module on ``device``.
+
+    Lightning moves the module (and the optimizer state) back to the CPU after every ``fit``/``test``, so the next
+    one copies it to the device again: two transfers per client per round. mmfl's client modules hold only their
+    small trainable parts (the frozen backbone is shared and stays on the device anyway), so they stay where the
+    strategy put them; :meth:`ClientModule.trainable_state_dict` still hands out CPU copies.
+    """
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class ResidentSingleDeviceStrategy(SingleDeviceStrategy):
+        def teardown(self) -> None:
+            self.precision_plugin.teardown()
+            assert self.accelerator is not None
+            self.accelerator.teardown()
+            self.checkpoint_io.teardown()
+
+    return ResidentSingleDeviceStrategy(device=device)
+
+
+def _placement(name: str) -> tuple[str | L.pytorch.accelerators.Accelerator, str | L.pytorch.strategies.Strategy]:
+    """The accelerator and strategy to give a Trainer for ``training.accelerator`` ``name``.
+
+    ``auto``/``gpu``/``cuda`` with CUDA present: the cache-keeping CUDA accelerator on ``cuda:0`` with the resident
+    strategy; ``cpu`` (or ``auto`` with neither CUDA nor MPS): the CPU with the resident strategy; anything else
+    (MPS, TPU, ...) is passed through to Lightning as written.
+    """
     if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return _cuda_accelerator_keeping_cache()
-    return name
+        return _cuda_accelerator_keeping_cache(), _resident_strategy("cuda:0")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "cpu" or (name == "auto" and not (mps is not None and mps.is_available())):
+        return "cpu", _resident_strategy("cpu")
+    return name, "auto"
 
 
 def make_trainer(
     max_epochs: int = 1, max_steps: int = -1, accelerator: str = "auto", precision: str = "32-true"
 ) -> L.Trainer:
-    """A quiet single-device Trainer (no logger, checkpoints, progress bar or sanity steps)."""
+    """A quiet single-device Trainer (no logger, checkpoints, progress bar or sanity steps) that leaves the module
+    and, on CUDA, PyTorch's memory cache in place when it ends (see :func:`_placement`)."""
     _skip_empty_callback_scan()
+    acc, strategy = _placement(accelerator)
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
-        accelerator=_accelerator(accelerator),
+        accelerator=acc,
+        strategy=strategy,
         devices=1,
         precision=precision,
         logger=False,
@@ -176,10 +210,17 @@ class ClientModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
+        self.log_train_metrics = True
+        """Log ``train_loss``/``train_acc`` through ``self.log`` at each epoch's end (for loggers and callbacks);
+        a simulation, which reads :attr:`epoch_metrics` instead, turns it off."""
+        self.epoch_metrics: dict[str, Tensor] = {}
+        """The last training epoch's mean ``train_loss`` and ``train_acc`` (0-d tensors on the module's device)."""
         n = len(self.class_names)
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        # validate_args=False: the check counts the unique labels of every batch (a device sync per step); labels
+        # outside [0, C) already fail in the cross-entropy
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
 
     # ---------------------------------------------------------------- trainable state
     def _qualified(self) -> Iterable[tuple[str, nn.Parameter]]:
@@ -309,10 +350,13 @@ class ClientModule(L.LightningModule):
         self.train_acc.reset()
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's mean ``train_loss`` and ``train_acc`` (one device sync per epoch, not per step)."""
+        """Keep the epoch's mean ``train_loss`` and ``train_acc`` in :attr:`epoch_metrics` and, when
+        :attr:`log_train_metrics`, log them (``self.log``: ~1 ms a call, and a device sync)."""
         if self._seen:
-            self.log("train_loss", self._loss_sum / self._seen)
-            self.log("train_acc", self.train_acc.compute())
+            self.epoch_metrics = {"train_loss": self._loss_sum / self._seen, "train_acc": self.train_acc.compute()}
+            if self.log_train_metrics:
+                for k, v in self.epoch_metrics.items():
+                    self.log(k, v)
         self.train_acc.reset()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mmfl.backbone import Backbone
 from mmfl.data import SklearnDigits, Task, make_loader, prepare_task
 from mmfl.modalities import get_modality
-from mmfl.module import ClientModule, zero_shot_text_features
+from mmfl.module import ClientModule, make_trainer, quiet_lightning, zero_shot_text_features
 from mmfl.prompts import CoOp
 
 NAMES = ["cat", "dog", "bird"]
@@ -91,6 +91,10 @@ def test_lightning_fit_trains_only_parts_and_checkpoint_has_no_backbone(tiny_bac
     )
     trainer.fit(m, loader)
     assert not torch.equal(m.parts["coop"].ctx.detach(), ctx_before)
+    # the epoch's means reach Lightning's loggers and callbacks (log_train_metrics defaults to True)
+    assert set(m.epoch_metrics) == {"train_loss", "train_acc"}
+    for k, v in m.epoch_metrics.items():
+        assert float(trainer.callback_metrics[k]) == pytest.approx(float(v))
     assert not tiny_backbone.model.training  # Lightning's train() did not reach the frozen model
     for k, v in tiny_backbone.model.state_dict().items():
         assert torch.equal(v, frozen_before[k]), k
@@ -109,22 +113,67 @@ def test_public_api_resolves() -> None:
 
 
 def test_trainers_on_cuda_keep_the_memory_cache_between_clients(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One fit per client per round: Lightning's CUDA teardown (empty the cache, free cuBLAS workspaces) would
-    make every client allocate again; mmfl's CUDA accelerator keeps the cache. CPU runs are untouched."""
-    from lightning.pytorch.accelerators import CUDAAccelerator
+    """One fit per client per round: Lightning's CUDA accelerator empties the memory cache and frees the cuBLAS
+    workspaces when every fit starts and ends, so every client would allocate again; mmfl's keeps them. CPU runs
+    stay on the CPU; other accelerators are Lightning's."""
+    from types import SimpleNamespace
 
-    from mmfl.module import _accelerator
+    from lightning.fabric.accelerators import cuda as fabric_cuda
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from mmfl.module import _placement
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _accelerator("auto") == "auto" and _accelerator("cpu") == "cpu"
+    for name in ("auto", "cpu"):
+        acc, strategy = _placement(name)
+        assert acc == "cpu" and isinstance(strategy, SingleDeviceStrategy) and strategy.root_device.type == "cpu"
+    assert _placement("tpu") == ("tpu", "auto")  # not mmfl's business: Lightning decides (and checks)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    acc = _accelerator("auto")
-    assert isinstance(acc, CUDAAccelerator) and _accelerator("cpu") == "cpu"
+    acc, strategy = _placement("auto")
+    assert isinstance(acc, CUDAAccelerator) and strategy.root_device == torch.device("cuda", 0)
+    assert _placement("gpu")[1].root_device.type == "cuda" and _placement("cpu")[0] == "cpu"
 
     def refuse() -> None:
         raise AssertionError("the CUDA cache was emptied")
 
+    monkeypatch.setattr(fabric_cuda, "_clear_cuda_memory", refuse)
     monkeypatch.setattr(torch.cuda, "empty_cache", refuse)
-    acc.teardown()  # keeps the cache
-    with pytest.raises(AssertionError, match="emptied"):
-        CUDAAccelerator().teardown()  # Lightning's own does empty it
+    acc.setup(SimpleNamespace(local_rank=0))  # keeps the cache when a fit starts
+    acc.teardown()  # and when it ends
+    for call in (lambda: CUDAAccelerator().setup(SimpleNamespace(local_rank=0)), CUDAAccelerator().teardown):
+        with pytest.raises(AssertionError, match="emptied"):
+            call()  # Lightning's own empties it both times
+
+
+def test_trainers_leave_the_client_module_on_its_device(tiny_backbone: Backbone, monkeypatch) -> None:
+    """Lightning moves the module back to the CPU after every fit (and to the device again before the next one);
+    mmfl's trainers leave it where it is. Shown on the CPU: ``module.cpu()`` is never called."""
+    task = prepare_task(Task("digits", SklearnDigits(), max_test_examples=20, shots=2))
+    m = ClientModule(
+        tiny_backbone,
+        get_modality("image"),
+        "digits",
+        task.class_names,
+        [CoOp(tiny_backbone, task.class_names, n_ctx=2)],
+    )
+    loader = make_loader(task.clients[0].train, "image", get_modality("image").transform(tiny_backbone, True), 8, True)
+    moves = []
+    monkeypatch.setattr(ClientModule, "cpu", lambda self: moves.append("cpu") or self)
+    with quiet_lightning():
+        make_trainer(accelerator="cpu").fit(m, loader)
+        make_trainer(accelerator="cpu").test(m, loader, verbose=False)
+        assert moves == []
+        L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False).fit(m, loader)
+    assert moves == ["cpu"]  # Lightning's default strategy does move it
+
+
+def test_a_label_outside_the_classes_fails_the_step(tiny_backbone: Backbone) -> None:
+    """The accuracy metrics skip torchmetrics' per-batch label check (a device sync each step); the cross-entropy,
+    computed first, still refuses a label outside [0, C)."""
+    m = ClientModule(tiny_backbone, get_modality("image"), "pets", NAMES, [CoOp(tiny_backbone, NAMES, n_ctx=2)])
+    x = torch.zeros(2, 3, tiny_backbone.image_size[0], tiny_backbone.image_size[1])
+    m.on_train_epoch_start()
+    m.training_step({"image": x, "label": torch.tensor([0, len(NAMES) - 1])}, 0)  # in range: fine
+    with pytest.raises(IndexError, match="out of bounds"):
+        m.training_step({"image": x, "label": torch.tensor([0, len(NAMES)])}, 0)

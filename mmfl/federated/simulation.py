@@ -167,7 +167,7 @@ class Simulation(Rounds):
         """
         names = list(class_names or task.class_names)
         parts = [p for p in (f(self.backbone, names) for f in self.part_factories) if p.supports(task.modality)]
-        return ClientModule(
+        module = ClientModule(
             self.backbone,
             task.task.build_modality(),
             task.name,
@@ -176,6 +176,8 @@ class Simulation(Rounds):
             optimizer=self.training.optimizer,
             templates=templates or task.task.prompt_templates(),
         )
+        module.log_train_metrics = False  # fit_client reads module.epoch_metrics
+        return module
 
     def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
         return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
@@ -216,8 +218,9 @@ class Simulation(Rounds):
         trainer = self._trainer(self.training.epochs, self.training.max_steps)
         if self.federation.client_timeout is not None:
             trainer.callbacks.append(Deadline(self.federation.client_timeout))
+        module.epoch_metrics = {}
         trainer.fit(module, train_dataloaders=loader)
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        m = {k: float(v) for k, v in module.epoch_metrics.items()}
         update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train))
         return update, {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
 
