@@ -164,7 +164,9 @@ def test_trainers_leave_the_client_module_on_its_device(tiny_backbone: Backbone,
         make_trainer(accelerator="cpu").fit(m, loader)
         make_trainer(accelerator="cpu").test(m, loader, verbose=False)
         assert moves == []
-        L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False).fit(m, loader)
+        L.Trainer(
+            max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+        ).fit(m, loader)
     assert moves == ["cpu"]  # Lightning's default strategy does move it
 
 
