@@ -233,13 +233,18 @@ class ClientModule(L.LightningModule):
         """Scope-qualified keys of this client's trainable tensors."""
         return [k for k, _ in self._qualified() if include_local or not is_local(k)]
 
-    def trainable_state_dict(self, include_local: bool = True) -> dict[str, Tensor]:
+    def trainable_state_dict(self, include_local: bool = True, local_only: bool = False) -> dict[str, Tensor]:
         """Trainable tensors by scope-qualified key (``task/digits/coop.ctx``), detached copies on CPU.
 
         Args:
             include_local: also return ``local/...`` tensors (never sent to a server).
+            local_only: return only the ``local/...`` tensors (the others are not copied).
         """
-        return {k: p.detach().to("cpu", copy=True) for k, p in self._qualified() if include_local or not is_local(k)}
+        return {
+            k: p.detach().to("cpu", copy=True)
+            for k, p in self._qualified()
+            if (is_local(k) if local_only else include_local or not is_local(k))
+        }
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], strict: bool = False) -> list[str]:
         """Copy the tensors of this client's keys from ``state`` (other keys are ignored).

@@ -52,6 +52,13 @@ def test_trainable_state_keys_are_scope_qualified(tiny_backbone: Backbone) -> No
     local = _module(tiny_backbone, scopes={"ctx": "local"})
     assert local.trainable_keys() == ["local/coop.ctx"]
     assert local.trainable_state_dict(include_local=False) == {}
+    assert list(local.trainable_state_dict(local_only=True)) == ["local/coop.ctx"]
+    assert m.trainable_state_dict(local_only=True) == {}  # a shared tensor is not copied for nothing
+    mixed = ClientModule(
+        tiny_backbone, get_modality("image"), "pets", NAMES, [CoOp(tiny_backbone, NAMES, n_ctx=2, local_rank=1)]
+    )
+    assert sorted(mixed.trainable_state_dict(local_only=True)) == ["local/coop.local_u", "local/coop.local_v"]
+    assert sorted(mixed.trainable_state_dict()) == ["local/coop.local_u", "local/coop.local_v", "task/pets/coop.ctx"]
 
 
 def test_load_trainable_state(tiny_backbone: Backbone) -> None:

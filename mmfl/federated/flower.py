@@ -32,7 +32,6 @@ from torch import Tensor
 from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import validate_update
-from mmfl.federated.scopes import is_local
 from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["config"]["server-round"])
     sim.global_state.update(msg.content["arrays"].to_torch_state_dict())
     update, m = sim.fit_client(client, rnd)
-    local = {k: v for k, v in client.module.trainable_state_dict().items() if is_local(k)}
+    local = client.module.trainable_state_dict(local_only=True)
     if local:
         context.state.array_records[LOCAL_STATE] = ArrayRecord(local)
     metrics = {"num-examples": update.num_examples, "train-loss": m["loss"], "train-accuracy": m["accuracy"]}

@@ -37,7 +37,6 @@ from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import validate_update
 from mmfl.federated.flower import LOCAL_STATE, client_index, federation_from_config, server_setup
-from mmfl.federated.scopes import is_local
 from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ class SecureClient(NumPyClient):
                 f"client {client.data.cid}: a tensor value {worst:.3g} exceeds the SecAgg+ clipping range {bound:g}; "
                 "raise secagg-clipping-range (mmfl flower-app --secagg_clipping_range)"
             )
-        local = {k: v for k, v in client.module.trainable_state_dict().items() if is_local(k)}
+        local = client.module.trainable_state_dict(local_only=True)
         if local:
             ctx.state.array_records[LOCAL_STATE] = ArrayRecord(local)
         values = [

@@ -25,7 +25,6 @@ from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
-from mmfl.federated.scopes import is_local
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
 from mmfl.prompts.base import TrainablePart
@@ -314,13 +313,13 @@ class Simulation(Rounds):
     @staticmethod
     def local_state(c: _Client) -> dict[str, Tensor]:
         """A copy of the client's ``local`` tensors (they never leave it)."""
-        return {k: v for k, v in c.module.trainable_state_dict().items() if is_local(k)}
+        return c.module.trainable_state_dict(local_only=True)
 
     def save_local_states(self, clients: Sequence[_Client], rnd: int) -> None:
         """Write each client's ``local`` tensors (never sent) to ``local/<task>/<modality>/<i>.safetensors``."""
         assert self.output_dir is not None
         for c in clients:
-            state = {k: v for k, v in c.module.trainable_state_dict().items() if is_local(k)}
+            state = c.module.trainable_state_dict(local_only=True)
             if state:
                 save_state(self.output_dir / "local" / f"{c.data.cid}.safetensors", state, {"round": str(rnd)})
 
