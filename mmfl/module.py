@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -69,7 +71,7 @@ def _skip_empty_callback_scan() -> None:
     cc._load_external_callbacks = load
 
 
-def _cuda_accelerator_keeping_cache() -> L.pytorch.accelerators.Accelerator:
+class KeepCacheCUDAAccelerator(CUDAAccelerator):
     """Lightning's CUDA accelerator, except that it keeps PyTorch's CUDA memory cache and cuBLAS workspaces.
 
     Lightning's CUDA accelerator empties the memory cache and frees the cuBLAS workspaces at the start (``setup``)
@@ -78,36 +80,30 @@ def _cuda_accelerator_keeping_cache() -> L.pytorch.accelerators.Accelerator:
     keeping them lets the next client reuse them. Memory is still released when the process ends, or by
     ``torch.cuda.empty_cache()``.
     """
-    from lightning.pytorch.accelerators import CUDAAccelerator
 
-    class KeepCacheCUDAAccelerator(CUDAAccelerator):
-        def setup(self, trainer: L.Trainer) -> None:
-            self.set_nvidia_flags(trainer.local_rank)
+    def setup(self, trainer: L.Trainer) -> None:
+        """What Lightning's does, less emptying the cache."""
+        self.set_nvidia_flags(trainer.local_rank)
 
-        def teardown(self) -> None:
-            pass
-
-    return KeepCacheCUDAAccelerator()
+    def teardown(self) -> None:
+        """Keep the cache for the next client."""
 
 
-def _resident_strategy(device: str) -> L.pytorch.strategies.Strategy:
-    """Lightning's single-device strategy, except that its teardown leaves the module on ``device``.
+class ResidentSingleDeviceStrategy(SingleDeviceStrategy):
+    """Lightning's single-device strategy, except that its teardown leaves the module on its device.
 
     Lightning moves the module (and the optimizer state) back to the CPU after every ``fit``/``test``, so the next
     one copies it to the device again: two transfers per client per round. mmfl's client modules hold only their
     small trainable parts (the frozen backbone is shared and stays on the device anyway), so they stay where the
     strategy put them; :meth:`ClientModule.trainable_state_dict` still hands out CPU copies.
     """
-    from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    class ResidentSingleDeviceStrategy(SingleDeviceStrategy):
-        def teardown(self) -> None:
-            self.precision_plugin.teardown()
-            assert self.accelerator is not None
-            self.accelerator.teardown()
-            self.checkpoint_io.teardown()
-
-    return ResidentSingleDeviceStrategy(device=device)
+    def teardown(self) -> None:
+        """Lightning's teardown, less the moves to the CPU."""
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
 
 def _placement(name: str) -> tuple[str | L.pytorch.accelerators.Accelerator, str | L.pytorch.strategies.Strategy]:
@@ -118,10 +114,10 @@ def _placement(name: str) -> tuple[str | L.pytorch.accelerators.Accelerator, str
     (MPS, TPU, ...) is passed through to Lightning as written.
     """
     if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return _cuda_accelerator_keeping_cache(), _resident_strategy("cuda:0")
+        return KeepCacheCUDAAccelerator(), ResidentSingleDeviceStrategy(device="cuda:0")
     mps = getattr(torch.backends, "mps", None)
     if name == "cpu" or (name == "auto" and not (mps is not None and mps.is_available())):
-        return "cpu", _resident_strategy("cpu")
+        return "cpu", ResidentSingleDeviceStrategy(device="cpu")
     return name, "auto"
 
 
