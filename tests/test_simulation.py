@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 
+import lightning as L
 import open_clip
 import pytest
 import torch
@@ -156,3 +157,16 @@ def test_no_frozen_tensor_is_duplicated_per_client(tiny_backbone: Backbone) -> N
     union = set().union(*per_client)
     # views of one table (stored in a chunk or two) share its buffers; 8 copies would give 8 times as many
     assert per_client[0] and len(union) <= 2 * len(per_client[0])
+
+
+def test_clients_keep_no_trainer_or_optimizer_state_between_rounds(tiny_backbone: Backbone) -> None:
+    """After a round (fits and evaluations) no client or evaluator module holds its last Trainer, so no optimizer
+    state (Adam's moments: twice the trainable tensors) stays alive per client."""
+    tasks = [prepare_task(Task("digits", SklearnDigits(), clients=3, shots=2, max_test_examples=10))]
+    sim = _sim(tiny_backbone, tasks)
+    sim.training.optimizer = lambda p: torch.optim.Adam(p, lr=0.01)
+    sim.run_round(1)
+    sim.evaluate_tasks(1)
+    gc.collect()
+    assert all(c.module._trainer is None for c in sim.clients)
+    assert not [o for o in gc.get_objects() if isinstance(o, L.Trainer | torch.optim.Optimizer)]

@@ -218,7 +218,10 @@ class Simulation(Rounds):
         if self.federation.client_timeout is not None:
             trainer.callbacks.append(Deadline(self.federation.client_timeout))
         module.epoch_metrics = {}
-        trainer.fit(module, train_dataloaders=loader)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            module.trainer = None  # else each client keeps its last Trainer, and with it its optimizer's state
         m = {k: float(v) for k, v in module.epoch_metrics.items()}
         update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train))
         return update, {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
@@ -226,7 +229,10 @@ class Simulation(Rounds):
     def evaluate(self, module: ClientModule, task: PreparedTask, ds) -> dict[str, float]:
         """Test loss and accuracy of ``module`` on ``ds``."""
         trainer = self._trainer()
-        out = trainer.test(module, dataloaders=self._loader(module, ds, train=False), verbose=False)[0]
+        try:
+            out = trainer.test(module, dataloaders=self._loader(module, ds, train=False), verbose=False)[0]
+        finally:
+            module.trainer = None
         return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
 
     def class_dependent_keys(self, task: PreparedTask) -> list[str]:
