@@ -110,13 +110,12 @@ def _placement(name: str) -> tuple[str | L.pytorch.accelerators.Accelerator, str
     """The accelerator and strategy to give a Trainer for ``training.accelerator`` ``name``.
 
     ``auto``/``gpu``/``cuda`` with CUDA present: the cache-keeping CUDA accelerator on ``cuda:0`` with the resident
-    strategy; ``cpu`` (or ``auto`` with neither CUDA nor MPS): the CPU with the resident strategy; anything else
-    (MPS, TPU, ...) is passed through to Lightning as written.
+    strategy; ``cpu``: the CPU with the resident strategy; anything else (``auto`` without CUDA, which Lightning
+    may resolve to a TPU or MPS; ``mps``; ``tpu``; ...) is passed through to Lightning as written.
     """
     if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return KeepCacheCUDAAccelerator(), ResidentSingleDeviceStrategy(device="cuda:0")
-    mps = getattr(torch.backends, "mps", None)
-    if name == "cpu" or (name == "auto" and not (mps is not None and mps.is_available())):
+    if name == "cpu":
         return "cpu", ResidentSingleDeviceStrategy(device="cpu")
     return name, "auto"
 

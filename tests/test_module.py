@@ -132,10 +132,10 @@ def test_trainers_on_cuda_keep_the_memory_cache_between_clients(monkeypatch: pyt
     from mmfl.module import _placement
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("auto", "cpu"):
-        acc, strategy = _placement(name)
-        assert acc == "cpu" and isinstance(strategy, SingleDeviceStrategy) and strategy.root_device.type == "cpu"
-    assert _placement("tpu") == ("tpu", "auto")  # not mmfl's business: Lightning decides (and checks)
+    acc, strategy = _placement("cpu")
+    assert acc == "cpu" and isinstance(strategy, SingleDeviceStrategy) and strategy.root_device.type == "cpu"
+    for name in ("auto", "tpu", "mps"):  # not mmfl's business: Lightning decides (and checks)
+        assert _placement(name) == (name, "auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     acc, strategy = _placement("auto")
     assert isinstance(acc, CUDAAccelerator) and strategy.root_device == torch.device("cuda", 0)
