@@ -11,6 +11,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namesp
 
 from mmfl.backbone import Backbone, check_backbone_args
 from mmfl.checks import check_required, check_required_args
+from mmfl.data.feature_cache import check_cache_mode
 from mmfl.data.task import Task, check_task
 from mmfl.evaluation.protocol import Protocol
 from mmfl.federated.settings import Federation, LocalTraining
@@ -83,10 +84,7 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
         raise ValueError(f"the recipe cannot be built: {e}") from None
     for key in ("tasks", "training", "federation", "evaluation"):
         check_required(init.get(key), key)
-    if init.training.feature_cache not in ("disk", "memory", "off"):
-        raise ValueError(
-            f"training.feature_cache must be 'disk', 'memory' or 'off', got {init.training.feature_cache!r}"
-        )
+    check_cache_mode(init.training.feature_cache)
     if not isinstance(init.parts, list):
         raise ValueError("parts must be a list of class_path entries (or [] for none)")
     try:  # Lightning's own check of the accelerator and precision, now rather than after the first write

@@ -135,3 +135,14 @@ def test_parts_inside_the_encoder_turn_the_cache_off(tiny_backbone: Backbone, di
     vpt = functools.partial(VisualPromptTokens, n_tokens=2)
     sim, calls = _run(tiny_backbone, digits, vpt, "memory")
     assert calls > 0 and sim.features.hits == sim.features.misses == 0
+
+
+def test_cache_mode_is_checked_in_one_place(tiny_backbone) -> None:
+    """The recipe check and the simulation share one check of ``training.feature_cache``."""
+    from mmfl.data.feature_cache import make_feature_cache
+
+    with pytest.raises(ValueError, match="'disk', 'memory' or 'off', got 'fast'"):
+        make_feature_cache(tiny_backbone, "fast", "cpu", 8)
+    assert make_feature_cache(tiny_backbone, "off", "cpu", 8) is None
+    memory = make_feature_cache(tiny_backbone, "memory", "cpu", 8)
+    assert memory is not None and memory.directory is None

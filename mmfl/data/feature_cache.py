@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from mmfl.backbone import Backbone
+from mmfl.backbones import cache_dir
 from mmfl.data.loader import make_loader
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.checkpoint import load_state, save_state
@@ -185,6 +186,27 @@ class FeatureCache:
         loader = make_loader(ds, modality.input_key, modality.transform(self.backbone, train), self.batch_size, False)
         out = [modality.encode(self.backbone, b[modality.input_key].to(device), []).float().cpu() for b in loader]
         return torch.cat(out)  # [M, D]
+
+
+CACHE_MODES = ("disk", "memory", "off")
+"""The values of ``training.feature_cache``."""
+
+
+def check_cache_mode(mode: object) -> None:
+    """Raise a clear error unless ``mode`` is one of :data:`CACHE_MODES`."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"training.feature_cache must be 'disk', 'memory' or 'off', got {mode!r}")
+
+
+def make_feature_cache(backbone: Backbone, mode: str, accelerator: str, batch_size: int) -> FeatureCache | None:
+    """The frozen-feature cache for ``training.feature_cache`` ``mode`` (None: ``off``): on disk under
+    ``$MMFL_CACHE/features`` or in memory, encoding on CUDA when the ``accelerator`` setting would train there."""
+    check_cache_mode(mode)
+    if mode == "off":
+        return None
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    directory = cache_dir() / "features" if mode == "disk" else None
+    return FeatureCache(backbone, directory, batch_size=batch_size, device="cuda" if gpu else "cpu")
 
 
 class _Indices(torch.utils.data.Dataset):

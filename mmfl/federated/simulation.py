@@ -11,12 +11,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from torch import Tensor
 
 from mmfl.backbone import Backbone
-from mmfl.backbones import cache_dir
-from mmfl.data.feature_cache import FeatureCache, encoded_loader
+from mmfl.data.feature_cache import encoded_loader, make_feature_cache
 from mmfl.data.loader import make_loader
 from mmfl.data.task import ClientData, PreparedTask
 from mmfl.federated.aggregate import Update
@@ -75,7 +73,10 @@ class Simulation(Rounds):
         selection: str = "last",
     ) -> None:
         self.backbone = backbone
-        self.features = make_feature_cache(backbone, training or LocalTraining())
+        settings = training or LocalTraining()
+        self.features = make_feature_cache(
+            backbone, settings.feature_cache, settings.accelerator, settings.eval_batch_size
+        )
         self.tasks = list(tasks)
         self.part_factories = list(parts)
         self.training = training or LocalTraining()
@@ -387,18 +388,6 @@ class Simulation(Rounds):
                     msg += f", test accuracy {_fmt(accs)}"
                 self._end_round(rnd, t0, msg)
         return self.global_state
-
-
-def make_feature_cache(backbone: Backbone, training: LocalTraining) -> FeatureCache | None:
-    """The frozen-feature cache the training settings ask for (None: ``feature_cache: off``)."""
-    mode = training.feature_cache
-    if mode not in ("disk", "memory", "off"):
-        raise ValueError(f"training.feature_cache must be 'disk', 'memory' or 'off', got {mode!r}")
-    if mode == "off":
-        return None
-    gpu = training.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    directory = cache_dir() / "features" if mode == "disk" else None
-    return FeatureCache(backbone, directory, batch_size=training.eval_batch_size, device="cuda" if gpu else "cpu")
 
 
 def _fmt(accs: dict[str, float]) -> str:
