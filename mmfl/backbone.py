@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mmfl.backbones import resolve_offline
 from mmfl.backbones.args import check_backbone_args
-from mmfl.backbones.blocks import encode_vit_prompted, replace_block_input, run_blocks
+from mmfl.backbones.blocks import encode_vit_prompted, prefix_layout, replace_block_input, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -194,16 +194,7 @@ class Backbone:
             raise ValueError(
                 f"input prompt {tuple(prefix.shape)} must be [P, {self.text_width}] with P <= {length - 2}"
             )
-        real = self.text_lengths(tokens).unsqueeze(1)  # [N, 1]: start + content + end
-        keep = (real - 2).clamp(min=0, max=length - p - 2)  # [N, 1] content tokens that still fit
-        j = torch.arange(length, device=tokens.device).unsqueeze(0)  # [1, L] output positions
-        is_prompt = (j >= 1) & (j <= p)  # [1, L]
-        is_content = (j > p) & (j <= p + keep)  # [N, L]
-        is_end = j == p + keep + 1  # [N, L]
-        src = torch.where(is_content, j - p, torch.where(is_end, real - 1, 0))  # [N, L] source positions
-        new = torch.gather(tokens, 1, src)  # [N, L]
-        new = torch.where(is_prompt | (j == 0), tokens[:, :1], new)
-        new = torch.where(is_content | is_end | is_prompt | (j == 0), new, self.pad_token_id)
+        new, is_prompt = prefix_layout(tokens, self.text_lengths(tokens), p, self.pad_token_id)  # [N, L], [1, L]
         embeds = self.embed_tokens(new)  # [N, L, W]
         prompt = torch.zeros(length, prefix.shape[1], dtype=embeds.dtype, device=embeds.device)
         prompt = torch.cat([prompt[:1], prefix.to(embeds.dtype), prompt[1 + p :]])  # [L, W]
@@ -230,7 +221,12 @@ class Backbone:
         )
 
     def encode_text_embeds(
-        self, embeds: Tensor, tokens: Tensor, deep_prompts: Tensor | None = None, prompt_start: int = 1
+        self,
+        embeds: Tensor,
+        tokens: Tensor,
+        deep_prompts: Tensor | None = None,
+        prompt_start: int = 1,
+        text_len: int | None = None,
     ) -> Tensor:
         """Encode token embeddings through the text tower.
 
@@ -246,21 +242,24 @@ class Backbone:
                 ``prompt_start .. prompt_start + P − 1`` are replaced by ``deep_prompts[k]`` (no
                 positional embedding added). The input layer's prompts are part of ``embeds``.
             prompt_start: first position the deep prompts replace (1: right after the start token).
+            text_len: ``int(text_lengths(tokens).max())`` when the caller knows it already (prompt parts compute
+                it once from their fixed class prompts). Otherwise it is computed from ``tokens``, which reads a
+                device value back to the host (a device sync on a GPU) when ``tokens`` are on the device.
 
         Returns:
             Unnormalised joint-space features [N, D].
         """
-        tokens = tokens.to(embeds.device)
         if deep_prompts is not None:
             self._check_deep_text_prompts(deep_prompts, prompt_start, tokens.shape[-1])
-        keep = self._text_keep(tokens, deep_prompts, prompt_start)
+        keep = self._text_keep(tokens, deep_prompts, prompt_start, text_len)  # before the move: no sync for CPU ids
+        tokens = tokens.to(embeds.device)
         if keep < tokens.shape[1]:  # positions after every prompt's end token change nothing that is pooled
             embeds, tokens = embeds[:, :keep], tokens[:, :keep]  # [N, keep, W], [N, keep]
         if self._hf:
             return self._encode_hf_embeds(embeds, tokens, deep_prompts, prompt_start)
         return self._encode_native_embeds(embeds, tokens, deep_prompts, prompt_start)
 
-    def _text_keep(self, tokens: Tensor, deep: Tensor | None, start: int) -> int:
+    def _text_keep(self, tokens: Tensor, deep: Tensor | None, start: int, text_len: int | None = None) -> int:
         """How many leading positions the text tower needs: up to the longest prompt's end token (and the deep
         prompts' positions), when the rest cannot change the pooled feature; else all of them.
 
@@ -276,7 +275,7 @@ class Backbone:
             masked = t.attn_mask is not None or getattr(t, "use_pad_mask", False)
             if getattr(t, "cls_emb", None) is not None or pool not in ("argmax", "eos", "first") or not masked:
                 return length
-        keep = int(self.text_lengths(tokens).max())
+        keep = int(self.text_lengths(tokens).max()) if text_len is None else text_len
         if deep is not None:
             keep = max(keep, start + deep.shape[1])
         return min(length, keep)

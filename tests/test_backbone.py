@@ -94,6 +94,8 @@ def test_learned_prompts_cut_to_their_longest_prompt_equal_the_full_context(whic
         finally:
             bb.truncate_text = True
         assert torch.allclose(cut, full, atol=1e-5), (cut - full).abs().max()
+        known = bb.encode_text_embeds(embeds, tokens, text_len=int(bb.text_lengths(tokens).max()))  # prompt parts
+        assert torch.equal(known, cut)
         if full_deep is not None:
             assert torch.allclose(bb.encode_text_embeds(embeds, tokens, deep_prompts=deep), full_deep, atol=1e-5)
         assert torch.allclose(full, bb.encode_text(tokens), atol=1e-5)  # and both equal open_clip's own path

@@ -1,4 +1,5 @@
-"""Prompt injection into a tower's blocks: replace prompt positions of the hidden states before a block."""
+"""Prompt injection into a tower: replace prompt positions of the hidden states before a block, and lay out
+token ids around input-side text prompts."""
 
 from __future__ import annotations
 
@@ -49,3 +50,21 @@ def encode_vit_prompted(visual: nn.Module, images: Tensor, prompts: Tensor) -> T
     x = torch.cat([x[:, :1], x[:, 1 + n_prompt :]], dim=1)  # [B, 1+N, W]: prompts dropped
     pooled, _ = visual._pool(x)  # [B, W]
     return pooled @ visual.proj if visual.proj is not None else pooled  # [B, D]
+
+
+def prefix_layout(tokens: Tensor, lengths: Tensor, p: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token ids [N, L] → ``[start] prompt(p) content [end] pad...`` in the same length L (content that no longer
+    fits is cut from its end; the end token is kept; prompt positions hold the start token's id), and the mask of
+    the prompt positions [1, L]. ``lengths`` [N]: each row's length up to and including its end token."""
+    length = tokens.shape[1]
+    real = lengths.unsqueeze(1)  # [N, 1]: start + content + end
+    keep = (real - 2).clamp(min=0, max=length - p - 2)  # [N, 1] content tokens that still fit
+    j = torch.arange(length, device=tokens.device).unsqueeze(0)  # [1, L] output positions
+    is_prompt = (j >= 1) & (j <= p)  # [1, L]
+    is_content = (j > p) & (j <= p + keep)  # [N, L]
+    is_end = j == p + keep + 1  # [N, L]
+    src = torch.where(is_content, j - p, torch.where(is_end, real - 1, 0))  # [N, L] source positions
+    new = torch.gather(tokens, 1, src)  # [N, L]
+    new = torch.where(is_prompt | (j == 0), tokens[:, :1], new)
+    new = torch.where(is_content | is_end | is_prompt | (j == 0), new, pad_id)
+    return new, is_prompt

@@ -116,6 +116,9 @@ class CoOp(TrainablePart):
         name_lens = [_count_content_tokens(backbone, c.replace("_", " ")) for c in class_names]
         self._check_placeholders(backbone, tokens, n_ctx)
         self.register_buffer("tokens", tokens, persistent=False)  # [C, L]
+        # the longest prompt's length to its end token, read once here: the text tower is cut to it at every step
+        # without reading the (device) token ids back
+        self.text_len = int(backbone.text_lengths(tokens).max())
         self.register_buffer(
             "order",
             _position_order(tokens.shape[1], n_ctx, name_lens, class_token_position),
@@ -168,13 +171,14 @@ class CoOp(TrainablePart):
         """Class text features through the frozen text tower: [C, D]; with ``conditional``, one set per
         input, [B, C, D], from ``input_features`` [B, D]."""
         if not self.conditional:
-            return self.backbone.encode_text_embeds(self.prompt_embeddings(), self.tokens)
+            return self.backbone.encode_text_embeds(self.prompt_embeddings(), self.tokens, text_len=self.text_len)
         if input_features is None:
             raise ValueError("CoOp(conditional=True) needs the batch's input features")
         embeds = self.prompt_embeddings(self.meta(input_features.to(self.meta[0].weight.dtype)))  # [B, C, L, W]
         b, c = embeds.shape[:2]
         tokens = self.tokens.unsqueeze(0).expand(b, -1, -1).reshape(b * c, -1)  # [B*C, L]
-        feats = self.backbone.encode_text_embeds(embeds.reshape(b * c, *embeds.shape[2:]), tokens)  # [B*C, D]
+        flat = embeds.reshape(b * c, *embeds.shape[2:])  # [B*C, L, W]
+        feats = self.backbone.encode_text_embeds(flat, tokens, text_len=self.text_len)  # [B*C, D]
         return feats.view(b, c, -1)
 
 
@@ -240,9 +244,10 @@ class PromptFolio(CoOp):
 
     def class_text_features(self, input_features: Tensor | None = None) -> Tensor:
         """The mixed class features [C, D] (each branch normalised first)."""
-        shared = F.normalize(self.backbone.encode_text_embeds(self.prompt_embeddings(), self.tokens), dim=-1)
         ctx_local = (
             self.ctx_local if self.ctx_local.dim() == 3 else self.ctx_local.expand(len(self.class_names), -1, -1)
         )
-        local = self.backbone.encode_text_embeds(self.prompt_embeddings(ctx=ctx_local), self.tokens)
-        return (1.0 - self.fraction) * shared + self.fraction * F.normalize(local, dim=-1)  # [C, D]
+        both = torch.cat([self.prompt_embeddings(), self.prompt_embeddings(ctx=ctx_local)])  # [2C, L, W]
+        feats = self.backbone.encode_text_embeds(both, self.tokens.repeat(2, 1), text_len=self.text_len)  # [2C, D]
+        shared, local = F.normalize(feats, dim=-1).chunk(2)  # [C, D] each: both branches in one pass of the tower
+        return (1.0 - self.fraction) * shared + self.fraction * local  # [C, D]

@@ -110,4 +110,6 @@ class MaPLe(CoOp):
 
     def class_text_features(self, input_features: Tensor | None = None) -> Tensor:
         """Class text features [C, D] with the input context and the deep text prompts in place."""
-        return self.backbone.encode_text_embeds(self.prompt_embeddings(), self.tokens, deep_prompts=self.deep_ctx)
+        return self.backbone.encode_text_embeds(
+            self.prompt_embeddings(), self.tokens, deep_prompts=self.deep_ctx, text_len=self.text_len
+        )
