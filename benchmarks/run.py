@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     r: dict = {"setting": dict(s.__dict__), "machine": machine(), "quick": args.quick}
     log.warning("efficiency and cache (%s, %d clients)", s.backbone, s.clients)
-    r.update(efficiency_and_cache(s, repeats=2 if args.quick else 3))
+    r.update(efficiency_and_cache(s, repeats=2 if args.quick else 5))
     r["trainer_ms"] = trainer_cost()
     r.update(payload_bytes(s, build(s, "memory")))
     sizes = [int(x) for x in args.sizes.split(",")]
