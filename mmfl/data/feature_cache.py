@@ -195,7 +195,8 @@ CACHE_MODES = ("disk", "memory", "off")
 def check_cache_mode(mode: object) -> None:
     """Raise a clear error unless ``mode`` is one of :data:`CACHE_MODES`."""
     if mode not in CACHE_MODES:
-        raise ValueError(f"training.feature_cache must be 'disk', 'memory' or 'off', got {mode!r}")
+        modes = ", ".join(map(repr, CACHE_MODES[:-1])) + f" or {CACHE_MODES[-1]!r}"
+        raise ValueError(f"training.feature_cache must be {modes}, got {mode!r}")
 
 
 def make_feature_cache(backbone: Backbone, mode: str, accelerator: str, batch_size: int) -> FeatureCache | None:

@@ -73,13 +73,11 @@ class Simulation(Rounds):
         selection: str = "last",
     ) -> None:
         self.backbone = backbone
-        settings = training or LocalTraining()
-        self.features = make_feature_cache(
-            backbone, settings.feature_cache, settings.accelerator, settings.eval_batch_size
-        )
+        self.training = training or LocalTraining()
+        t = self.training
+        self.features = make_feature_cache(backbone, t.feature_cache, t.accelerator, t.eval_batch_size)
         self.tasks = list(tasks)
         self.part_factories = list(parts)
-        self.training = training or LocalTraining()
         self.federation = federation or Federation()
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir is not None else None
