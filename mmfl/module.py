@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mmfl.backbone import Backbone
 from mmfl.data.splits import ENCODED, LABEL
+from mmfl.federated.mixing import MixRule
 from mmfl.federated.scopes import is_local, qualify
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
@@ -200,6 +201,8 @@ class ClientModule(L.LightningModule):
         self.modality = modality
         self.task = task
         self.class_names = list(class_names)
+        for p in parts:
+            p.split_components()  # a parameter of several scopes becomes one tensor per scope (idempotent)
         self.parts = nn.ModuleDict({p.part_name: p for p in parts})
         self._text_part_name = text_parts[0].part_name if text_parts else None  # a name: no second registration
         self.optimizer_factory = optimizer
@@ -220,9 +223,19 @@ class ClientModule(L.LightningModule):
     # ---------------------------------------------------------------- trainable state
     def _qualified(self) -> Iterable[tuple[str, nn.Parameter]]:
         for part_name, part in self.parts.items():
-            for pname, param in part.named_parameters():
-                key = qualify(part.scope_of(pname), self.task, self.modality.name, f"{part_name}.{pname}")
-                yield key, param
+            for scope, pname, param, _ in part.scoped_parameters():
+                yield qualify(scope, self.task, self.modality.name, f"{part_name}.{pname}"), param
+
+    def mix_rules(self) -> dict[str, MixRule]:
+        """How the server mixes this client's keys of mixed scopes (``mix(FINE, WIDE, OWN)``), by key."""
+        rules = {}
+        for part_name, part in self.parts.items():
+            for scope, pname, _, mix in part.scoped_parameters():
+                if mix is not None:
+                    name = f"{part_name}.{pname}"
+                    wide = qualify(mix.wide, self.task, self.modality.name, name)
+                    rules[qualify(scope, self.task, self.modality.name, name)] = MixRule(wide, mix.own)
+        return rules
 
     def trainable_keys(self, include_local: bool = True) -> list[str]:
         """Scope-qualified keys of this client's trainable tensors."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from mmfl.federated.mixing import MixRule, mix, wide_groups
 from mmfl.federated.scopes import is_local
 
 
@@ -49,6 +50,20 @@ class Aggregator(ABC):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
 
+    @property
+    def rule(self) -> Aggregator:
+        """The rule that merges the clients' copies (a server optimizer's base rule; else the aggregator itself)."""
+        return self
+
+    def server_step(self, key: str, merged: Tensor, current: Tensor | None) -> Tensor:
+        """What the server makes of a key's merge (float64 [...]): a server optimizer's step; else the merge."""
+        return merged
+
+    def group_weight(self, weights: Tensor) -> float | None:
+        """The weight a group of copies (example counts ``weights`` [K]) carries in a mean over groups, so that the
+        mean of group merges equals the merge of all their copies; None for rules that are not weighted means."""
+        return None
+
 
 class FedAvg(Aggregator):
     """Federated averaging (McMahan et al., 2017): the example-weighted mean.
@@ -67,6 +82,10 @@ class FedAvg(Aggregator):
             raise ValueError(f"{key}: the clients' weights sum to {float(w.sum())}; cannot average")
         w = (w / w.sum()).reshape(-1, *([1] * (tensors.dim() - 1)))  # [K, 1, ...]
         return (tensors * w).sum(dim=0)
+
+    def group_weight(self, weights: Tensor) -> float:
+        """The group's example count (weighted), or its number of copies (unweighted)."""
+        return float(weights.sum()) if self.weighted else float(weights.numel())
 
 
 class FedAvgM(Aggregator):
@@ -92,7 +111,19 @@ class FedAvgM(Aggregator):
 
     def merge(self, key: str, tensors: Tensor, weights: Tensor, current: Tensor | None = None) -> Tensor:
         """``current - server_lr · m`` with the updated momentum buffer ``m`` of ``key``. [K, ...] → [...]."""
-        merged = self.base.merge(key, tensors, weights, current)  # [...]
+        return self.server_step(key, self.base.merge(key, tensors, weights, current), current)
+
+    @property
+    def rule(self) -> Aggregator:
+        """The base rule."""
+        return self.base
+
+    def group_weight(self, weights: Tensor) -> float | None:
+        """The base rule's."""
+        return self.base.group_weight(weights)
+
+    def server_step(self, key: str, merged: Tensor, current: Tensor | None) -> Tensor:
+        """One momentum step from ``current`` towards ``merged`` (float64 [...]), updating ``key``'s buffer."""
         if current is None:
             raise ValueError(f"{key}: FedAvgM needs the server's current tensor")
         g = current - merged  # pseudo-gradient [...]
@@ -164,8 +195,17 @@ def group(updates: Sequence[Update]) -> dict[str, list[tuple[Update, Tensor]]]:
     return {k: by_key[k] for k in sorted(by_key)}
 
 
+Release = Callable[[dict[str, Tensor], dict[str, int]], dict[str, Tensor]]
+"""What the server does to the merges (float64, by key) before mixing and its optimizer step, given the number of
+copies merged per key: the identity, or DP noise (:meth:`~mmfl.federated.privacy.DifferentialPrivacy.noise`)."""
+
+
 def aggregate(
-    updates: Sequence[Update], aggregator: Aggregator, current: Mapping[str, Tensor] | None = None
+    updates: Sequence[Update],
+    aggregator: Aggregator,
+    current: Mapping[str, Tensor] | None = None,
+    mixing: Mapping[str, MixRule] | None = None,
+    release: Release | None = None,
 ) -> dict[str, Tensor]:
     """Merge each key over exactly the clients that returned it.
 
@@ -176,16 +216,88 @@ def aggregate(
     Args:
         updates: the clients' replies.
         aggregator: the merge rule.
-        current: the server's tensors before the round (needed by server optimizers such as FedAvgM).
+        current: the server's tensors before the round (needed by server optimizers such as FedAvgM, and by mixing).
+        mixing: the keys of mixed scopes and how to mix them (see :mod:`mmfl.federated.mixing`); the result then
+            also holds the mixed keys of groups that did not reply, when their share of the wide merge changes them.
+        release: applied to the merges before mixing and the server step (DP noise).
 
     Raises:
         ValueError: a ``local/`` key was sent, or clients disagree on a tensor's shape or dtype.
     """
-    merged = {}
+    mixing = mixing or {}
+    rule = aggregator.rule
+    merges: dict[str, Tensor] = {}  # float64
+    copies: dict[str, tuple[Tensor, Tensor]] = {}  # the mixed keys' stacked copies [K, ...] and weights [K]
+    counts: dict[str, int] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for key, pairs in group(updates).items():
-        first = pairs[0][1]
+        dtypes[key] = pairs[0][1].dtype
         stacked = torch.stack([t.detach().to(torch.float64) for _, t in pairs])  # [K, ...]
         weights = torch.tensor([float(u.num_examples) for u, _ in pairs], dtype=torch.float64)  # [K]
         cur = current[key].detach().to(torch.float64) if current is not None and key in current else None
-        merged[key] = aggregator.merge(key, stacked, weights, cur).to(first.dtype)
-    return merged
+        merges[key] = rule.merge(key, stacked, weights, cur)
+        counts[key] = len(pairs)
+        if key in mixing:
+            copies[key] = (stacked, weights)
+    return finish(merges, counts, aggregator, current or {}, dtypes, mixing, release, copies)
+
+
+def finish(
+    merges: dict[str, Tensor],
+    counts: dict[str, int],
+    aggregator: Aggregator,
+    current: Mapping[str, Tensor],
+    dtypes: Mapping[str, torch.dtype],
+    mixing: Mapping[str, MixRule] | None = None,
+    release: Release | None = None,
+    copies: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    group_weights: Mapping[str, float] | None = None,
+) -> dict[str, Tensor]:
+    """From each key's merge (float64) to the new global tensors: ``release``, mixing, the server's step, the cast.
+
+    Args:
+        merges: the merge rule's result per key (float64).
+        counts: the number of copies merged per key.
+        aggregator: the recipe's aggregator (its server step; its rule for the wide merges of mixed keys).
+        current: the server's tensors before the round.
+        dtypes: each merged key's dtype (the clients').
+        mixing: the mixed keys' rules.
+        release: applied to ``merges`` first (DP noise).
+        copies: the mixed keys' stacked copies and weights; the wide merge is then the rule's merge of all the
+            copies (exactly a plain merge over the wide group). Without them (or after ``release``) it is the
+            weighted mean of the group merges, which needs a mean rule.
+        group_weights: each key's weight in that mean (default: the rule's :meth:`Aggregator.group_weight` of the
+            copies' weights).
+    """
+    rule = aggregator.rule
+    if release is not None:
+        merges = release(merges, counts)
+    targets = dict(merges)
+    if mixing:
+        weights = dict(group_weights or {})
+        for k in merges:
+            if k in mixing and k not in weights:
+                gw = rule.group_weight(copies[k][1]) if copies and k in copies else None
+                weights[k] = float(counts[k]) if gw is None else gw
+        wide_merges = {}
+        for wide, keys in wide_groups(mixing).items():
+            present = [k for k in keys if k in merges]
+            if not present:
+                continue
+            if copies is not None and release is None:
+                stacked = torch.cat([copies[k][0] for k in present])  # [K, ...] every copy of the wide group
+                w = torch.cat([copies[k][1] for k in present])  # [K]
+                wide_merges[wide] = rule.merge(wide, stacked, w, None)
+            else:
+                if rule.group_weight(torch.ones(1, dtype=torch.float64)) is None:
+                    raise ValueError(f"{wide}: mixing from group merges needs a mean rule (FedAvg), not {rule}")
+                w = torch.tensor([weights[k] for k in present], dtype=torch.float64)  # [G]
+                stacked = torch.stack([merges[k] for k in present])  # [G, ...]
+                wide_merges[wide] = (stacked * (w / w.sum()).reshape(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
+        targets.update(mix(merges, weights, wide_merges, current, mixing))
+    out = {}
+    for key, t in targets.items():
+        cur = current[key].detach().to(torch.float64) if key in current else None
+        dtype = dtypes[key] if key in dtypes else current[key].dtype
+        out[key] = aggregator.server_step(key, t, cur).to(dtype)
+    return out

@@ -17,6 +17,7 @@ Values are quantized by SecAgg+ (step ≈ 2·clipping_range / quantization_range
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -33,7 +34,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates
+from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates, finish
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import validate_update
 from mmfl.federated.flower import LOCAL_STATE, client_index, federation_from_config, server_setup
@@ -175,22 +176,23 @@ class SecureScopedFedAvg(LegacyFedAvg):
             return None, {}
         keys = _keys(sim)
         arrays = parameters_to_ndarrays(results[0][1].parameters)  # the secure aggregate (the same in every reply)
-        merged: dict[str, Tensor] = {}
+        merges: dict[str, Tensor] = {}  # float64
         counts: dict[str, int] = {}
+        weights: dict[str, float] = {}  # B_k: the holders' share, each group's weight in a mean over groups (mixing)
         for i, k in enumerate(keys):
             a, b = arrays[i], float(np.asarray(arrays[len(keys) + i]).reshape(-1)[0])
             if b > 1e-9:
-                merged[k] = torch.from_numpy(np.asarray(a) / b).to(sim.global_state[k].dtype)
+                merges[k] = torch.from_numpy(np.asarray(a, dtype=np.float64) / b)
                 counts[k] = max(1, round(b * len(results)))  # unweighted (DP): B_k is the holders' share
-        agg = sim.federation.aggregator
-        if isinstance(agg, FedAvgM):  # the server optimizer acts on the decoded mean
-            one = torch.ones(1, dtype=torch.float64)
-            merged = {
-                k: agg.merge(k, v.double()[None], one, sim.global_state[k].double()).to(v.dtype)
-                for k, v in merged.items()
-            }
+                weights[k] = b
+        release = None
         if sim.federation.dp is not None:
-            merged = sim.private(server_round, merged, counts, len(results) + len(failures), len(results))
+            sampled = len(results) + len(failures)
+            release = functools.partial(sim.private, server_round, sampled=sampled, replied=len(results))
+        dtypes = {k: sim.global_state[k].dtype for k in merges}
+        # DP noise on the decoded means, then mixing and the server optimizer's step (post-processing)
+        agg = sim.federation.aggregator
+        merged = finish(merges, counts, agg, sim.global_state, dtypes, sim.mixing, release, group_weights=weights)
         sim.global_state.update(merged)
         return self.initialize_parameters(None), {"clients": len(results), "failures": len(failures)}
 

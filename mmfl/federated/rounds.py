@@ -3,6 +3,7 @@ time out or reply invalid tensors, retrying them), then clip, merge per scope gr
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from mmfl.federated.aggregate import Update, aggregate, clip_updates, group, update_norms
+from mmfl.federated.aggregate import Update, aggregate, clip_updates, update_norms
 from mmfl.federated.faults import ClientTimeout, InvalidUpdate, RoundFailed, validate_update
 
 if TYPE_CHECKING:
@@ -120,24 +121,26 @@ class Rounds:
         return merged
 
     def merge(self, rnd: int, updates: Sequence[Update], sampled: int) -> dict[str, Tensor]:
-        """Clip (``clip_norm`` or DP), merge each key over its scope group, add DP noise and record ε; update the
-        global state. ``sampled``: how many clients were sampled this round (the DP accountant's sample size)."""
+        """Clip (``clip_norm`` or DP), merge each key over its scope group, add DP noise and record ε, mix the keys
+        of mixed scopes, take the server optimizer's step; update the global state. ``sampled``: how many clients
+        were sampled this round (the DP accountant's sample size)."""
         dp = self.federation.dp
         clip = dp.clip_norm if dp is not None else self.federation.clip_norm
         if clip is not None:
             updates = clip_updates(updates, self.global_state, clip)
-        merged = aggregate(updates, self.federation.aggregator, self.global_state)
+        release = None
         if dp is not None:
-            counts = {k: len(pairs) for k, pairs in group(updates).items()}
-            merged = self.private(rnd, merged, counts, sampled, len(updates))
+            release = functools.partial(self.private, rnd, sampled=sampled, replied=len(updates))
+        merged = aggregate(updates, self.federation.aggregator, self.global_state, self.mixing, release)
         self.global_state.update(merged)
         return merged
 
     def private(
         self, rnd: int, merged: dict[str, Tensor], counts: dict[str, int], sampled: int, replied: int
     ) -> dict[str, Tensor]:
-        """Add the DP noise of ``federation.dp`` to ``merged`` (``counts``: the clients merged per key), record ε
-        for the ``sampled`` clients of the round in a ``privacy`` row, and return the noised tensors."""
+        """Add the DP noise of ``federation.dp`` to the merges ``merged`` (``counts``: the clients merged per key;
+        before mixing and the server optimizer's step, which are then post-processing), record ε for the
+        ``sampled`` clients of the round in a ``privacy`` row, and return the noised tensors."""
         dp = self.federation.dp
         noised = dp.noise(merged, counts, self.seed, rnd)
         eps = dp.epsilon(rnd, len(self.clients), sampled)

@@ -21,6 +21,7 @@ from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
+from mmfl.federated.mixing import MixRule, wide_groups
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
@@ -118,11 +119,17 @@ class Simulation(Rounds):
                     f"part(s) {unused} work with none of the federation's modalities "
                     f"({sorted({t.modality for t in self.tasks})}); remove them or add clients they work with"
                 )
-        # The server's initial state: each key's tensor from the first client that holds it.
+        # The server's initial state: each key's tensor from the first client that holds it; the groups of a mixed
+        # key start from one tensor (the first group's), as a plain key of the wide scope would.
         self.global_state: dict[str, Tensor] = {}
+        self.mixing: dict[str, MixRule] = {}
         for c in self.clients:
             for k, v in c.module.trainable_state_dict(include_local=False).items():
                 self.global_state.setdefault(k, v)
+            self.mixing.update(c.module.mix_rules())
+        for keys in wide_groups(self.mixing).values():
+            for k in keys[1:]:
+                self.global_state[k] = self.global_state[keys[0]].clone()
         self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
         self.completed: int | None = None  # the last completed round (0: the evaluation before training)
         self._evaluators: dict[str, ClientModule] = {}

@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from mmfl.backbone import Backbone
-from mmfl.federated.scopes import check_scope
+from mmfl.federated.scopes import Mix, check_scope, parse_scope
+
+_COMPONENT = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.(?:original|0\.extra\.(\d+))$")
+"""A parameter's name once split into components: ``[owner.]parametrizations.NAME.original`` (the first component)
+or ``[owner.]parametrizations.NAME.0.extra.I`` (component I + 1)."""
+
+
+class Components(nn.Module):
+    """A parametrization (``torch.nn.utils.parametrize``): the original tensor plus zero-initialised components.
+
+    Args:
+        n: how many components beside the original.
+        like: a tensor of the parameter's shape, dtype and device.
+    """
+
+    def __init__(self, n: int, like: Tensor) -> None:
+        super().__init__()
+        self.extra = nn.ParameterList([nn.Parameter(torch.zeros_like(like)) for _ in range(n)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The sum of the original ``x`` and every component (all the parameter's shape)."""
+        for e in self.extra:
+            x = x + e
+        return x
 
 
 class TrainablePart(nn.Module):
     """A small trainable module attached to a frozen :class:`~mmfl.backbone.Backbone`.
 
-    Every parameter carries a scope (see DESIGN.md): ``global``, ``task``, ``modality``,
-    ``task_modality`` or ``local``. ``scope`` applies to all parameters; ``scopes`` overrides it
-    per parameter name (e.g. ``{"ctx": "local"}``).
+    Every parameter carries a scope (see DESIGN.md and :mod:`mmfl.federated.scopes`): a plain one (``global``,
+    ``task``, ``modality``, ``task_modality`` or ``local``), components (``task+task_modality``: the parameter is
+    the sum of a ``task`` tensor and a ``task_modality`` one that starts at zero) or a mix
+    (``mix(task_modality, task, 0.8)``). ``scope`` applies to all parameters; ``scopes`` overrides it per parameter
+    name (e.g. ``{"ctx": "local"}``). A client module splits parameters of several components with
+    :meth:`split_components` (a ``torch.nn.utils.parametrize`` sum, so the part's code reads the sum as before).
 
     Subclasses take ``(backbone, class_names, ...)`` as their first two arguments, so a recipe can
     name them by ``class_path`` and mmfl builds one per client.
@@ -84,9 +113,39 @@ class TrainablePart(nn.Module):
         """Scope of one of this part's parameters (``param_name`` as in ``named_parameters()``)."""
         return self.scopes.get(param_name, self.scope)
 
+    def split_components(self) -> None:
+        """Make every parameter whose scope has several components the sum of one tensor per component: the
+        parameter's own tensor is the first component, the others start at zero. Idempotent."""
+        for name, param in list(self.named_parameters()):
+            if _COMPONENT.match(name):
+                continue  # already split
+            spec = parse_scope(self.scope_of(name))
+            if len(spec.components) > 1:
+                owner_name, _, attr = name.rpartition(".")
+                owner = self.get_submodule(owner_name) if owner_name else self
+                parametrize.register_parametrization(
+                    owner, attr, Components(len(spec.components) - 1, param.detach()), unsafe=True
+                )
+
+    def scoped_parameters(self) -> Iterator[tuple[str, str, nn.Parameter, Mix | None]]:
+        """Every trainable tensor with its plain scope: ``(scope, name, tensor, mix)``.
+
+        ``name`` is the parameter's name as the part defines it (``ctx``); a parameter split into components
+        (:meth:`split_components`) yields one tensor per component, each with its component's scope. ``mix`` is
+        the parameter's mix rule (its ``scope`` is then the mix's fine scope), else None.
+        """
+        for full, param in self.named_parameters():
+            m = _COMPONENT.match(full)
+            name = _logical_name(full)
+            spec = parse_scope(self.scope_of(name))
+            index = 0 if m is None or m.group(3) is None else int(m.group(3)) + 1
+            if m is None and len(spec.components) > 1:
+                raise RuntimeError(f"part {self.part_name!r}: {name!r} has components; call split_components() first")
+            yield spec.components[index], name, param, spec.mix
+
     def check_scopes(self) -> None:
         """Raise if ``scopes`` names a parameter this part does not have."""
-        names = {n for n, _ in self.named_parameters()}
+        names = {_logical_name(n) for n, _ in self.named_parameters()}
         unknown = sorted(set(self.scopes) - names)
         if unknown:
             raise ValueError(
@@ -131,6 +190,15 @@ class TrainablePart(nn.Module):
     def adapt_text_features(self, f: Tensor) -> Tensor:
         """Class text features [C, D] or [B, C, D] after this part (unchanged by default)."""
         return f
+
+
+def _logical_name(full: str) -> str:
+    """A parameter's name as its part defines it, also once split into components (``parametrizations.ctx.original``
+    → ``ctx``)."""
+    m = _COMPONENT.match(full)
+    if m is None:
+        return full
+    return f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)
 
 
 def _allows(allowed: tuple[str, ...] | None, modality: str) -> bool:

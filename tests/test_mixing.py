@@ -1,0 +1,140 @@
+"""Mixed scopes at the server: the scope grammar, mixing against hand-computed values (2 tasks × 2 modalities),
+its two ends equal to the plain scopes with every rule, similarity shares, absent groups, DP noise before mixing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmfl.federated import FedAvg, FedAvgM, Median, Update, aggregate
+from mmfl.federated.mixing import MixRule, similarities
+from mmfl.federated.scopes import Mix, ScopeSpec, parse_scope
+
+GROUPS = [("a", "img"), ("a", "aud"), ("b", "img"), ("b", "aud")]
+
+
+def fine(task: str, mod: str) -> str:
+    return f"task_modality/{task}/{mod}/p"
+
+
+def table(own: float | None) -> dict[str, MixRule]:
+    return {fine(t, m): MixRule(f"task/{t}/p", own) for t, m in GROUPS}
+
+
+# a/img: two clients ([1] ×1 example, [3] ×3); a/aud: [10] ×4; b/img: [0] ×2; b/aud: [6] ×2
+CLIENTS = [
+    ("a", "img", 1.0, 1),
+    ("a", "img", 3.0, 3),
+    ("a", "aud", 10.0, 4),
+    ("b", "img", 0.0, 2),
+    ("b", "aud", 6.0, 2),
+]
+
+
+def updates(prefix: str = "tm", values: list[float] | None = None) -> list[Update]:
+    out = []
+    for i, (t, m, v, n) in enumerate(CLIENTS):
+        v = values[i] if values is not None else v
+        key = fine(t, m) if prefix == "tm" else f"task/{t}/p"
+        out.append(Update(f"c{i}", {key: torch.tensor([v, 2 * v])}, n))
+    return out
+
+
+def test_scope_grammar() -> None:
+    assert parse_scope("task") == ScopeSpec(("task",))
+    assert parse_scope("task+task_modality") == ScopeSpec(("task", "task_modality"))
+    assert parse_scope(" global + task + local ").components == ("global", "task", "local")
+    mixed = ScopeSpec(("task_modality",), Mix("task_modality", "task", 0.8))
+    assert parse_scope("mix(task_modality, task, 0.8)") == mixed
+    assert parse_scope("mix(task,global,similarity)").mix == Mix("task", "global", None)
+    assert parse_scope("task").plain and not parse_scope("task+local").plain
+    for bad, message in [
+        ("tasks", "unknown scope 'tasks'"),
+        ("task+task", "repeats a component"),
+        ("mix(task, task_modality, 0.5)", "are not inside those of 'task_modality'"),
+        ("mix(task_modality, modality, 1.5)", r"must be in \[0, 1\] or 'similarity'"),
+        ("mix(task_modality, task, half)", r"must be in \[0, 1\]"),
+        ("task+mix(task_modality, task, 0.5)", "a mix cannot be a component"),
+        ("mix(local, task, 0.5)", "are not inside"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_scope(bad)
+
+
+def test_mixing_by_hand() -> None:
+    cur = {k: torch.zeros(2) for k in table(0.75)}
+    out = aggregate(updates(), FedAvg(), cur, table(0.75))
+    # task a over all its copies: (1·1 + 3·3 + 4·10) / 8 = 6.25; a/img's own merge (1 + 9) / 4 = 2.5
+    # a/img: 0.75·2.5 + 0.25·6.25 = 3.4375; a/aud: 0.75·10 + 0.25·6.25 = 9.0625
+    # task b: (2·0 + 2·6) / 4 = 3; b/img: 0.75·0 + 0.25·3 = 0.75; b/aud: 0.75·6 + 0.25·3 = 5.25
+    expected = {("a", "img"): 3.4375, ("a", "aud"): 9.0625, ("b", "img"): 0.75, ("b", "aud"): 5.25}
+    for (t, m), v in expected.items():
+        assert torch.equal(out[fine(t, m)], torch.tensor([v, 2 * v])), (t, m)
+    # the median: a/img median(1, 3) = 2, a/aud 10, task a median(1, 3, 10) = 3 → 0.5·2 + 0.5·3, 0.5·10 + 0.5·3
+    med = aggregate(updates(), Median(), cur, table(0.5))
+    assert torch.equal(med[fine("a", "img")], torch.tensor([2.5, 5.0]))
+    assert torch.equal(med[fine("a", "aud")], torch.tensor([6.5, 13.0]))
+
+
+@pytest.mark.parametrize("make", [FedAvg, lambda: FedAvg(weighted=False), Median, lambda: FedAvgM(momentum=0.5)])
+def test_the_two_ends_are_the_plain_scopes_exactly(make) -> None:
+    """own = 1 is task_modality merging, own = 0 is task merging, with every rule, over two rounds (FedAvgM's
+    momentum buffers included)."""
+    ends = {1.0: (make(), make()), 0.0: (make(), make())}
+    cur = {own: {k: torch.zeros(2) for k in table(own)} for own in ends}
+    plain_cur = {1.0: {k: torch.zeros(2) for k in table(1.0)}, 0.0: {f"task/{t}/p": torch.zeros(2) for t in "ab"}}
+    for rnd, values in enumerate([[1.0, 3.0, 10.0, 0.0, 6.0], [-2.0, 5.0, 1.5, 7.0, 0.25]]):
+        for own, (mixed_rule, plain_rule) in ends.items():
+            out = aggregate(updates("tm", values), mixed_rule, cur[own], table(own))
+            cur[own].update(out)
+            plain = aggregate(updates("tm" if own == 1.0 else "task", values), plain_rule, plain_cur[own])
+            plain_cur[own].update(plain)
+            for t, m in GROUPS:
+                ref = plain[fine(t, m)] if own == 1.0 else plain[f"task/{t}/p"]
+                assert torch.equal(out[fine(t, m)], ref), (rnd, own, t, m)
+
+
+def test_similarity_shares_between_agreeing_updates_only() -> None:
+    s = similarities(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [3.0, 0.0]]).double())
+    assert torch.equal(s.diagonal(), torch.ones(4).double())
+    assert s[0, 1] == 0 and s[0, 2] == 0 and s[0, 3] == 1  # orthogonal, opposite, parallel
+    rules = table(None)
+    cur = {k: torch.zeros(2) for k in rules}
+    ups = [
+        Update("a-img", {fine("a", "img"): torch.tensor([1.0, 0.0])}, 1),
+        Update("a-aud", {fine("a", "aud"): torch.tensor([0.0, 1.0])}, 1),  # orthogonal to a/img: kept apart
+        Update("b-img", {fine("b", "img"): torch.tensor([2.0, 0.0])}, 1),
+        Update("b-aud", {fine("b", "aud"): torch.tensor([4.0, 0.0])}, 3),  # parallel to b/img: merged as task b
+    ]
+    out = aggregate(ups, FedAvg(), cur, rules)
+    assert torch.equal(out[fine("a", "img")], torch.tensor([1.0, 0.0]))
+    assert torch.equal(out[fine("a", "aud")], torch.tensor([0.0, 1.0]))
+    assert torch.equal(out[fine("b", "img")], torch.tensor([3.5, 0.0]))  # (1·2 + 3·4) / 4
+    assert torch.equal(out[fine("b", "aud")], torch.tensor([3.5, 0.0]))
+
+
+def test_groups_that_did_not_reply() -> None:
+    cur = {k: torch.full((2,), 8.0) for k in table(0.5)}
+    ups = [u for u in updates() if fine("b", "aud") not in u.state]
+    out = aggregate(ups, FedAvg(), cur, table(0.5))
+    # task b's merge is b/img's alone (0); b/aud keeps half its current 8: 0.5·8 + 0.5·0 = 4; b/img 0.5·0 + 0.5·0
+    assert torch.equal(out[fine("b", "aud")], torch.tensor([4.0, 4.0]))
+    assert torch.equal(out[fine("b", "img")], torch.tensor([0.0, 0.0]))
+    assert fine("b", "aud") not in aggregate(ups, FedAvg(), cur, table(1.0))  # own 1: as task_modality, untouched
+
+
+def test_the_release_acts_on_the_group_merges_before_mixing_and_the_server_step() -> None:
+    seen = {}
+
+    def release(merges: dict, counts: dict) -> dict:
+        seen.update(counts)
+        return {k: v + 1.0 for k, v in merges.items()}  # e.g. DP noise
+
+    cur = {k: torch.zeros(2) for k in table(0.5)}
+    out = aggregate(updates(), FedAvg(weighted=False), cur, table(0.5), release)
+    assert seen == {fine("a", "img"): 2, fine("a", "aud"): 1, fine("b", "img"): 1, fine("b", "aud"): 1}
+    # released merges: a/img (1 + 3) / 2 + 1 = 3, a/aud 11; the task merge from them, by copies: (2·3 + 11) / 3
+    wide = (2 * 3.0 + 11.0) / 3
+    assert torch.allclose(out[fine("a", "img")], torch.tensor([0.5 * 3 + 0.5 * wide, 0.5 * 5 + 0.5 * (2 * 5 + 21) / 3]))
+    with pytest.raises(ValueError, match="needs a mean rule"):
+        aggregate(updates(), Median(), cur, table(0.5), release)
