@@ -1,17 +1,25 @@
-"""Does collaboration across tasks and modalities help? One recipe, three ways of sharing, side by side.
+"""Does collaboration across tasks and modalities help? One scenario, several ways of sharing, over seeds.
 
-``python -m benchmarks.collaboration [-c recipes/multimodal.yaml] [--rounds 10] [--out DIR]`` runs the recipe's
-federation three times with the same seed, clients, data and training budget, changing only the scopes of its
-parts:
+``python -m benchmarks.collaboration --scenario NAME --seeds 0 1 2 [--rounds R] [--settings ...] --json FILE``
+runs a scenario's federation once per setting and seed, with the same clients, data and training budget, changing
+only the scopes of its parts. Each part's *base* scope is the widest one of its recipe scope (``task`` for
+``task``, ``task+task_modality`` or ``mix(task_modality, task, 0.8)``); a setting rewrites every part whose base
+scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as follows:
 
-    alone:          every tensor ``local`` — each client trains only on its own data;
-    same (task, modality): every tensor ``task_modality`` — merged only over clients of the same task and modality;
-    mmfl scopes:    the recipe's own scopes (e.g. a task's prompt merged over its image AND audio clients, the
-                    audio projection over the audio clients of every task).
+    alone:                 ``local`` (every part): each client trains only on its own data;
+    same (task, modality): ``task_modality`` (every part): merged only within a (task, modality);
+    task:                  ``task`` for a ``global`` or ``task`` base (a task's clients of every modality);
+    plain:                 the base scope itself (e.g. ``global`` in scarce-task);
+    components:            ``BASE+task_modality``: a shared tensor plus a (task, modality) one from zero;
+    mix 0.5, mix 0.8:      ``mix(task_modality, BASE, OWN)``: each (task, modality) keeps OWN of its merge;
+    similarity:            ``mix(task_modality, BASE, similarity)``: shares from the similarity of updates;
+    recipe:                the recipe's scopes as written (the default the README recommends).
 
-After the last round each client is evaluated on its (task, modality) test split with what it would use: the
-merged tensors of its keys plus its own local ones. The table gives the mean and the range over the clients of
-each (task, modality); ``DIR/collaboration.json`` holds every client's figure.
+Scenarios: ``multimodal`` (``recipes/multimodal.yaml``), ``scarce-modality`` and ``scarce-task``
+(``benchmarks/scenarios/``). After the last round each client is scored on its (task, modality) test split with
+what it would use: the merged tensors of its keys plus its own local ones. The table gives, per (task, modality)
+row, the mean over seeds of the row's mean over clients ± the standard deviation over seeds; the JSON file holds
+that and every client's figure per seed, the bytes a client sends per round and the server's seconds per round.
 """
 
 from __future__ import annotations
@@ -21,94 +29,247 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from jsonargparse import Namespace
 
 from mmfl.backbone import Backbone
 from mmfl.data import prepare_task
 from mmfl.federated import Simulation
+from mmfl.federated.scopes import parse_scope
 from mmfl.federated.simulation import seed_all
 from mmfl.module import quiet_lightning
 from mmfl.recipe import fit_parser
 
 log = logging.getLogger(__name__)
 
-SETTINGS = {"alone": "local", "same (task, modality)": "task_modality", "mmfl scopes": None}
-"""Each setting's scope for every tensor of every part (None: the recipe's own scopes)."""
+HERE = Path(__file__).resolve().parent
+SCENARIOS = {
+    "multimodal": HERE.parent / "recipes" / "multimodal.yaml",
+    "scarce-modality": HERE / "scenarios" / "scarce_modality.yaml",
+    "scarce-task": HERE / "scenarios" / "scarce_task.yaml",
+}
+"""Each scenario's recipe."""
+
+WIDE = ("global", "task", "modality")
+
+SETTINGS: dict[str, Callable[[str], str] | None] = {
+    "alone": lambda base: "local",
+    "same (task, modality)": lambda base: "task_modality",
+    "task": lambda base: "task" if base in ("global", "task") else base,
+    "plain": lambda base: base,
+    "components": lambda base: f"{base}+task_modality",
+    "mix 0.5": lambda base: f"mix(task_modality, {base}, 0.5)",
+    "mix 0.8": lambda base: f"mix(task_modality, {base}, 0.8)",
+    "similarity": lambda base: f"mix(task_modality, {base}, similarity)",
+    "recipe": None,
+}
+"""Each setting's scope for a part of a given base scope (None: the recipe's own scopes)."""
+
+ALL_PARTS = ("alone", "same (task, modality)")
+"""Settings that rewrite every part, whatever its base scope."""
+
+
+def base_scope(scope: str) -> str:
+    """The widest scope of a scope spec (a mix's wide scope, else its first component)."""
+    spec = parse_scope(scope)
+    return spec.mix.wide if spec.mix is not None else spec.components[0]
+
+
+def configure(cfg: Namespace, setting: str) -> None:
+    """Rewrite the parts' scopes of a parsed recipe for ``setting`` (in place); per-parameter overrides are dropped
+    by a setting that rewrites the part."""
+    rewrite = SETTINGS[setting]
+    if rewrite is None:
+        return
+    for part in cfg.parts:
+        args = part.init_args
+        base = base_scope(args.get("scope") or "task")
+        if setting in ALL_PARTS or base in WIDE:
+            args.scope, args.scopes = rewrite(base), None
 
 
 @dataclass
 class SettingResult:
-    """One setting's outcome: accuracy and (task/modality) group per client id, the merged keys, the wall time."""
+    """One setting and seed: accuracy and (task/modality) row per client id, merged keys, bytes, seconds."""
 
     accuracy: dict[str, float]
     groups: dict[str, str]
     merged_keys: list[str]
+    bytes_per_client_round: float
+    server_seconds_per_round: float
     seconds: float
 
 
-def build_backbone(recipe: str, overrides: list[str]) -> Backbone:
-    """The recipe's frozen backbone (built once and shared by the settings)."""
-    cfg = fit_parser().parse_args(["-c", recipe, *overrides])
+class _TimedSimulation(Simulation):
+    """A simulation that adds up the server's time spent merging (clipping, merging, noise, mixing, step)."""
+
+    server_seconds: float = 0.0
+
+    def merge(self, rnd, updates, sampled):
+        t0 = time.perf_counter()
+        try:
+            return super().merge(rnd, updates, sampled)
+        finally:
+            self.server_seconds += time.perf_counter() - t0
+
+
+def build_backbone(recipe: str | Path, overrides: list[str]) -> Backbone:
+    """The recipe's frozen backbone (built once and shared by every setting and seed)."""
+    cfg = fit_parser().parse_args(["-c", str(recipe), *overrides])
     seed_all(cfg.seed)
     return Backbone(**cfg.backbone.as_dict())
 
 
-def run_setting(recipe: str, scope: str | None, overrides: list[str], backbone: Backbone) -> SettingResult:
-    """Run the recipe's federation with every part's scope set to ``scope`` (None: as written) and evaluate
-    each client on its (task, modality) test split with the merged tensors plus its own local ones."""
+def run_setting(
+    recipe: str | Path,
+    setting: str,
+    overrides: list[str],
+    backbone: Backbone,
+    seed: int | None = None,
+    edit: Callable[[Namespace], None] | None = None,
+) -> SettingResult:
+    """Run the recipe's federation under ``setting`` and score each client on its (task, modality) test split.
+
+    Args:
+        recipe: the scenario's recipe.
+        setting: a key of :data:`SETTINGS`.
+        overrides: recipe overrides (``--federation.rounds=2``, ...).
+        backbone: the frozen backbone.
+        seed: the run's seed (None: the recipe's).
+        edit: changes the parsed recipe further (the tests shrink the tasks with it).
+    """
     parser = fit_parser()
-    cfg = parser.parse_args(["-c", recipe, *overrides])
-    if scope is not None:
-        for part in cfg.parts:
-            part.init_args.scope, part.init_args.scopes = scope, None
+    cfg = parser.parse_args(["-c", str(recipe), *overrides, *([f"--seed={seed}"] if seed is not None else [])])
+    configure(cfg, setting)
+    if edit is not None:
+        edit(cfg)
     init = parser.instantiate(cfg)
     prepared = [prepare_task(t, seed=cfg.seed) for t in init.tasks]
-    sim = Simulation(backbone, prepared, init.parts, init.training, init.federation, seed=cfg.seed)
+    sim = _TimedSimulation(backbone, prepared, init.parts, init.training, init.federation, seed=cfg.seed)
     t0 = time.perf_counter()
     accs, groups = {}, {}
+    sent = [
+        sum(t.numel() * t.element_size() for t in c.module.trainable_state_dict(False).values()) for c in sim.clients
+    ]
+    rounds = init.federation.rounds
     with quiet_lightning():
-        for rnd in range(1, init.federation.rounds + 1):
+        for rnd in range(1, rounds + 1):
             sim.run_round(rnd)
-            log.warning("  round %d/%d done", rnd, init.federation.rounds)
         for c in sim.clients:
             c.module.load_trainable_state_dict(sim.global_state)  # merged tensors; its local ones stay its own
             accs[c.data.cid] = sim.evaluate(c.module, c.task, c.task.test)["accuracy"]
             groups[c.data.cid] = f"{c.task.name}/{c.task.modality}"
-    return SettingResult(accs, groups, sorted(sim.global_state), time.perf_counter() - t0)
+    return SettingResult(
+        accs,
+        groups,
+        sorted(sim.global_state),
+        statistics.mean(sent),
+        sim.server_seconds / max(rounds, 1),
+        time.perf_counter() - t0,
+    )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the three settings and print the table (and write it with every client's figure)."""
+@dataclass
+class Summary:
+    """One setting over seeds: per row and over clients, the mean and std over seeds (of the per-seed means)."""
+
+    rows: dict[str, dict] = field(default_factory=dict)
+    clients_mean: dict = field(default_factory=dict)
+    per_seed: dict[int, dict[str, float]] = field(default_factory=dict)
+    bytes_per_client_round: float = 0.0
+    server_seconds_per_round: float = 0.0
+    seconds: float = 0.0
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_seed": values,
+    }
+
+
+def summarize(results: dict[int, SettingResult]) -> Summary:
+    """Mean ± std over seeds of each row's mean over its clients, and of the mean over all clients (percent)."""
+    seeds = sorted(results)
+    groups = results[seeds[0]].groups
+    order = list(dict.fromkeys(groups.values()))
+    s = Summary(per_seed={seed: {c: 100 * a for c, a in results[seed].accuracy.items()} for seed in seeds})
+    for g in order:
+        members = [c for c in groups if groups[c] == g]
+        s.rows[g] = _spread([statistics.mean(s.per_seed[seed][c] for c in members) for seed in seeds])
+    s.clients_mean = _spread([statistics.mean(s.per_seed[seed].values()) for seed in seeds])
+    s.bytes_per_client_round = statistics.mean(r.bytes_per_client_round for r in results.values())
+    s.server_seconds_per_round = statistics.mean(r.server_seconds_per_round for r in results.values())
+    s.seconds = statistics.mean(r.seconds for r in results.values())
+    return s
+
+
+def table(summaries: dict[str, Summary]) -> str:
+    """A markdown table: a row per (task, modality) and the mean over clients, a column per setting."""
+    names = list(summaries)
+    first = summaries[names[0]]
+    lines = ["| task / modality | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for g in first.rows:
+        cells = [f"{summaries[n].rows[g]['mean']:.1f} ± {summaries[n].rows[g]['std']:.1f}" for n in names]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    cells = [f"**{summaries[n].clients_mean['mean']:.1f} ± {summaries[n].clients_mean['std']:.1f}**" for n in names]
+    lines.append("| mean over clients | " + " | ".join(cells) + " |")
+    lines.append(
+        "| bytes sent per client-round | "
+        + " | ".join(f"{summaries[n].bytes_per_client_round:,.0f}" for n in names)
+        + " |"
+    )
+    lines.append(
+        "| server ms per round | "
+        + " | ".join(f"{1000 * summaries[n].server_seconds_per_round:.1f}" for n in names)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Summary]:
+    """Run the settings over the seeds, print the table, write the JSON file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-c", "--recipe", default="recipes/multimodal.yaml")
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="multimodal")
+    ap.add_argument("-c", "--recipe", default=None, help="another recipe instead of the scenario's")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=None, help="override the recipe's rounds")
-    ap.add_argument("--out", default=None, help="folder for collaboration.json")
-    ap.add_argument("overrides", nargs="*", help="more recipe overrides, e.g. --training.epochs=2")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--json", default=None, help="write every figure to this file")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. -- --training.epochs=2")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    recipe = args.recipe or SCENARIOS[args.scenario]
     overrides = list(args.overrides) + ([f"--federation.rounds={args.rounds}"] if args.rounds else [])
-    backbone, results, groups = build_backbone(args.recipe, overrides), {}, {}
-    for name, scope in SETTINGS.items():
-        log.warning("setting %s", name)
-        r = run_setting(args.recipe, scope, overrides, backbone)
-        results[name], groups = r.accuracy, r.groups
-        log.warning("setting %s: %.0f s", name, r.seconds)
-    order = list(dict.fromkeys(groups.values()))
-    lines = ["| task / modality | " + " | ".join(SETTINGS) + " |", "|---" * (len(SETTINGS) + 1) + "|"]
-    for g in order:
-        cells = []
-        for name in SETTINGS:
-            vals = [100 * a for cid, a in results[name].items() if groups[cid] == g]
-            cells.append(f"{statistics.mean(vals):.1f}% ({min(vals):.0f}–{max(vals):.0f})")
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    means = [statistics.mean(100 * a for a in results[name].values()) for name in SETTINGS]
-    lines.append("| mean over clients | " + " | ".join(f"{m:.1f}%" for m in means) + " |")
-    print("\n".join(lines))  # the benchmark's output
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        payload = {"recipe": args.recipe, "overrides": overrides, "per_client": results, "groups": groups}
-        (Path(args.out) / "collaboration.json").write_text(json.dumps(payload, indent=1))
+    backbone = build_backbone(recipe, overrides)
+    runs: dict[str, dict[int, SettingResult]] = {name: {} for name in args.settings}
+    for seed in args.seeds:
+        for name in args.settings:
+            r = run_setting(recipe, name, overrides, backbone, seed)
+            runs[name][seed] = r
+            log.warning(
+                "seed %d, %s: mean %.1f%% (%.0f s)", seed, name, 100 * statistics.mean(r.accuracy.values()), r.seconds
+            )
+    summaries = {name: summarize(r) for name, r in runs.items()}
+    print(table(summaries))  # the benchmark's output
+    if args.json:
+        first = next(iter(runs.values()))
+        payload = {
+            "scenario": args.scenario,
+            "recipe": str(recipe),
+            "overrides": overrides,
+            "seeds": args.seeds,
+            "groups": first[args.seeds[0]].groups,
+            "settings": {name: asdict(s) for name, s in summaries.items()},
+            "merged_keys": {name: r[args.seeds[0]].merged_keys for name, r in runs.items()},
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    return summaries
 
 
 if __name__ == "__main__":

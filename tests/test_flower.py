@@ -27,11 +27,11 @@ backbone: {model_name: mmfl-tiny}
 tasks:
   - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: CLIENTS, shots: 4, max_test_examples: 30}
   - {name: animals, data: {class_path: mmfl.data.AnimalSilhouettes}, clients: CLIENTS, shots: 4, max_test_examples: 30}
-parts:
+parts:  # a context shared by all plus a per-task one from zero; an adapter per task, half mixed with all tasks'
   - class_path: mmfl.prompts.CoOp
-    init_args: {n_ctx: 2, scope: task}
+    init_args: {n_ctx: 2, scope: global+task}
   - class_path: mmfl.prompts.ClipAdapter
-    init_args: {scope: global}
+    init_args: {scope: "mix(task, global, 0.5)"}
 training: {accelerator: cpu, max_steps: 2}
 federation: {rounds: ROUNDS}
 """
@@ -166,7 +166,8 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
         assert _status(env, "deploy") == ["finished:completed"]
     flower = load_file(out / "global.safetensors")
     local = _in_process(recipe, tmp_path / "in-process")
-    assert flower.keys() == local.keys() and any(k.startswith("global/") for k in flower)
+    assert flower.keys() == local.keys() and {"global/coop.ctx", "task/digits/coop.ctx"} <= set(flower)
+    assert any(k.startswith("task/animals/adapter.") for k in flower)  # the mixed adapter: one tensor per task
     for k in flower:
         assert (flower[k] - local[k]).abs().max() < 1e-5, k
 
@@ -317,10 +318,10 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
         procs.stop_all()
     flower = load_file(out / "global.safetensors")
     local = _in_process(recipe, tmp_path / "in-process")
+    adapter = {k for k in local if "/adapter." in k}  # mixed over the tasks: one copy per task
+    assert {k.split("/")[1] for k in adapter} == {"digits", "animals"}
     assert (
-        flower.keys()
-        == local.keys()
-        == {"task/digits/coop.ctx", "task/animals/coop.ctx", *(k for k in local if k.startswith("global/"))}
+        flower.keys() == local.keys() == {"global/coop.ctx", "task/digits/coop.ctx", "task/animals/coop.ctx", *adapter}
     )
     assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp_path / "r0"), "--federation.rounds=0"]) == 0
     initial = load_file(tmp_path / "r0" / "checkpoint.safetensors")

@@ -1,0 +1,99 @@
+"""Mixed scopes in real federations: the ends of a mix are the plain scopes' runs, a mix needs groups to mix, and a
+run of mixed and component scopes with a stateful server optimizer resumes bit-identical."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmfl.backbone import Backbone
+from mmfl.data import InMemory, SklearnDigits, Task, prepare_task
+from mmfl.federated import FedAvgM, Federation, LocalTraining, Simulation
+from mmfl.prompts import CoOp, ProjectionTuning
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _digit_sentences() -> InMemory:
+    texts = [f"the digit {w} number {i}" for w in DIGITS for i in range(3)]
+    return InMemory({"text": texts, "label": [d for d in range(10) for _ in range(3)]}, DIGITS, input_column="text")
+
+
+@pytest.fixture(scope="module")
+def two_modalities() -> list:
+    return [
+        prepare_task(Task("digits", SklearnDigits(), clients=2, shots=2, max_test_examples=20)),
+        prepare_task(Task("digits", _digit_sentences(), modality="text", clients=2)),
+    ]
+
+
+def _sim(bb: Backbone, tasks: list, scope: str, rounds: int = 2, **fed) -> Simulation:
+    training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    parts = [functools.partial(CoOp, ctx_init="a photo of a", scope=scope)]
+    return Simulation(bb, tasks, parts, training, Federation(rounds=rounds, **fed), seed=1)
+
+
+def _run(sim: Simulation) -> dict[str, torch.Tensor]:
+    for rnd in range(1, sim.federation.rounds + 1):
+        sim.run_round(rnd)
+    return sim.global_state
+
+
+def test_the_ends_of_a_mix_are_the_runs_of_the_plain_scopes(tiny_backbone: Backbone, two_modalities: list) -> None:
+    img, txt = "task_modality/digits/image/coop.ctx", "task_modality/digits/text/coop.ctx"
+    by_group = _run(_sim(tiny_backbone, two_modalities, "task_modality"))
+    kept = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, 1)"))
+    assert sorted(kept) == sorted(by_group) == [img, txt]
+    assert torch.equal(kept[img], by_group[img]) and torch.equal(kept[txt], by_group[txt])
+    assert not torch.equal(by_group[img], by_group[txt])
+    whole = _run(_sim(tiny_backbone, two_modalities, "task"))["task/digits/coop.ctx"]
+    shared = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, 0)"))
+    assert torch.equal(shared[img], whole) and torch.equal(shared[txt], whole)
+    half = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, 0.5)"))
+    assert not torch.equal(half[img], half[txt])  # each group keeps a view of its own
+    assert not torch.equal(half[img], kept[img]) and not torch.equal(half[img], whole)
+
+
+def test_each_node_of_a_mix_receives_its_own_group_s_tensor(tiny_backbone: Backbone, two_modalities: list) -> None:
+    sim = _sim(tiny_backbone, two_modalities, "mix(task_modality, task, 0.5)", rounds=1)
+    assert [c.module.trainable_keys() for c in sim.clients] == [
+        ["task_modality/digits/image/coop.ctx"],
+        ["task_modality/digits/image/coop.ctx"],
+        ["task_modality/digits/text/coop.ctx"],
+        ["task_modality/digits/text/coop.ctx"],
+    ]
+    assert set(sim.mixing) == {"task_modality/digits/image/coop.ctx", "task_modality/digits/text/coop.ctx"}
+    assert {r.wide for r in sim.mixing.values()} == {"task/digits/coop.ctx"}
+
+
+def test_resume_of_mixed_and_component_scopes_is_bit_identical(
+    tiny_backbone: Backbone, two_modalities: list, tmp_path: Path
+) -> None:
+    """Mixing and components with FedAvgM (a momentum buffer per group key) and a sampler: 2 rounds, stop, resume to
+    4, against 4 rounds straight."""
+    training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    parts = [
+        functools.partial(CoOp, n_ctx=2, scope="mix(task_modality, task, 0.7)"),
+        functools.partial(ProjectionTuning, side="text", scope="task+task_modality"),
+    ]
+
+    def sim(rounds: int, out: Path) -> Simulation:
+        fed = Federation(rounds=rounds, fraction=0.75, aggregator=FedAvgM(momentum=0.5))
+        return Simulation(tiny_backbone, two_modalities, parts, training, fed, seed=2, output_dir=out)
+
+    straight = sim(4, tmp_path / "straight")
+    straight.run()
+    first = sim(2, tmp_path / "stopped")
+    first.run()
+    resumed = sim(4, tmp_path / "stopped")
+    assert resumed.resume(tmp_path / "stopped") == 2
+    resumed.run()
+    assert sorted(straight.global_state) == sorted(resumed.global_state)
+    assert any(k.startswith("task/digits/proj") for k in straight.global_state)
+    for k, v in straight.global_state.items():
+        assert torch.equal(v, resumed.global_state[k]), k
+    assert straight.federation.aggregator.buffers.keys() == resumed.federation.aggregator.buffers.keys()
+    assert (tmp_path / "straight" / "metrics.csv").read_bytes() == (tmp_path / "stopped" / "metrics.csv").read_bytes()
