@@ -3,7 +3,7 @@
 ``python -m benchmarks.collaboration --scenario NAME --seeds 0 1 2 [--rounds R] [--settings ...] --json FILE``
 runs a scenario's federation once per setting and seed, with the same clients, data and training budget, changing
 only the scopes of its parts. Each part's *base* scope is the widest one of its recipe scope (``task`` for
-``task``, ``task+task_modality`` or ``mix(task_modality, task, 0.8)``); a setting rewrites every part whose base
+``task``, ``task+task_modality`` or ``mix(task_modality, task, own=0.8)``); a setting rewrites every part whose base
 scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as follows:
 
     alone:                 ``local`` (every part): each client trains only on its own data;
@@ -11,7 +11,8 @@ scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as f
     task:                  ``task`` for a ``global`` or ``task`` base (a task's clients of every modality);
     plain:                 the base scope itself (e.g. ``global`` in scarce-task);
     components:            ``BASE+task_modality``: a shared tensor plus a (task, modality) one from zero;
-    mix 0.5, mix 0.8:      ``mix(task_modality, BASE, OWN)``: each (task, modality) keeps OWN of its merge;
+    own 0.8:               ``mix(task_modality, BASE, own=0.8)``: each (task, modality) keeps 0.8 of its merge;
+    others 0.1:            ``mix(task_modality, BASE, others=0.1)``: the other groups' examples count 0.1;
     similarity:            ``mix(task_modality, BASE, similarity)``: shares from the similarity of updates;
     recipe:                the recipe's scopes as written (the default the README recommends).
 
@@ -61,8 +62,8 @@ SETTINGS: dict[str, Callable[[str], str] | None] = {
     "task": lambda base: "task" if base in ("global", "task") else base,
     "plain": lambda base: base,
     "components": lambda base: f"{base}+task_modality",
-    "mix 0.5": lambda base: f"mix(task_modality, {base}, 0.5)",
-    "mix 0.8": lambda base: f"mix(task_modality, {base}, 0.8)",
+    "own 0.8": lambda base: f"mix(task_modality, {base}, own=0.8)",
+    "others 0.1": lambda base: f"mix(task_modality, {base}, others=0.1)",
     "similarity": lambda base: f"mix(task_modality, {base}, similarity)",
     "recipe": None,
 }

@@ -227,14 +227,14 @@ class ClientModule(L.LightningModule):
                 yield qualify(scope, self.task, self.modality.name, f"{part_name}.{pname}"), param
 
     def mix_rules(self) -> dict[str, MixRule]:
-        """How the server mixes this client's keys of mixed scopes (``mix(FINE, WIDE, OWN)``), by key."""
+        """How the server mixes this client's keys of mixed scopes (``mix(FINE, WIDE, ...)``), by key."""
         rules = {}
         for part_name, part in self.parts.items():
             for scope, pname, _, mix in part.scoped_parameters():
                 if mix is not None:
                     name = f"{part_name}.{pname}"
                     wide = qualify(mix.wide, self.task, self.modality.name, name)
-                    rules[qualify(scope, self.task, self.modality.name, name)] = MixRule(wide, mix.own)
+                    rules[qualify(scope, self.task, self.modality.name, name)] = MixRule(wide, mix.kind, mix.value)
         return rules
 
     def trainable_keys(self, include_local: bool = True) -> list[str]:

@@ -31,7 +31,7 @@ parts:  # a context shared by all plus a per-task one from zero; an adapter per 
   - class_path: mmfl.prompts.CoOp
     init_args: {n_ctx: 2, scope: global+task}
   - class_path: mmfl.prompts.ClipAdapter
-    init_args: {scope: "mix(task, global, 0.5)"}
+    init_args: {scope: "mix(task, global, own=0.5)"}
 training: {accelerator: cpu, max_steps: 2}
 federation: {rounds: ROUNDS}
 """

@@ -45,20 +45,20 @@ def _run(sim: Simulation) -> dict[str, torch.Tensor]:
 def test_the_ends_of_a_mix_are_the_runs_of_the_plain_scopes(tiny_backbone: Backbone, two_modalities: list) -> None:
     img, txt = "task_modality/digits/image/coop.ctx", "task_modality/digits/text/coop.ctx"
     by_group = _run(_sim(tiny_backbone, two_modalities, "task_modality"))
-    kept = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, 1)"))
+    kept = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, own=1)"))
     assert sorted(kept) == sorted(by_group) == [img, txt]
     assert torch.equal(kept[img], by_group[img]) and torch.equal(kept[txt], by_group[txt])
     assert not torch.equal(by_group[img], by_group[txt])
     whole = _run(_sim(tiny_backbone, two_modalities, "task"))["task/digits/coop.ctx"]
-    shared = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, 0)"))
+    shared = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, own=0)"))
     assert torch.equal(shared[img], whole) and torch.equal(shared[txt], whole)
-    half = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, 0.5)"))
+    half = _run(_sim(tiny_backbone, two_modalities, "mix(task_modality, task, own=0.5)"))
     assert not torch.equal(half[img], half[txt])  # each group keeps a view of its own
     assert not torch.equal(half[img], kept[img]) and not torch.equal(half[img], whole)
 
 
 def test_each_node_of_a_mix_receives_its_own_group_s_tensor(tiny_backbone: Backbone, two_modalities: list) -> None:
-    sim = _sim(tiny_backbone, two_modalities, "mix(task_modality, task, 0.5)", rounds=1)
+    sim = _sim(tiny_backbone, two_modalities, "mix(task_modality, task, own=0.5)", rounds=1)
     assert [c.module.trainable_keys() for c in sim.clients] == [
         ["task_modality/digits/image/coop.ctx"],
         ["task_modality/digits/image/coop.ctx"],
@@ -76,7 +76,7 @@ def test_resume_of_mixed_and_component_scopes_is_bit_identical(
     4, against 4 rounds straight."""
     training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=1))
     parts = [
-        functools.partial(CoOp, n_ctx=2, scope="mix(task_modality, task, 0.7)"),
+        functools.partial(CoOp, n_ctx=2, scope="mix(task_modality, task, others=0.3)"),
         functools.partial(ProjectionTuning, side="text", scope="task+task_modality"),
     ]
 

@@ -17,8 +17,8 @@ def fine(task: str, mod: str) -> str:
     return f"task_modality/{task}/{mod}/p"
 
 
-def table(own: float | None) -> dict[str, MixRule]:
-    return {fine(t, m): MixRule(f"task/{t}/p", own) for t, m in GROUPS}
+def table(value: float, kind: str = "own") -> dict[str, MixRule]:
+    return {fine(t, m): MixRule(f"task/{t}/p", kind, value) for t, m in GROUPS}
 
 
 # a/img: two clients ([1] ×1 example, [3] ×3); a/aud: [10] ×4; b/img: [0] ×2; b/aud: [6] ×2
@@ -44,18 +44,21 @@ def test_scope_grammar() -> None:
     assert parse_scope("task") == ScopeSpec(("task",))
     assert parse_scope("task+task_modality") == ScopeSpec(("task", "task_modality"))
     assert parse_scope(" global + task + local ").components == ("global", "task", "local")
-    mixed = ScopeSpec(("task_modality",), Mix("task_modality", "task", 0.8))
-    assert parse_scope("mix(task_modality, task, 0.8)") == mixed
-    assert parse_scope("mix(task,global,similarity)").mix == Mix("task", "global", None)
+    mixed = ScopeSpec(("task_modality",), Mix("task_modality", "task", "own", 0.8))
+    assert parse_scope("mix(task_modality, task, own=0.8)") == mixed
+    assert parse_scope("mix(task,global,others = 0.1)").mix == Mix("task", "global", "others", 0.1)
+    assert parse_scope("mix(task,global,similarity)").mix == Mix("task", "global", "similarity")
     assert parse_scope("task").plain and not parse_scope("task+local").plain
     for bad, message in [
         ("tasks", "unknown scope 'tasks'"),
         ("task+task", "repeats a component"),
-        ("mix(task, task_modality, 0.5)", "are not inside those of 'task_modality'"),
-        ("mix(task_modality, modality, 1.5)", r"must be in \[0, 1\] or 'similarity'"),
-        ("mix(task_modality, task, half)", r"must be in \[0, 1\]"),
-        ("task+mix(task_modality, task, 0.5)", "a mix cannot be a component"),
-        ("mix(local, task, 0.5)", "are not inside"),
+        ("mix(task, task_modality, own=0.5)", "are not inside those of 'task_modality'"),
+        ("mix(task_modality, modality, own=1.5)", r"own=1.5 must be in \[0, 1\]"),
+        ("mix(task_modality, task, others=half)", r"others=half must be in \[0, 1\]"),
+        ("mix(task_modality, task, 0.5)", "must be own=X, others=X or similarity"),
+        ("mix(task_modality, task, similarity=1)", "must be own=X, others=X or similarity"),
+        ("task+mix(task_modality, task, own=0.5)", "a mix cannot be a component"),
+        ("mix(local, task, own=0.5)", "are not inside"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_scope(bad)
@@ -76,29 +79,47 @@ def test_mixing_by_hand() -> None:
     assert torch.equal(med[fine("a", "aud")], torch.tensor([6.5, 13.0]))
 
 
+def test_others_weight_by_hand() -> None:
+    """others=s: (W_g m_g + s · W_o m_o) / (W_g + s · W_o), W the example counts (weighted FedAvg)."""
+    cur = {k: torch.zeros(2) for k in table(0.5, "others")}
+    out = aggregate(updates(), FedAvg(), cur, table(0.5, "others"))
+    # a/img: W 4, m 2.5; a/aud: W 4, m 10 → a/img (4·2.5 + 0.5·4·10) / (4 + 2) = 5, a/aud (40 + 0.5·10) / 6 = 7.5
+    assert torch.equal(out[fine("a", "img")], torch.tensor([5.0, 10.0]))
+    assert torch.equal(out[fine("a", "aud")], torch.tensor([7.5, 15.0]))
+    # unweighted: W is the number of copies (a/img 2, a/aud 1); a/img m 2, a/aud m 10
+    # a/img (2·2 + 0.5·1·10) / (2 + 0.5) = 3.6; a/aud (1·10 + 0.5·2·2) / (1 + 0.5·2) = 6
+    out = aggregate(updates(), FedAvg(weighted=False), cur, table(0.5, "others"))
+    assert torch.allclose(out[fine("a", "img")], torch.tensor([3.6, 7.2]))
+    assert torch.allclose(out[fine("a", "aud")], torch.tensor([6.0, 12.0]))
+
+
+ENDS = [("own", 1.0, "fine"), ("own", 0.0, "wide"), ("others", 0.0, "fine"), ("others", 1.0, "wide")]
+
+
+@pytest.mark.parametrize("kind, value, end", ENDS)
 @pytest.mark.parametrize("make", [FedAvg, lambda: FedAvg(weighted=False), Median, lambda: FedAvgM(momentum=0.5)])
-def test_the_two_ends_are_the_plain_scopes_exactly(make) -> None:
-    """own = 1 is task_modality merging, own = 0 is task merging, with every rule, over two rounds (FedAvgM's
-    momentum buffers included)."""
-    ends = {1.0: (make(), make()), 0.0: (make(), make())}
-    cur = {own: {k: torch.zeros(2) for k in table(own)} for own in ends}
-    plain_cur = {1.0: {k: torch.zeros(2) for k in table(1.0)}, 0.0: {f"task/{t}/p": torch.zeros(2) for t in "ab"}}
+def test_the_two_ends_are_the_plain_scopes_exactly(make, kind: str, value: float, end: str) -> None:
+    """own=1 and others=0 are task_modality merging, own=0 and others=1 task merging, with every rule, over two
+    rounds (FedAvgM's momentum buffers included)."""
+    mixed_rule, plain_rule = make(), make()
+    rules = table(value, kind)
+    cur = {k: torch.zeros(2) for k in rules}
+    plain_cur = {k: torch.zeros(2) for k in rules} if end == "fine" else {f"task/{t}/p": torch.zeros(2) for t in "ab"}
     for rnd, values in enumerate([[1.0, 3.0, 10.0, 0.0, 6.0], [-2.0, 5.0, 1.5, 7.0, 0.25]]):
-        for own, (mixed_rule, plain_rule) in ends.items():
-            out = aggregate(updates("tm", values), mixed_rule, cur[own], table(own))
-            cur[own].update(out)
-            plain = aggregate(updates("tm" if own == 1.0 else "task", values), plain_rule, plain_cur[own])
-            plain_cur[own].update(plain)
-            for t, m in GROUPS:
-                ref = plain[fine(t, m)] if own == 1.0 else plain[f"task/{t}/p"]
-                assert torch.equal(out[fine(t, m)], ref), (rnd, own, t, m)
+        out = aggregate(updates("tm", values), mixed_rule, cur, rules)
+        cur.update(out)
+        plain = aggregate(updates("tm" if end == "fine" else "task", values), plain_rule, plain_cur)
+        plain_cur.update(plain)
+        for t, m in GROUPS:
+            ref = plain[fine(t, m)] if end == "fine" else plain[f"task/{t}/p"]
+            assert torch.equal(out[fine(t, m)], ref), (rnd, t, m)
 
 
 def test_similarity_shares_between_agreeing_updates_only() -> None:
     s = similarities(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [3.0, 0.0]]).double())
     assert torch.equal(s.diagonal(), torch.ones(4).double())
     assert s[0, 1] == 0 and s[0, 2] == 0 and s[0, 3] == 1  # orthogonal, opposite, parallel
-    rules = table(None)
+    rules = table(0.0, "similarity")
     cur = {k: torch.zeros(2) for k in rules}
     ups = [
         Update("a-img", {fine("a", "img"): torch.tensor([1.0, 0.0])}, 1),
@@ -121,6 +142,9 @@ def test_groups_that_did_not_reply() -> None:
     assert torch.equal(out[fine("b", "aud")], torch.tensor([4.0, 4.0]))
     assert torch.equal(out[fine("b", "img")], torch.tensor([0.0, 0.0]))
     assert fine("b", "aud") not in aggregate(ups, FedAvg(), cur, table(1.0))  # own 1: as task_modality, untouched
+    # others=0.25: an absent group takes 0.25 of the task's merge: 0.75·8 + 0.25·0
+    assert torch.equal(aggregate(ups, FedAvg(), cur, table(0.25, "others"))[fine("b", "aud")], torch.tensor([6.0, 6.0]))
+    assert fine("b", "aud") not in aggregate(ups, FedAvg(), cur, table(0.0, "others"))
 
 
 def test_the_release_acts_on_the_group_merges_before_mixing_and_the_server_step() -> None:

@@ -1,9 +1,19 @@
-"""Mixed scopes at the server (aggregation with disaggregation, as FedCola): a tensor declared
-``mix(FINE, WIDE, OWN)`` is held per FINE group; each round the server merges it within each group, then gives each
-group ``OWN`` of its own merge and ``1 − OWN`` of the merge over the whole WIDE group. ``OWN = 1`` is plain FINE
-merging and ``OWN = 0`` plain WIDE merging, exactly, with any merge rule. With ``similarity``, each group takes a
-share of every other group's merge in proportion to that group's weight and to how alike their updates are this
-round (the cosine of ``merge − current``, negatives counted as 0), as FedAMP-style similarity-aware aggregation."""
+"""Mixed scopes at the server (aggregation with disaggregation, as FedCola): a tensor declared ``mix(FINE, WIDE, ...)``
+is held per FINE group; each round the server merges it within each group (``m_g``, with the recipe's rule) and over
+the whole WIDE group (``M``: the rule over all the copies, exactly what plain WIDE merging would give), then gives
+each group ``own_g · m_g + (1 − own_g) · M``:
+
+- ``own=a``: ``own_g = a`` for every group;
+- ``others=s``: the other groups' weight counts ``s`` times (FedCola's weighting of the other modalities): with
+  ``W_g`` the group's weight (its example count for weighted FedAvg, else its number of copies) and ``W_o`` the
+  other groups', ``own_g = (1 − s) · W_g / (W_g + s · W_o)``, which is ``(W_g m_g + s W_o m_o) / (W_g + s W_o)``
+  for FedAvg: a small group next to large ones takes most of ``M``, a large one keeps its own;
+- ``similarity``: each group takes a share of every other group's merge in proportion to that group's weight and to
+  how alike their updates are this round (the cosine of ``merge − current``, negatives counted as 0), as
+  similarity-aware aggregation (FedAMP) does.
+
+``own=1`` and ``others=0`` are plain FINE merging, ``own=0`` and ``others=1`` plain WIDE merging, exactly, with any
+merge rule."""
 
 from __future__ import annotations
 
@@ -22,27 +32,39 @@ class MixRule:
     Attributes:
         wide: the key of the WIDE group it belongs to (e.g. ``task/digits/coop.ctx`` for
             ``task_modality/digits/image/coop.ctx``); every FINE key with the same ``wide`` is mixed together.
-        own: the share a group keeps of its own merge, in [0, 1]; None: set from the similarity of updates.
+        kind: ``own``, ``others`` or ``similarity`` (see the module's docstring).
+        value: the ``own`` share or the ``others`` weight, in [0, 1].
     """
 
     wide: str
-    own: float | None
+    kind: str = "own"
+    value: float = 0.0
 
 
 def wide_groups(table: Mapping[str, MixRule]) -> dict[str, list[str]]:
     """The FINE keys of each WIDE group (sorted), by WIDE key (sorted).
 
     Raises:
-        ValueError: the keys of one WIDE group disagree on their ``own`` share.
+        ValueError: the keys of one WIDE group disagree on how to mix.
     """
     out: dict[str, list[str]] = {}
     for key in sorted(table):
         out.setdefault(table[key].wide, []).append(key)
     for wide, keys in out.items():
-        owns = {table[k].own for k in keys}
-        if len(owns) > 1:
-            raise ValueError(f"the keys mixed over {wide!r} declare different shares {sorted(map(str, owns))}")
+        rules = {(table[k].kind, table[k].value) for k in keys}
+        if len(rules) > 1:
+            raise ValueError(f"the keys mixed over {wide!r} declare different mixes {sorted(rules)}")
     return dict(sorted(out.items()))
+
+
+def own_share(rule: MixRule, mine: float, total: float) -> float:
+    """A replying group's share of its own merge under an ``own`` or ``others`` rule (``mine``: its weight,
+    ``total``: the weight of every replying group of its WIDE group)."""
+    if rule.kind == "own":
+        return rule.value
+    s = rule.value
+    denominator = mine + s * (total - mine)
+    return (1.0 - s) * mine / denominator if denominator > 0 else 1.0
 
 
 def mix(
@@ -61,26 +83,28 @@ def mix(
         current: the server's tensors before the round (for groups that did not reply, and for the similarity).
         table: the mix rule of each FINE key.
 
-    A fixed share ``own``: a group that replied gets ``own · merge + (1 − own) · wide``; one that did not gets
-    ``own · current + (1 − own) · wide`` (it is left alone when ``own`` is 1). ``similarity``: a group that replied
-    gets ``Σ_h w_h s_gh merge_h / Σ_h w_h s_gh`` over the groups h that replied, ``s_gg = 1`` and ``s_gh =
-    max(0, cos(merge_g − current_g, merge_h − current_h))``; the others are left alone.
+    A group that did not reply keeps its tensor under ``similarity``, ``own=1`` and ``others=0``; otherwise it gets
+    ``a · current + (1 − a) · M`` (``own=a``) or ``s · M + (1 − s) · current`` (``others=s``).
     """
     out: dict[str, Tensor] = {}
     for wide, keys in wide_groups(table).items():
         present = [k for k in keys if k in merges]
         if not present:
             continue
-        own = table[keys[0]].own
-        if own is None:
+        rule = table[keys[0]]
+        if rule.kind == "similarity":
             out.update(_by_similarity(present, merges, weights, current))
             continue
         m = wide_merges[wide].to(torch.float64)
+        total = sum(weights[k] for k in present)
         for k in keys:
             if k in merges:
+                own = own_share(rule, weights[k], total)
                 out[k] = own * merges[k] + (1.0 - own) * m
-            elif k in current and own < 1.0:
-                out[k] = own * current[k].to(torch.float64) + (1.0 - own) * m
+            elif k in current:
+                keep = rule.value if rule.kind == "own" else 1.0 - rule.value
+                if keep < 1.0:
+                    out[k] = keep * current[k].to(torch.float64) + (1.0 - keep) * m
     return out
 
 

@@ -8,11 +8,17 @@ A part's ``scope`` (or one entry of ``scopes``) is one of three forms:
     Components: the parameter is the sum of one tensor per named scope. The first holds the part's initial value,
     the others start at zero, and each is merged within its own scope group, so the wide component carries what
     the clients share and a narrow one what their group needs on top (as FedPGP and PromptFolio split a prompt).
-``mix(task_modality, task, 0.8)``
+``mix(task_modality, task, own=0.8)``
     Mixing (aggregation with disaggregation, as FedCola): the tensor is held per ``task_modality`` group; the
-    server merges it within each group, then gives each group ``0.8`` of its own merge plus ``0.2`` of the merge
-    over the whole ``task`` (all its modalities' clients). ``1`` is plain ``task_modality``, ``0`` plain ``task``.
-    ``mix(task_modality, task, similarity)`` sets the shares every round from how alike the groups' updates are.
+    server merges it within each group, then gives each group a mixture of its own merge and the merge over the
+    whole ``task`` (all its modalities' clients). How much of each:
+
+    - ``own=0.8``: every group keeps 0.8 of its own merge and takes 0.2 of the task's;
+    - ``others=0.1``: the other groups' examples count 0.1 as much as the group's own (FedCola's weighting): a
+      group with few examples next to large ones takes most of the task's merge, a large one keeps its own;
+    - ``similarity``: each group takes from each other group in proportion to how alike their updates are.
+
+    ``own=1`` and ``others=0`` are plain ``task_modality``, ``own=0`` and ``others=1`` plain ``task``.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from dataclasses import dataclass
 SCOPES: tuple[str, ...] = ("global", "task", "modality", "task_modality", "local")
 """Every plain scope a trainable tensor may declare, from widest to narrowest."""
 
-SIMILARITY = "similarity"
-"""The ``own`` of a mix whose shares follow the similarity of the groups' updates."""
+MIX_KINDS: tuple[str, ...] = ("own", "others", "similarity")
+"""How a mix sets its shares: a fixed own share, the others' weight, or the similarity of updates."""
 
 _WIDER: dict[str, tuple[str, ...]] = {
     "task_modality": ("task", "modality", "global"),
@@ -34,27 +40,30 @@ _WIDER: dict[str, tuple[str, ...]] = {
 }
 """For each scope, the scopes whose groups contain its groups (a mix's wide scope must be one of them)."""
 
-_MIX = re.compile(r"^mix\(\s*(\w+)\s*,\s*(\w+)\s*,\s*([^\s,()]+)\s*\)$")
+_MIX = re.compile(r"^mix\(\s*(\w+)\s*,\s*(\w+)\s*,\s*([^\s,()=]+)\s*(?:=\s*([^\s,()]*)\s*)?\)$")
 
 _FORMS = (
     "a scope (global, task, modality, task_modality, local), components (task+task_modality), or a mix "
-    "(mix(task_modality, task, 0.8); the last value in [0, 1] or 'similarity')"
+    "(mix(task_modality, task, own=0.8), mix(task_modality, task, others=0.1) or mix(task_modality, task, similarity))"
 )
 
 
 @dataclass(frozen=True)
 class Mix:
-    """A mixed scope: held per ``fine`` group, each group given ``own`` of its merge and the rest from ``wide``'s.
+    """A mixed scope: held per ``fine`` group, each group given a mixture of its own merge and ``wide``'s.
 
     Attributes:
         fine: the scope whose groups hold a tensor each (e.g. ``task_modality``).
         wide: the scope over which the groups' merges are mixed (e.g. ``task``); its groups contain ``fine``'s.
-        own: each group's share of its own merge in [0, 1], or None: set from the similarity of updates.
+        kind: ``own`` (each group keeps ``value`` of its own merge), ``others`` (the other groups' weight counts
+            ``value`` as much as the group's own) or ``similarity`` (shares from the similarity of updates).
+        value: the share or weight in [0, 1] (0 for ``similarity``).
     """
 
     fine: str
     wide: str
-    own: float | None
+    kind: str
+    value: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class ScopeSpec:
 
 @functools.cache
 def parse_scope(spec: str) -> ScopeSpec:
-    """Parse a scope: ``task``, ``task+task_modality`` or ``mix(task_modality, task, 0.8)``.
+    """Parse a scope: ``task``, ``task+task_modality`` or ``mix(task_modality, task, own=0.8)``.
 
     Raises:
         ValueError: the text is none of the three forms, names an unknown scope, repeats a component, or mixes
@@ -83,26 +92,29 @@ def parse_scope(spec: str) -> ScopeSpec:
     text = spec.strip()
     m = _MIX.match(text)
     if m:
-        fine, wide, own_text = m.groups()
+        fine, wide = m.group(1), m.group(2)
         for s in (fine, wide):
             if s not in SCOPES:
                 raise ValueError(f"scope {spec!r}: unknown scope {s!r}; use one of {', '.join(SCOPES)}")
         if wide not in _WIDER.get(fine, ()):
             raise ValueError(
                 f"scope {spec!r}: the groups of {fine!r} are not inside those of {wide!r}; mix a narrower scope "
-                "into a wider one, e.g. mix(task_modality, task, 0.8) or mix(task, global, 0.5)"
+                "into a wider one, e.g. mix(task_modality, task, own=0.8) or mix(task, global, own=0.5)"
             )
-        own: float | None
-        if own_text == SIMILARITY:
-            own = None
-        else:
+        kind, value_text = m.group(3), m.group(4)
+        if kind not in MIX_KINDS or (kind == "similarity") != (value_text is None):
+            raise ValueError(f"scope {spec!r}: the mix's last entry must be own=X, others=X or similarity")
+        value = 0.0
+        if value_text is not None:
             try:
-                own = float(own_text)
+                value = float(value_text)
             except ValueError:
-                own = -1.0
-            if not 0.0 <= own <= 1.0:
-                raise ValueError(f"scope {spec!r}: the own share {own_text!r} must be in [0, 1] or {SIMILARITY!r}")
-        return ScopeSpec((fine,), Mix(fine, wide, own))
+                value = -1.0
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"scope {spec!r}: {kind}={value_text} must be in [0, 1]")
+        return ScopeSpec((fine,), Mix(fine, wide, kind, value))
+    if text.startswith("mix("):
+        raise ValueError(f"scope {spec!r} is not a mix of the form {_FORMS.split('or a mix ')[1]}")
     parts = tuple(p.strip() for p in text.split("+"))
     bad = [p for p in parts if p not in SCOPES]
     if bad:

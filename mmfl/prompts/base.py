@@ -42,7 +42,7 @@ class TrainablePart(nn.Module):
     Every parameter carries a scope (see DESIGN.md and :mod:`mmfl.federated.scopes`): a plain one (``global``,
     ``task``, ``modality``, ``task_modality`` or ``local``), components (``task+task_modality``: the parameter is
     the sum of a ``task`` tensor and a ``task_modality`` one that starts at zero) or a mix
-    (``mix(task_modality, task, 0.8)``). ``scope`` applies to all parameters; ``scopes`` overrides it per parameter
+    (``mix(task_modality, task, own=0.8)``). ``scope`` applies to all parameters; ``scopes`` overrides it per parameter
     name (e.g. ``{"ctx": "local"}``). A client module splits parameters of several components with
     :meth:`split_components` (a ``torch.nn.utils.parametrize`` sum, so the part's code reads the sum as before).
 
