@@ -14,6 +14,7 @@ from mmfl.checks import check_required, check_required_args
 from mmfl.data.feature_cache import check_cache_mode
 from mmfl.data.task import Task, check_task
 from mmfl.evaluation.protocol import Protocol
+from mmfl.federated.scopes import parse_scope
 from mmfl.federated.settings import Federation, LocalTraining
 from mmfl.federated.simulation import PartFactory
 from mmfl.module import make_trainer, quiet_lightning
@@ -87,6 +88,7 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
     check_cache_mode(init.training.feature_cache)
     if not isinstance(init.parts, list):
         raise ValueError("parts must be a list of class_path entries (or [] for none)")
+    check_part_scopes(cfg)
     try:  # Lightning's own check of the accelerator and precision, now rather than after the first write
         with quiet_lightning():
             make_trainer(1, -1, init.training.accelerator, init.training.precision)
@@ -119,6 +121,25 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
                 t.clients, t.partitioner = 1, None
         federation = Federation(rounds=1)
     return init, tasks, federation
+
+
+def check_part_scopes(cfg: Namespace) -> None:
+    """Raise a clear error for a part whose ``scope`` or ``scopes`` entry is not a scope (plain, components or mix),
+    naming the part, before any data is loaded."""
+    for i, part in enumerate(cfg.get("parts") or []):
+        args = part.get("init_args") if isinstance(part, Namespace) else None
+        if args is None:
+            continue
+        entries = [("scope", args.get("scope"))] + [
+            (f"scopes.{k}", v) for k, v in dict(args.get("scopes") or {}).items()
+        ]
+        for where, value in entries:
+            if value is None:
+                continue
+            try:
+                parse_scope(value)
+            except ValueError as e:
+                raise ValueError(f"parts.{i} ({part.get('class_path')}) {where}: {e}") from None
 
 
 RUN_ONLY_KEYS = ("config", "output_dir", "overwrite", "resume", "__path__")

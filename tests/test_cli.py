@@ -167,6 +167,7 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
         ("no_names", "has no class names"),
         ("no_tasks", "no tasks"),
         ("no_folder", "does not exist or is not a folder"),
+        ("scope", "parts.0 (mmfl.CoOp) scopes.ctx: scope 'mix(task, task_modality, own=0.5)': the groups of 'task'"),
     ],
 )
 def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_path, capsys, no_backbone) -> None:
@@ -190,6 +191,11 @@ def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_pat
             tmp_path,
             f"  - {{name: s, data: {{class_path: mmfl.data.ImageFolder, init_args: "
             f"{{data_dir: {tmp_path / 'missing'}}}}}}}",
+        )
+    elif case == "scope":
+        recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}}")
+        Path(recipe).write_text(
+            Path(recipe).read_text() + '    init_args: {scopes: {ctx: "mix(task, task_modality, own=0.5)"}}\n'
         )
     else:
         recipe = str(tmp_path / "empty.yaml")
