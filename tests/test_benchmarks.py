@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.collaboration import SETTINGS, run_setting
+from benchmarks.collaboration import SCENARIOS, SETTINGS, run_setting
 from mmfl.backbone import Backbone
+from tests.test_cli import NEEDS
 
 RECIPE = """\
 seed: 0
@@ -34,20 +35,19 @@ federation: {rounds: 1}
 def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbone, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.replace("data: {text:", "data: {label: [0, 1, 0, 1, 0, 1], text:"))
-    out = {name: run_setting(str(recipe), scope, [], tiny_backbone) for name, scope in SETTINGS.items()}
+    out = {name: run_setting(str(recipe), name, [], tiny_backbone) for name in SETTINGS}
     assert out["alone"].merged_keys == []  # everything local: nothing reaches the server
+    proj = ["proj.input.bias", "proj.input.weight"]
     assert out["same (task, modality)"].merged_keys == [
         "task_modality/digits/image/coop.ctx",
-        "task_modality/digits/image/proj.input.bias",
-        "task_modality/digits/image/proj.input.weight",
+        *[f"task_modality/digits/image/{p}" for p in proj],
         "task_modality/moods/text/coop.ctx",
     ]
-    assert out["mmfl scopes"].merged_keys == [
-        "modality/image/proj.input.bias",
-        "modality/image/proj.input.weight",
-        "task/digits/coop.ctx",
-        "task/moods/coop.ctx",
-    ]
+    plain = [*[f"modality/image/{p}" for p in proj], "task/digits/coop.ctx", "task/moods/coop.ctx"]
+    assert out["recipe"].merged_keys == out["plain"].merged_keys == out["task"].merged_keys == plain
+    assert out["components"].merged_keys == sorted(plain + out["same (task, modality)"].merged_keys)
+    for name in ("own 0.8", "others 0.1", "similarity"):  # held per (task, modality), mixed at the server
+        assert out[name].merged_keys == out["same (task, modality)"].merged_keys
     for r in out.values():
         assert r.groups == {
             "digits/image/0": "digits/image",
@@ -55,6 +55,51 @@ def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbo
             "moods/text/0": "moods/text",
         }
         assert all(0.0 <= a <= 1.0 for a in r.accuracy.values())
+    # components send both tensors of a split parameter; mixing sends what task_modality does
+    assert out["components"].bytes_per_client_round > out["task"].bytes_per_client_round
+    assert out["own 0.8"].bytes_per_client_round == out["task"].bytes_per_client_round > 0
+
+
+def _shrink(cfg) -> None:
+    for t in cfg.tasks:
+        t.shots, t.max_test_examples = 1, 6
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_collaboration_scenarios_run_with_a_tiny_override(scenario: str, tiny_backbone: Backbone) -> None:
+    text = SCENARIOS[scenario].read_text()
+    missing = [name for name, have in NEEDS.items() if name in text and not have]
+    if missing:
+        pytest.skip(f"{scenario} needs optional data for {missing}")
+    tiny = ["--federation.rounds=1", "--training.max_steps=1", "--training.epochs=1"]
+    r = run_setting(SCENARIOS[scenario], "components", tiny, tiny_backbone, seed=1, edit=_shrink)
+    rows = {"multimodal": 5, "scarce-modality": 4, "scarce-task": 3}[scenario]
+    assert len(set(r.groups.values())) == rows and all(0.0 <= a <= 1.0 for a in r.accuracy.values())
+    assert any(k.startswith("task_modality/") for k in r.merged_keys)  # the (task, modality) components
+    if scenario == "scarce-task":  # one generic context for all tasks, plus a residual per (task, modality)
+        assert "global/coop.ctx" in r.merged_keys
+
+
+def test_collaboration_json_holds_means_spreads_and_every_client(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.collaboration import main
+
+    recipe, out = tmp_path / "r.yaml", tmp_path / "c.json"
+    recipe.write_text(RECIPE.replace("data: {text:", "data: {label: [0, 1, 0, 1, 0, 1], text:"))
+    args = ["-c", str(recipe), "--seeds", "0", "1", "--settings", "alone", "others 0.1"]
+    summaries = main([*args, "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == [0, 1] and list(saved["settings"]) == ["alone", "others 0.1"]
+    s = saved["settings"]["alone"]
+    assert list(s["rows"]) == ["digits/image", "moods/text"]
+    for row in s["rows"].values():
+        assert len(row["per_seed"]) == 2 and row["std"] >= 0
+        assert abs(row["mean"] - sum(row["per_seed"]) / 2) < 1e-9
+    assert set(s["per_seed"]) == {"0", "1"} and len(s["per_seed"]["0"]) == 3  # every client's figure per seed
+    assert s["rows"]["moods/text"]["per_seed"][1] == pytest.approx(s["per_seed"]["1"]["moods/text/0"])
+    assert summaries["alone"].clients_mean["mean"] == pytest.approx(s["clients_mean"]["mean"])
+    assert saved["merged_keys"]["alone"] == [] and saved["settings"]["others 0.1"]["bytes_per_client_round"] > 0
 
 
 def test_robust_benchmark_attackers_send_what_they_claim(tiny_backbone: Backbone) -> None:
