@@ -123,9 +123,7 @@ class TrainablePart(nn.Module):
             if len(spec.components) > 1:
                 owner_name, _, attr = name.rpartition(".")
                 owner = self.get_submodule(owner_name) if owner_name else self
-                parametrize.register_parametrization(
-                    owner, attr, Components(len(spec.components) - 1, param.detach()), unsafe=True
-                )
+                parametrize.register_parametrization(owner, attr, Components(len(spec.components) - 1, param.detach()))
 
     def scoped_parameters(self) -> Iterator[tuple[str, str, nn.Parameter, Mix | None]]:
         """Every trainable tensor with its plain scope: ``(scope, name, tensor, mix)``.
