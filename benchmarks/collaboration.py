@@ -19,8 +19,10 @@ scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as f
 Scenarios: ``multimodal`` (``recipes/multimodal.yaml``), ``scarce-modality`` and ``scarce-task``
 (``benchmarks/scenarios/``). After the last round each client is scored on its (task, modality) test split with
 what it would use: the merged tensors of its keys plus its own local ones. The table gives, per (task, modality)
-row, the mean over seeds of the row's mean over clients ± the standard deviation over seeds; the JSON file holds
-that and every client's figure per seed, the bytes a client sends per round and the server's seconds per round.
+row, the mean over seeds of the row's mean over clients ± the standard deviation over seeds; a second table gives
+each setting's difference to ``same (task, modality)`` seed by seed (mean ± std of the paired differences: the same
+seed draws the same shots, so this spread is the one to hold a difference against). The JSON file holds all that,
+every client's figure per seed, the bytes a client sends per round and the server's seconds per round.
 """
 
 from __future__ import annotations
@@ -209,6 +211,31 @@ def summarize(results: dict[int, SettingResult]) -> Summary:
     return s
 
 
+def paired(summaries: dict[str, Summary], reference: str) -> dict[str, dict[str, dict]]:
+    """Each setting's difference to ``reference``, seed by seed (same seed: same clients, shots and data order), per
+    row and over clients: ``{setting: {row: {mean, std, per_seed}}}`` (the row ``mean over clients`` included).
+    The spread of a paired difference is the one to hold a difference against."""
+    ref = summaries[reference]
+    out: dict[str, dict[str, dict]] = {}
+    for name, s in summaries.items():
+        rows = {g: (s.rows[g]["per_seed"], ref.rows[g]["per_seed"]) for g in s.rows}
+        rows["mean over clients"] = (s.clients_mean["per_seed"], ref.clients_mean["per_seed"])
+        out[name] = {g: _spread([x - y for x, y in zip(a, b, strict=True)]) for g, (a, b) in rows.items()}
+    return out
+
+
+def paired_table(summaries: dict[str, Summary], reference: str) -> str:
+    """A markdown table of :func:`paired` differences (points), a column per other setting."""
+    diff = paired(summaries, reference)
+    names = [n for n in summaries if n != reference]
+    lines = [f"| minus {reference}, paired by seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for g in next(iter(diff.values())):
+        lines.append(
+            f"| {g} | " + " | ".join(f"{diff[n][g]['mean']:+.1f} ± {diff[n][g]['std']:.1f}" for n in names) + " |"
+        )
+    return "\n".join(lines)
+
+
 def table(summaries: dict[str, Summary]) -> str:
     """A markdown table: a row per (task, modality) and the mean over clients, a column per setting."""
     names = list(summaries)
@@ -256,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
                 "seed %d, %s: mean %.1f%% (%.0f s)", seed, name, 100 * statistics.mean(r.accuracy.values()), r.seconds
             )
     summaries = {name: summarize(r) for name, r in runs.items()}
-    print(table(summaries))  # the benchmark's output
+    reference = "same (task, modality)" if "same (task, modality)" in summaries else next(iter(summaries))
+    print(table(summaries) + "\n\n" + paired_table(summaries, reference))  # the benchmark's output
     if args.json:
         first = next(iter(runs.values()))
         payload = {
@@ -266,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
             "seeds": args.seeds,
             "groups": first[args.seeds[0]].groups,
             "settings": {name: asdict(s) for name, s in summaries.items()},
+            "paired_reference": reference,
+            "paired": paired(summaries, reference),
             "merged_keys": {name: r[args.seeds[0]].merged_keys for name, r in runs.items()},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
