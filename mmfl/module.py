@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mmfl.backbone import Backbone
 from mmfl.data.splits import ENCODED, LABEL
-from mmfl.federated.mixing import MixRule
+from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local, qualify
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
@@ -228,14 +228,7 @@ class ClientModule(L.LightningModule):
 
     def mix_rules(self) -> dict[str, MixRule]:
         """How the server mixes this client's keys of mixed scopes (``mix(FINE, WIDE, ...)``), by key."""
-        rules = {}
-        for part_name, part in self.parts.items():
-            for scope, pname, _, mix in part.scoped_parameters():
-                if mix is not None:
-                    name = f"{part_name}.{pname}"
-                    wide = qualify(mix.wide, self.task, self.modality.name, name)
-                    rules[qualify(scope, self.task, self.modality.name, name)] = MixRule(wide, mix.kind, mix.value)
-        return rules
+        return rules_for(self.parts, self.task, self.modality.name)
 
     def trainable_keys(self, include_local: bool = True) -> list[str]:
         """Scope-qualified keys of this client's trainable tensors."""

@@ -17,12 +17,21 @@ merge rule."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmfl.federated.scopes import qualify
+
+if TYPE_CHECKING:
+    from mmfl.prompts.base import TrainablePart
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,30 @@ def wide_groups(table: Mapping[str, MixRule]) -> dict[str, list[str]]:
         if len(rules) > 1:
             raise ValueError(f"the keys mixed over {wide!r} declare different mixes {sorted(rules)}")
     return dict(sorted(out.items()))
+
+
+def rules_for(parts: Mapping[str, TrainablePart], task: str, modality: str) -> dict[str, MixRule]:
+    """The mix rules of the keys of mixed scopes held by a client of (task, modality) with these parts (by name)."""
+    rules = {}
+    for part_name, part in parts.items():
+        for scope, pname, _, mix in part.scoped_parameters():
+            if mix is not None:
+                name = f"{part_name}.{pname}"
+                rules[qualify(scope, task, modality, name)] = MixRule(
+                    qualify(mix.wide, task, modality, name), mix.kind, mix.value
+                )
+    return rules
+
+
+def start_together(table: Mapping[str, MixRule], state: dict[str, Tensor]) -> None:
+    """Give the groups of each mixed tensor one starting value in the server's ``state`` (the first group's), as a
+    plain tensor of the wide scope would have, and log who is mixed with whom."""
+    for wide, keys in wide_groups(table).items():
+        for k in keys[1:]:
+            state[k] = state[keys[0]].clone()
+        rule = table[keys[0]]
+        how = rule.kind if rule.kind == "similarity" else f"{rule.kind}={rule.value:g}"
+        log.info("%s: one tensor per group of %s, mixed (%s)", wide, [k.rsplit("/", 1)[0] for k in keys], how)
 
 
 def own_share(rule: MixRule, mine: float, total: float) -> float:

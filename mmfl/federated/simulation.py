@@ -21,7 +21,7 @@ from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
-from mmfl.federated.mixing import MixRule, wide_groups
+from mmfl.federated.mixing import MixRule, start_together
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
@@ -127,9 +127,7 @@ class Simulation(Rounds):
             for k, v in c.module.trainable_state_dict(include_local=False).items():
                 self.global_state.setdefault(k, v)
             self.mixing.update(c.module.mix_rules())
-        for keys in wide_groups(self.mixing).values():
-            for k in keys[1:]:
-                self.global_state[k] = self.global_state[keys[0]].clone()
+        start_together(self.mixing, self.global_state)
         self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
         self.completed: int | None = None  # the last completed round (0: the evaluation before training)
         self._evaluators: dict[str, ClientModule] = {}
