@@ -16,6 +16,9 @@ scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as f
     similarity:            ``mix(task_modality, BASE, similarity)``: shares from the similarity of updates;
     recipe:                the recipe's scopes as written (the default the README recommends).
 
+``--base modality`` takes ``modality`` as the base scope of every part whose own is wide (e.g. to share a scarce
+task's context with the other tasks of its modality only, where the recipe says ``global``).
+
 Scenarios: ``multimodal`` (``recipes/multimodal.yaml``), ``scarce-modality`` and ``scarce-task``
 (``benchmarks/scenarios/``). After the last round each client is scored on its (task, modality) test split with
 what it would use: the merged tensors of its keys plus its own local ones. The table gives, per (task, modality)
@@ -81,17 +84,18 @@ def base_scope(scope: str) -> str:
     return spec.mix.wide if spec.mix is not None else spec.components[0]
 
 
-def configure(cfg: Namespace, setting: str) -> None:
+def configure(cfg: Namespace, setting: str, base: str | None = None) -> None:
     """Rewrite the parts' scopes of a parsed recipe for ``setting`` (in place); per-parameter overrides are dropped
-    by a setting that rewrites the part."""
+    by a setting that rewrites the part. ``base``: take this as the base scope of every part whose own base scope
+    is wide (e.g. ``modality`` instead of a recipe's ``global``), for every setting but ``recipe``."""
     rewrite = SETTINGS[setting]
     if rewrite is None:
         return
     for part in cfg.parts:
         args = part.init_args
-        base = base_scope(args.get("scope") or "task")
-        if setting in ALL_PARTS or base in WIDE:
-            args.scope, args.scopes = rewrite(base), None
+        own = base_scope(args.get("scope") or "task")
+        if setting in ALL_PARTS or own in WIDE:
+            args.scope, args.scopes = rewrite(base if base and own in WIDE else own), None
 
 
 @dataclass
@@ -133,6 +137,7 @@ def run_setting(
     backbone: Backbone,
     seed: int | None = None,
     edit: Callable[[Namespace], None] | None = None,
+    base: str | None = None,
 ) -> SettingResult:
     """Run the recipe's federation under ``setting`` and score each client on its (task, modality) test split.
 
@@ -143,10 +148,11 @@ def run_setting(
         backbone: the frozen backbone.
         seed: the run's seed (None: the recipe's).
         edit: changes the parsed recipe further (the tests shrink the tasks with it).
+        base: the base scope to take for the parts of a wide base scope (see :func:`configure`).
     """
     parser = fit_parser()
     cfg = parser.parse_args(["-c", str(recipe), *overrides, *([f"--seed={seed}"] if seed is not None else [])])
-    configure(cfg, setting)
+    configure(cfg, setting, base)
     if edit is not None:
         edit(cfg)
     init = parser.instantiate(cfg)
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=None, help="override the recipe's rounds")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--base", choices=WIDE, default=None, help="the base scope of the wide parts (default: theirs)")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. -- --training.epochs=2")
     args = ap.parse_args(argv)
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
     runs: dict[str, dict[int, SettingResult]] = {name: {} for name in args.settings}
     for seed in args.seeds:
         for name in args.settings:
-            r = run_setting(recipe, name, overrides, backbone, seed)
+            r = run_setting(recipe, name, overrides, backbone, seed, base=args.base)
             runs[name][seed] = r
             log.warning(
                 "seed %d, %s: mean %.1f%% (%.0f s)", seed, name, 100 * statistics.mean(r.accuracy.values()), r.seconds
@@ -292,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
             "recipe": str(recipe),
             "overrides": overrides,
             "seeds": args.seeds,
+            "base": args.base,
             "groups": first[args.seeds[0]].groups,
             "settings": {name: asdict(s) for name, s in summaries.items()},
             "paired_reference": reference,

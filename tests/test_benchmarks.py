@@ -60,6 +60,25 @@ def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbo
     assert out["own 0.8"].bytes_per_client_round == out["task"].bytes_per_client_round > 0
 
 
+def test_collaboration_settings_rewrite_the_wide_scopes(tmp_path: Path) -> None:
+    from benchmarks.collaboration import configure
+    from mmfl.recipe import fit_parser
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("scope: task}", "scope: task+task_modality}"))
+
+    def scopes(setting: str, base: str | None = None) -> list[str]:
+        cfg = fit_parser().parse_args(["-c", str(recipe)])
+        configure(cfg, setting, base)
+        return [p.init_args.scope for p in cfg.parts]
+
+    assert scopes("recipe") == ["task+task_modality", "modality"]  # as written
+    assert scopes("plain") == ["task", "modality"]  # the base: the widest component
+    assert scopes("similarity") == ["mix(task_modality, task, similarity)", "mix(task_modality, modality, similarity)"]
+    assert scopes("components", base="global") == ["global+task_modality", "global+task_modality"]
+    assert scopes("alone", base="global") == ["local", "local"]
+
+
 def _shrink(cfg) -> None:
     for t in cfg.tasks:
         t.shots, t.max_test_examples = 1, 6
