@@ -158,6 +158,10 @@ def _by_similarity(
         [(merges[k].to(torch.float64) - current[k].to(torch.float64)).flatten() for k in keys]
     )  # [G, P]
     w = torch.tensor([weights[k] for k in keys], dtype=torch.float64)  # [G]
+    if log.isEnabledFor(logging.DEBUG):
+        unit = F.normalize(deltas, dim=1)
+        cos = [[round(float(x), 4) for x in row] for row in unit @ unit.t()]
+        log.debug("cosine similarity of the updates of %s: %s", keys, cos)
     a = similarities(deltas) * w[None, :]  # [G, G]: row g, the weight of group h's merge in g's mixture
     a = a / a.sum(dim=1, keepdim=True)
     mixed = torch.einsum("gh,hp->gp", a, stacked.reshape(len(keys), -1)).reshape(stacked.shape)
