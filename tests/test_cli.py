@@ -67,7 +67,8 @@ def test_every_recipe_runs_with_a_tiny_override(recipe: Path, tmp_path: Path) ->
     state = load_file(out / "global.safetensors")
     key = re.compile(r"^(global|task/[^/]+|modality/[^/]+|task_modality/[^/]+/[^/]+)/[a-z_]+\.[\w.]+$")
     assert state and all(key.match(k) for k in state), list(state)  # scoped part tensors only
-    assert (out / "global.safetensors").stat().st_size < 10_000_000  # mmfl-mini alone is ~106 MB
+    # the largest: multimodal's audio projection, one 6.6 MB copy per (task, audio) group; mmfl-mini alone is ~106 MB
+    assert (out / "global.safetensors").stat().st_size < 30_000_000
 
 
 SMALL = (
