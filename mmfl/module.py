@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.metadata
 import logging
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -21,126 +15,14 @@ from mmfl.backbone import Backbone
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local, qualify
+from mmfl.knowledge import KnowledgeGuidance, anchor_features, total
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
+from mmfl.trainer import _placement, make_trainer, quiet_lightning  # noqa: F401  (their home was this module)
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-Trainer banners and known-harmless warnings (one Trainer per client-round)."""
-    loggers = [
-        logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
-        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
-
-
-@functools.cache
-def _entry_point_groups_in_use(group: str) -> bool:
-    return bool(importlib.metadata.entry_points(group=group))
-
-
-def _skip_empty_callback_scan() -> None:
-    """Every ``Trainer()`` scans all installed distributions for external-callback entry points (~10 ms, more
-    than a client's local round on a GPU). mmfl builds one Trainer per client per round, so the scan is done
-    once per process: when the group has no entry points the (unchanged) loader is skipped; when it has some,
-    Lightning's own loader runs every time, as before."""
-    from lightning.pytorch.trainer.connectors import callback_connector as cc
-
-    original = cc._load_external_callbacks
-    if getattr(original, "__mmfl_cached__", False):
-        return
-
-    def load(group: str) -> list:
-        return original(group) if _entry_point_groups_in_use(group) else []
-
-    load.__mmfl_cached__ = True  # type: ignore[attr-defined]
-    cc._load_external_callbacks = load
-
-
-class KeepCacheCUDAAccelerator(CUDAAccelerator):
-    """Lightning's CUDA accelerator, except that it keeps PyTorch's CUDA memory cache and cuBLAS workspaces.
-
-    Lightning's CUDA accelerator empties the memory cache and frees the cuBLAS workspaces at the start (``setup``)
-    and at the end (``teardown``) of every ``fit``/``test``. mmfl runs one short ``fit`` per client per round, so
-    every client would allocate its memory and workspaces again from the driver (synchronous cudaMalloc calls);
-    keeping them lets the next client reuse them. Memory is still released when the process ends, or by
-    ``torch.cuda.empty_cache()``.
-    """
-
-    def setup(self, trainer: L.Trainer) -> None:
-        """What Lightning's does, less emptying the cache."""
-        self.set_nvidia_flags(trainer.local_rank)
-
-    def teardown(self) -> None:
-        """Keep the cache for the next client."""
-
-
-class ResidentSingleDeviceStrategy(SingleDeviceStrategy):
-    """Lightning's single-device strategy, except that its teardown leaves the module on its device.
-
-    Lightning moves the module (and the optimizer state) back to the CPU after every ``fit``/``test``, so the next
-    one copies it to the device again: two transfers per client per round. mmfl's client modules hold only their
-    small trainable parts (the frozen backbone is shared and stays on the device anyway), so they stay where the
-    strategy put them; :meth:`ClientModule.trainable_state_dict` still hands out CPU copies.
-    """
-
-    def teardown(self) -> None:
-        """Lightning's teardown, less the moves to the CPU."""
-        self.precision_plugin.teardown()
-        assert self.accelerator is not None
-        self.accelerator.teardown()
-        self.checkpoint_io.teardown()
-
-
-def _placement(name: str) -> tuple[str | L.pytorch.accelerators.Accelerator, str | L.pytorch.strategies.Strategy]:
-    """The accelerator and strategy to give a Trainer for ``training.accelerator`` ``name``.
-
-    ``auto``/``gpu``/``cuda`` with CUDA present: the cache-keeping CUDA accelerator on ``cuda:0`` with the resident
-    strategy; ``cpu``: the CPU with the resident strategy; anything else (``auto`` without CUDA, which Lightning
-    may resolve to a TPU or MPS; ``mps``; ``tpu``; ...) is passed through to Lightning as written.
-    """
-    if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return KeepCacheCUDAAccelerator(), ResidentSingleDeviceStrategy(device="cuda:0")
-    if name == "cpu":
-        return "cpu", ResidentSingleDeviceStrategy(device="cpu")
-    return name, "auto"
-
-
-def make_trainer(
-    max_epochs: int = 1, max_steps: int = -1, accelerator: str = "auto", precision: str = "32-true"
-) -> L.Trainer:
-    """A quiet single-device Trainer (no logger, checkpoints, progress bar or sanity steps) that leaves the module
-    and, on CUDA, PyTorch's memory cache in place when it ends (see :func:`_placement`)."""
-    _skip_empty_callback_scan()
-    acc, strategy = _placement(accelerator)
-    return L.Trainer(
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        accelerator=acc,
-        strategy=strategy,
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -175,6 +57,8 @@ class ClientModule(L.LightningModule):
         parts: the client's trainable parts (distinct ``part_name``\\ s).
         optimizer: builds the optimizer from the trainable parameters.
         templates: hand-written prompt templates for the zero-shot class features.
+        knowledge: terms that keep the learned features near the frozen model's, added to the training loss
+            (:mod:`mmfl.knowledge`); None or all weights 0: plain cross-entropy.
     """
 
     def __init__(
@@ -186,6 +70,7 @@ class ClientModule(L.LightningModule):
         parts: Sequence[TrainablePart] = (),
         optimizer: OptimizerFactory = default_optimizer,
         templates: Sequence[str] = ("a photo of a {}.",),
+        knowledge: KnowledgeGuidance | None = None,
     ) -> None:
         super().__init__()
         names = [p.part_name for p in parts]
@@ -208,6 +93,10 @@ class ClientModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
+        self.knowledge = knowledge if knowledge is not None and knowledge.active else None
+        self.held_classes: list[int] | None = None
+        """The labels of this client's training data (set by a simulation); the others get synthetic anchors when
+        ``knowledge.anchors`` > 0 (None: no anchors)."""
         self.log_train_metrics = True
         """Log ``train_loss``/``train_acc`` through ``self.log`` at each epoch's end (for loggers and callbacks);
         a simulation, which reads :attr:`epoch_metrics` instead, turns it off."""
@@ -288,15 +177,22 @@ class ClientModule(L.LightningModule):
             input_features: the batch's normalised encoded inputs [B, D], for conditioned prompts.
         """
         text_part = self.text_part
-        if text_part is not None:
-            f_t = text_part.class_text_features(input_features)
-        else:
-            if self._zs_text is None or self._zs_text.device != self.device:
-                self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(self.device)
-            f_t = self._zs_text
+        f_t = text_part.class_text_features(input_features) if text_part is not None else self.hand_written_features()
         for part in self.parts.values():
             f_t = part.adapt_text_features(f_t)
         return F.normalize(f_t, dim=-1)
+
+    def hand_written_features(self) -> Tensor:
+        """The frozen model's class features from the hand-written templates (cached on the module's device). [C, D]"""
+        if self._zs_text is None or self._zs_text.device != self.device:
+            self._zs_text = zero_shot_text_features(self.backbone, self.class_names, self.templates).to(self.device)
+        return self._zs_text
+
+    @torch.no_grad()
+    def frozen_input_features(self, x: Tensor | None, encoded: Tensor | None = None) -> Tensor:
+        """Normalised input features of the frozen model, without any part. [B, D]"""
+        f = encoded.to(self.logit_dtype) if encoded is not None else self.modality.encode(self.backbone, x, [])
+        return F.normalize(f, dim=-1)
 
     def frozen_encoding(self) -> bool:
         """Whether no part acts before or inside the encoder of this client's inputs, so their encodings are a
@@ -328,17 +224,22 @@ class ClientModule(L.LightningModule):
 
     def forward(self, x: Tensor | None, encoded: Tensor | None = None) -> Tensor:
         """Inputs [B, ...] (or their cached encodings [B, D]) → class logits [B, C]."""
+        return self._features_and_logits(x, encoded)[2]
+
+    def _features_and_logits(self, x: Tensor | None, encoded: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         f_x = self.input_features(x, encoded)  # [B, D]
         f_t = self.class_text_features(f_x).to(f_x.dtype)  # [C, D] or [B, C, D]
         scale = self.backbone.logit_scale.exp()
         if f_t.dim() == 3:  # one set of class features per input (CoCoOp)
-            return scale * torch.einsum("bd,bcd->bc", f_x, f_t)  # [B, C]
-        return scale * f_x @ f_t.t()  # [B, C]
+            return f_x, f_t, scale * torch.einsum("bd,bcd->bc", f_x, f_t)  # [B, C]
+        return f_x, f_t, scale * f_x @ f_t.t()  # [B, C]
 
     def _step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> Tensor:
-        x, y = batch.get(self.modality.input_key), batch[LABEL]
-        logits = self(x, batch.get(ENCODED))
+        x, y, encoded = batch.get(self.modality.input_key), batch[LABEL], batch.get(ENCODED)
+        f_x, f_t, logits = self._features_and_logits(x, encoded)
         loss = F.cross_entropy(logits.float(), y)
+        if stage == "train" and self.knowledge is not None:
+            loss = loss + self._guidance(x, y, encoded, f_x, f_t, logits)
         metric.update(logits, y)
         bs = y.shape[0]
         if stage == "train":  # summed here, logged once per epoch: self.log costs ~1 ms a call
@@ -348,6 +249,28 @@ class ClientModule(L.LightningModule):
             self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
             self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, batch_size=bs)
         return loss
+
+    def _guidance(
+        self, x: Tensor | None, y: Tensor, encoded: Tensor | None, f_x: Tensor, f_t: Tensor, logits: Tensor
+    ) -> Tensor | float:
+        """The knowledge-guidance terms of one training batch (see :mod:`mmfl.knowledge`)."""
+        k = self.knowledge
+        assert k is not None
+        zs_t = self.hand_written_features()  # [C, D]
+        zs_x = self.frozen_input_features(x, encoded) if k.needs_frozen_input else None
+        scale = self.backbone.logit_scale.exp()
+        extra = total(k.terms(f_t, zs_t, logits, f_x, zs_x, scale))
+        if k.anchors > 0 and self.held_classes is not None:
+            missing = sorted(set(range(len(self.class_names))) - set(self.held_classes))
+            if missing:
+                m = torch.tensor(missing, device=f_x.device)
+                a = anchor_features(zs_t, m, f_x, y)  # [M, D]
+                if f_t.dim() == 3:  # input-conditioned class features: conditioned on the anchors themselves
+                    a_logits = scale * torch.einsum("md,mcd->mc", a, self.class_text_features(a).to(a.dtype))
+                else:
+                    a_logits = scale * a @ f_t.t()  # [M, C]
+                extra = extra + k.anchors * F.cross_entropy(a_logits.float(), m)
+        return extra
 
     def on_train_epoch_start(self) -> None:
         """Start the epoch's running loss and accuracy."""

@@ -12,6 +12,7 @@ from jsonargparse import lazy_instance
 
 from mmfl.federated.aggregate import Aggregator, FedAvg
 from mmfl.federated.privacy import DifferentialPrivacy
+from mmfl.knowledge import KnowledgeGuidance
 from mmfl.module import OptimizerFactory, default_optimizer
 
 
@@ -80,6 +81,8 @@ class LocalTraining:
             its input encoder (e.g. CoOp), encode each input once and reuse the encoding across epochs, rounds,
             clients (``memory``) and runs (``disk``: under ``$MMFL_CACHE/features``). See
             :mod:`mmfl.data.feature_cache`.
+        knowledge: weights of the terms that keep the learned features near the frozen model's (KgCoOp's
+            ``text``, PromptSRC's ``text_l1``, ``input_l1``, ``logits_kl``; :mod:`mmfl.knowledge`); all 0 by default.
     """
 
     epochs: int = 1
@@ -91,6 +94,11 @@ class LocalTraining:
     precision: str = "32-true"
     num_workers: int = 0
     feature_cache: str = "disk"
+    knowledge: KnowledgeGuidance = field(default_factory=KnowledgeGuidance)
+
+    def check(self) -> None:
+        """Raise a clear error for impossible settings (before any data or model is loaded)."""
+        self.knowledge.check()
 
 
 def derived_seed(*parts: object) -> int:

@@ -83,6 +83,7 @@ class Simulation(Rounds):
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.federation.check()
+        self.training.check()
         if selection not in ("last", "best_val"):
             raise ValueError(f"selection must be 'last' or 'best_val', got {selection!r}")
         if selection == "best_val" and any(t.val is None or len(t.val) == 0 for t in self.tasks):
@@ -102,7 +103,9 @@ class Simulation(Rounds):
         self.clients: list[_Client] = []
         for task in self.tasks:
             for data in task.clients:
-                self.clients.append(_Client(data, task, self.build_module(task)))
+                module = self.build_module(task)
+                module.held_classes = data.classes()  # for synthetic anchors of the classes it lacks
+                self.clients.append(_Client(data, task, module))
         if not self.clients:
             raise ValueError("the federation has no clients: give at least one task")
         for c in self.clients:
@@ -178,6 +181,7 @@ class Simulation(Rounds):
             parts,
             optimizer=self.training.optimizer,
             templates=templates or task.task.prompt_templates(),
+            knowledge=self.training.knowledge,
         )
         module.log_train_metrics = False  # fit_client reads module.epoch_metrics
         return module

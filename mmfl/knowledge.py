@@ -1,0 +1,128 @@
+"""Knowledge guidance: keep the learned parts close to what the frozen model already knows.
+
+Prompt tuning on a few shots gains on the classes it sees and loses on the others: the learned class features
+drift away from the hand-written prompt's, which is what carries the foundation model's knowledge to classes and
+data it was never tuned on. These regularisers, added to a client's cross-entropy, pull the learned features back:
+
+- ``text`` — KgCoOp (Yao et al., CVPR 2023): ``1 − cos(t_c, t̂_c)``, the mean over classes ``c`` of one minus the
+  cosine between the learned class text feature ``t_c`` and the hand-written prompts' ``t̂_c`` (the task's
+  template ensemble); equals half their squared L2 distance, as both are normalised. KgCoOp uses weight 8.
+- ``text_l1``, ``input_l1``, ``logits_kl`` — PromptSRC's self-regulating consistency (Khattak et al., ICCV 2023):
+  the mean absolute difference between the learned and the frozen class text features (weight 25 in the paper),
+  between the input features with and without the parts (10), and ``KL(p̂ ‖ p)`` from the frozen model's class
+  probabilities ``p̂`` (its input features against ``t̂``) to the learned ones ``p`` (1).
+
+- ``anchors`` — synthetic class anchors against label skew: for each class of the task the client does not hold, a
+  pseudo input feature made from its hand-written text feature, moved across the modality gap (the batch's mean
+  input feature minus the mean hand-written feature of its labels, detached), enters the cross-entropy with that
+  class as label, so a client's prompt keeps telling apart the classes it never sees. Built from class names and
+  the client's own batch only.
+
+One implementation for every part: the terms read only the client's final class text features and input features,
+so they apply to CoOp, CoCoOp, MaPLe, adapters and any plugin part alike. With every weight 0 nothing is computed
+and training is exactly unguided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class KnowledgeGuidance:
+    """Weights of the knowledge-guidance terms added to each client's training loss (recipe ``training.knowledge``).
+
+    Args:
+        text: KgCoOp's ``1 − cos`` between learned and hand-written class text features (paper: 8.0).
+        text_l1: PromptSRC's L1 between learned and hand-written class text features (paper: 25.0).
+        input_l1: PromptSRC's L1 between the input features with the parts and without them (paper: 10.0).
+        logits_kl: PromptSRC's ``KL(zero-shot ‖ learned)`` of the class probabilities (paper: 1.0).
+        temperature: softens both distributions of ``logits_kl`` (the term is scaled by its square).
+        anchors: weight of the cross-entropy of synthetic anchors for the classes a client does not hold.
+    """
+
+    text: float = 0.0
+    text_l1: float = 0.0
+    input_l1: float = 0.0
+    logits_kl: float = 0.0
+    temperature: float = 1.0
+    anchors: float = 0.0
+
+    def check(self) -> None:
+        """Raise a clear error for negative weights or a non-positive temperature."""
+        bad = {k: v for k, v in vars(self).items() if k != "temperature" and not v >= 0}
+        if bad:
+            raise ValueError(f"training.knowledge weights must be >= 0, got {bad}")
+        if not self.temperature > 0:
+            raise ValueError(f"training.knowledge.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any term has a positive weight."""
+        return any(w > 0 for w in (self.text, self.text_l1, self.input_l1, self.logits_kl, self.anchors))
+
+    @property
+    def needs_frozen_input(self) -> bool:
+        """Whether a term needs the frozen model's input features (an extra pass without the parts)."""
+        return self.input_l1 > 0 or self.logits_kl > 0
+
+    def terms(
+        self,
+        f_t: Tensor,
+        zs_t: Tensor,
+        logits: Tensor | None = None,
+        f_x: Tensor | None = None,
+        zs_x: Tensor | None = None,
+        logit_scale: Tensor | float = 1.0,
+    ) -> dict[str, Tensor]:
+        """The weighted terms with a positive weight, by name (each a 0-d tensor; their sum joins the loss).
+
+        Args:
+            f_t: learned normalised class text features, [C, D] or [B, C, D] (input-conditioned prompts).
+            zs_t: hand-written normalised class text features [C, D].
+            logits: the learned logits [B, C] (for ``logits_kl``).
+            f_x: normalised input features with the parts [B, D] (for ``input_l1``).
+            zs_x: normalised input features of the frozen model [B, D] (for ``input_l1`` and ``logits_kl``).
+            logit_scale: the frozen model's ``exp(logit_scale)``, for the zero-shot logits.
+        """
+        out: dict[str, Tensor] = {}
+        ref = zs_t.to(f_t.dtype).expand_as(f_t)  # [C, D] or [B, C, D]
+        if self.text > 0:
+            out["kg_text"] = self.text * (1.0 - F.cosine_similarity(f_t, ref, dim=-1).mean())
+        if self.text_l1 > 0:
+            out["src_text"] = self.text_l1 * F.l1_loss(f_t, ref)
+        if self.input_l1 > 0:
+            assert f_x is not None and zs_x is not None
+            out["src_input"] = self.input_l1 * F.l1_loss(f_x, zs_x.to(f_x.dtype))
+        if self.logits_kl > 0:
+            assert logits is not None and zs_x is not None
+            tau = self.temperature
+            zs_logits = logit_scale * zs_x.float() @ zs_t.float().t()  # [B, C]
+            log_p = F.log_softmax(logits.float() / tau, dim=-1)  # [B, C]
+            log_q = F.log_softmax(zs_logits / tau, dim=-1)  # [B, C]
+            # KL(q ‖ p) summed over classes, mean over the batch (PromptSRC divides by B·C instead)
+            out["src_logits"] = self.logits_kl * tau * tau * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+        return out
+
+
+def anchor_features(zs_t: Tensor, missing: Tensor, f_x: Tensor, labels: Tensor) -> Tensor:
+    """Pseudo input features of the ``missing`` classes: their hand-written features shifted by the modality gap
+    seen in this batch, normalised. [M, D]
+
+    Args:
+        zs_t: hand-written normalised class text features [C, D].
+        missing: the classes to make anchors for [M].
+        f_x: the batch's normalised input features [B, D] (detached here).
+        labels: the batch's labels [B].
+    """
+    gap = (f_x.detach() - zs_t[labels].to(f_x.dtype)).mean(dim=0)  # [D]
+    return F.normalize(zs_t[missing].to(f_x.dtype) + gap, dim=-1)  # [M, D]
+
+
+def total(terms: dict[str, Tensor]) -> Tensor | float:
+    """The sum of :meth:`KnowledgeGuidance.terms` (0.0 when empty)."""
+    return torch.stack(list(terms.values())).sum() if terms else 0.0
