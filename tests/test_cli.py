@@ -169,6 +169,7 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
         ("no_tasks", "no tasks"),
         ("no_folder", "does not exist or is not a folder"),
         ("scope", "parts.0 (mmfl.CoOp) scopes.ctx: scope 'mix(task, task_modality, own=0.5)': the groups of 'task'"),
+        ("knowledge", "training.knowledge weights must be >= 0, got {'anchors': -1.0}"),
     ],
 )
 def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_path, capsys, no_backbone) -> None:
@@ -198,6 +199,9 @@ def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_pat
         Path(recipe).write_text(
             Path(recipe).read_text() + '    init_args: {scopes: {ctx: "mix(task, task_modality, own=0.5)"}}\n'
         )
+    elif case == "knowledge":
+        recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}}")
+        Path(recipe).write_text(Path(recipe).read_text() + "training: {knowledge: {anchors: -1}}\n")
     else:
         recipe = str(tmp_path / "empty.yaml")
         Path(recipe).write_text("backbone: {model_name: mmfl-tiny}\ntasks: []\n")

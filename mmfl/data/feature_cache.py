@@ -116,7 +116,8 @@ class FeatureCache:
         """The labels of ``ds`` [N] (memoised per dataset fingerprint)."""
         fp = f"{ds._fingerprint}|{LABEL}"
         if fp not in self._labels:
-            self._labels[fp] = torch.as_tensor(ds.with_format("arrow")[LABEL].to_numpy(), dtype=torch.long)
+            labels = ds.with_format("arrow")[LABEL].to_numpy(zero_copy_only=False)  # may be a read-only view
+            self._labels[fp] = torch.tensor(labels, dtype=torch.long)  # a copy: no warning about read-only memory
         return self._labels[fp]
 
     # ---------------------------------------------------------------- stores
