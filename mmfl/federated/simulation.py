@@ -25,6 +25,7 @@ from mmfl.federated.mixing import MixRule, start_together
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
+from mmfl.federated.task_eval import TaskEvaluation
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
 from mmfl.prompts.base import TrainablePart
 
@@ -41,7 +42,7 @@ class _Client:
     module: ClientModule
 
 
-class Simulation(Rounds):
+class Simulation(Rounds, TaskEvaluation):
     """Runs a federation in this process.
 
     Clients are (task, modality, data partition). Each round a fraction of them is sampled; each loads
@@ -104,7 +105,8 @@ class Simulation(Rounds):
         for task in self.tasks:
             for data in task.clients:
                 module = self.build_module(task)
-                module.held_classes = data.classes()  # for synthetic anchors of the classes it lacks
+                if self.training.knowledge.anchors > 0:  # synthetic anchors for the classes it lacks
+                    module.held_classes = data.classes()
                 self.clients.append(_Client(data, task, module))
         if not self.clients:
             raise ValueError("the federation has no clients: give at least one task")
@@ -233,74 +235,6 @@ class Simulation(Rounds):
         m = {k: float(v) for k, v in module.epoch_metrics.items()}
         update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train))
         return update, {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
-
-    def evaluate(self, module: ClientModule, task: PreparedTask, ds) -> dict[str, float]:
-        """Test loss and accuracy of ``module`` on ``ds``."""
-        trainer = self._trainer()
-        try:
-            out = trainer.test(module, dataloaders=self._loader(module, ds, train=False), verbose=False)[0]
-        finally:
-            module.trainer = None
-        return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
-
-    def class_dependent_keys(self, task: PreparedTask) -> list[str]:
-        """Keys of the task's trainable tensors whose shape depends on the class list (class-specific parts):
-        they cannot serve classes they were not trained on. Found by building the parts for one more class."""
-        names = list(task.class_names)
-        a = self.build_module(task, names).trainable_state_dict()
-        b = self.build_module(task, [*names, f"{names[0]} extra"]).trainable_state_dict()
-        return sorted(k for k in a if k not in b or a[k].shape != b[k].shape)
-
-    def check_new_classes(self, task: PreparedTask) -> None:
-        """Raise a clear error when the task's parts cannot classify classes they were not trained on."""
-        keys = self.class_dependent_keys(task)
-        if keys:
-            raise ValueError(
-                f"task {task.name!r}: tensors {keys} are class-specific (one per trained class, e.g. CoOp "
-                "class_specific: true), so they cannot classify novel classes or another data set's; base-to-novel "
-                "and cross-dataset evaluation need class-agnostic parts"
-            )
-
-    def evaluator(self, task: PreparedTask, novel: bool = False) -> ClientModule:
-        """A module per task that holds the global tensors (local tensors at their initial values).
-
-        Args:
-            task: the task.
-            novel: with the task's novel class names (base-to-novel evaluation).
-        """
-        key = f"{task.name}/{task.modality}" + ("/novel" if novel else "")
-        if key not in self._evaluators:
-            if novel:
-                self.check_new_classes(task)
-            self._evaluators[key] = self.build_module(task, task.novel_class_names if novel else None)
-        module = self._evaluators[key]
-        module.load_trainable_state_dict(self.global_state)
-        return module
-
-    def evaluate_tasks(self, rnd: int) -> dict[str, float]:
-        """Evaluate every task on its test split (and its novel classes' and validation data, when it has
-        them) with the global tensors; record the rows; keep the best state by validation accuracy."""
-        accs, vals = {}, []
-        for task in self.tasks:
-            splits = [("test", False, task.test), ("test_novel", True, task.test_novel), ("val", False, task.val)]
-            for split, novel, ds in splits:
-                if ds is None or len(ds) == 0:
-                    continue
-                m = self.evaluate(self.evaluator(task, novel), task, ds)
-                self.metrics.add(rnd, "task", task.name, task.modality, "", split, m["loss"], m["accuracy"], len(ds))
-                if split == "val":
-                    vals.append(m["accuracy"])
-                else:
-                    accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
-        if self.selection == "best_val" and sum(vals) / len(vals) > self.best_score:
-            self._keep_best(rnd, sum(vals) / len(vals))
-        for c in self.clients:
-            if c.data.test is not None and len(c.data.test):
-                c.module.load_trainable_state_dict(self.global_state)
-                self._record_client(
-                    rnd, c, "local_test", self.evaluate(c.module, c.task, c.data.test), len(c.data.test)
-                )
-        return accs
 
     def _record_client(
         self, rnd: int, c: _Client, split: str, m: dict[str, float], examples: int, value: float = math.nan
