@@ -126,8 +126,16 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
 
 def check_part_scopes(cfg: Namespace) -> None:
     """Raise a clear error for a part whose ``scope`` or ``scopes`` entry is not a scope (plain, components or mix),
-    naming the part, before any data is loaded."""
-    for i, part in enumerate(cfg.get("parts") or []):
+    naming the part, before any data is loaded (the recipe's parts and its evaluation variants')."""
+    _check_scopes_of(cfg.get("parts") or [], "parts")
+    evaluation = cfg.get("evaluation")
+    for i, v in enumerate((evaluation.get("variants") if isinstance(evaluation, Namespace) else None) or []):
+        if isinstance(v, Namespace) and isinstance(v.get("parts"), list):
+            _check_scopes_of(v.parts, f"evaluation.variants.{i}.parts")
+
+
+def _check_scopes_of(parts: list, where_parts: str) -> None:
+    for i, part in enumerate(parts):
         args = part.get("init_args") if isinstance(part, Namespace) else None
         if args is None:
             continue
@@ -140,7 +148,7 @@ def check_part_scopes(cfg: Namespace) -> None:
             try:
                 parse_scope(value)
             except ValueError as e:
-                raise ValueError(f"parts.{i} ({part.get('class_path')}) {where}: {e}") from None
+                raise ValueError(f"{where_parts}.{i} ({part.get('class_path')}) {where}: {e}") from None
 
 
 RUN_ONLY_KEYS = ("config", "output_dir", "overwrite", "resume", "__path__")

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mmfl import cli
 
@@ -143,6 +143,17 @@ def test_a_checkpoint_is_scored_as_training_scored_it(tmp_path: Path) -> None:
             [],
             "not a task of the recipe",
         ),
+        ("evaluation: {variants: [{name: federated, knowledge: {text: 8}}]}", [], "is a built-in method's name"),
+        ("evaluation: {variants: [{name: a, knowledge: {text: 1}}, {name: a, knowledge: {text: 2}}]}", [], "another"),
+        ("evaluation: {variants: [{name: a/b, knowledge: {text: 1}}]}", [], "names a folder"),
+        ("evaluation: {variants: [{name: a}]}", [], "changes nothing"),
+        ("evaluation: {variants: [{name: a, knowledge: {text: -1}}]}", [], "variants.0 (a): training.knowledge"),
+        (
+            "evaluation: {variants: [{name: a, parts: [{class_path: mmfl.prompts.PromptGenerator, "
+            "init_args: {scope: galaxy}}]}]}",
+            [],
+            "evaluation.variants.0.parts.0 (mmfl.prompts.PromptGenerator) scope",
+        ),
     ],
 )
 def test_bad_input_is_reported_before_any_model(extra, args, message, tmp_path, capsys, no_backbone) -> None:
@@ -160,6 +171,43 @@ def test_bad_input_is_reported_before_any_model(extra, args, message, tmp_path, 
     assert _evaluate("-c", str(recipe), "--output_dir", str(out), *args) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+def test_variants_are_trained_and_scored_beside_the_recipe_with_the_same_protocol(tmp_path: Path) -> None:
+    """A variant that changes nothing in effect (knowledge weights 0) scores exactly as the recipe's own method; a
+    prompt generator trained on the base classes scores the novel ones and the transfer target; the report lists
+    each variant with what it changes."""
+    recipe = tmp_path / "v.yaml"
+    recipe.write_text(
+        B2N.replace("seeds: [0, 1]", "seeds: [0]\n  baselines: [zeroshot]")
+        + "  variants:\n"
+        + "    - {name: same, knowledge: {text: 0}}\n"
+        + "    - name: generator\n"
+        + "      parts: [{class_path: mmfl.prompts.PromptGenerator, init_args: {depth: 1}}]\n"
+        + "      optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01}}\n"
+    )
+    out = tmp_path / "eval"
+    assert _evaluate("-c", str(recipe), "--output_dir", str(out)) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert list(doc["summary"]) == ["zeroshot", "federated", "same", "generator"]
+    methods = doc["seeds"]["0"]["methods"]
+    assert methods["same"] == methods["federated"]
+    gen = methods["generator"]
+    assert 0.0 <= gen["tasks"]["digits/image"]["novel"]["top1"] <= 1.0 and "animals→photos" in gen["transfer"]
+    assert gen != methods["federated"]
+    state = load_file(out / "seed_0" / "generator" / "best.safetensors")
+    assert state and all(k.startswith("global/generator.") for k in state)
+    report = (out / "report.md").read_text()
+    assert "- variant `same`: the recipe with knowledge off" in report
+    assert "- variant `generator`: the recipe with parts PromptGenerator(depth=1); optimizer SGD(lr=0.01)" in report
+    table = report.split("## Base-to-novel top-1 (%)")[1].split("\n\n")[1].splitlines()
+    assert [line.split(" | ")[0] for line in table if not line.startswith("|---")] == [
+        "| method",
+        "| zero-shot (one template)",
+        "| federated (this recipe)",
+        "| variant `same`",
+        "| variant `generator`",
+    ]
 
 
 def _localised(recipe: Path, tmp_path: Path) -> Path:

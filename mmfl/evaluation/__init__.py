@@ -2,7 +2,7 @@
 the zero-shot baseline."""
 
 from mmfl.evaluation.metrics import accuracy, calibration_error, harmonic_mean, mean_std
-from mmfl.evaluation.protocol import Protocol, Transfer
+from mmfl.evaluation.protocol import Protocol, Transfer, Variant
 from mmfl.evaluation.runner import Scorer, predict, run_seed
 from mmfl.evaluation.zeroshot import DEFAULT_TEMPLATES, resolve_data, zero_shot
 
@@ -11,6 +11,7 @@ __all__ = [
     "Protocol",
     "Scorer",
     "Transfer",
+    "Variant",
     "accuracy",
     "calibration_error",
     "harmonic_mean",

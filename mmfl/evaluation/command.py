@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 from pathlib import Path
 
@@ -99,6 +101,7 @@ def run_evaluate(cfg: Namespace, init: Namespace, tasks: list[Task], federation:
         "template": protocol.template,
         "ece_bins": protocol.ece_bins,
         "baselines": protocol.baselines,
+        "variants": {v.name: describe_variant(v) for v in (cfg.evaluation.variants if cfg.evaluation else [])},
         "tasks": first["tasks"],
         "runs": {
             f"seed {s}": ", ".join(f"{k} {v}" for k, v in per_seed[s]["facts"].items() if k not in ("seed", "tasks"))
@@ -110,3 +113,32 @@ def run_evaluate(cfg: Namespace, init: Namespace, tasks: list[Task], federation:
     plot_methods(out, summary, protocol.base_to_novel)
     log.info("wrote %s", ", ".join(str(out / f) for f in OUTPUTS))
     return summary
+
+
+def describe_variant(v: Namespace) -> str:
+    """What a variant (as the parsed recipe holds it) changes, in one line for the report."""
+    out = []
+    if v.parts is not None:
+        out.append("parts " + ", ".join(_call(p) for p in v.parts))
+    if v.knowledge is not None:
+        w = {k: x for k, x in v.knowledge.as_dict().items() if k != "temperature" and x}
+        out.append("knowledge " + (", ".join(f"{k} {x:g}" for k, x in w.items()) or "off"))
+    if v.optimizer is not None:
+        out.append("optimizer " + _call(v.optimizer))
+    return "; ".join(out)
+
+
+def _call(entry: Namespace) -> str:
+    """``Name(arg=value, ...)`` of a class_path entry, with the arguments that differ from the class's defaults."""
+    args = entry.get("init_args")
+    try:
+        module, _, name = entry.class_path.rpartition(".")
+        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        params = {}
+    given = {
+        k: x
+        for k, x in (args.as_dict() if isinstance(args, Namespace) else {}).items()
+        if k not in params or params[k].default != x
+    }
+    return f"{entry.class_path.rsplit('.', 1)[-1]}({', '.join(f'{k}={x}' for k, x in given.items())})"

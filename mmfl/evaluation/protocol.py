@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from mmfl.data.task import Task
+from mmfl.federated.settings import OptimizerFactory
+from mmfl.federated.simulation import PartFactory
+from mmfl.knowledge import KnowledgeGuidance
 
 SELECTIONS = ("last", "best_val")
 BASELINES = ("zeroshot", "ensemble", "centralised")
+METHODS = ("zeroshot", "ensemble", "federated", "centralised")
+"""The methods every evaluation may score; a variant may not take one of these names."""
 
 
 @dataclass
@@ -21,6 +27,24 @@ class Transfer:
 
     source: str
     task: Task
+
+
+@dataclass
+class Variant:
+    """Another method trained and scored beside the recipe's own, with the same tasks, splits, seeds, rounds and
+    selection: what it changes, and nothing else (a field left None keeps the recipe's value).
+
+    Args:
+        name: the method's name in the report, ``metrics.json`` and its run folder (letters, digits, ``_``, ``-``).
+        parts: the trainable parts instead of the recipe's (class_path + init_args, as ``parts:``).
+        knowledge: ``training.knowledge`` instead of the recipe's.
+        optimizer: ``training.optimizer`` instead of the recipe's.
+    """
+
+    name: str
+    parts: list[PartFactory] | None = None
+    knowledge: KnowledgeGuidance | None = None
+    optimizer: OptimizerFactory | None = None
 
 
 @dataclass
@@ -56,6 +80,7 @@ class Protocol:
     seeds: list[int] | None = None
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     template: str = "a photo of a {}."
+    variants: list[Variant] = field(default_factory=list)
     ece_bins: int = 15
 
     def check(self, tasks: list[Task]) -> None:
@@ -86,6 +111,7 @@ class Protocol:
             raise ValueError(f"evaluation.ece_bins must be >= 1, got {self.ece_bins}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"evaluation.seeds must be a non-empty list of distinct seeds, got {self.seeds}")
+        self.check_variants()
         names = {t.name for t in tasks}
         for tr in self.transfer:
             if tr.source not in names:
@@ -105,3 +131,27 @@ class Protocol:
             "val_fraction": self.val_fraction,
             "unseen_clients": self.unseen_clients,
         }
+
+    def check_variants(self) -> None:
+        """Each variant's name is a distinct folder-safe name that no built-in method uses; its settings are valid."""
+        seen: set[str] = set()
+        for i, v in enumerate(self.variants):
+            if not isinstance(v.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v.name):
+                raise ValueError(
+                    f"evaluation.variants.{i}.name={v.name!r}: use letters, digits, '_' and '-' (it names a folder)"
+                )
+            if v.name in METHODS or v.name in seen:
+                taken = "a built-in method's" if v.name in METHODS else "another variant's"
+                raise ValueError(f"evaluation.variants.{i}.name={v.name!r} is {taken} name; give it its own")
+            seen.add(v.name)
+            if v.parts is not None and not isinstance(v.parts, list):
+                raise ValueError(f"evaluation.variants.{i}.parts must be a list of class_path entries")
+            if v.knowledge is not None:
+                try:
+                    v.knowledge.check()
+                except ValueError as e:
+                    raise ValueError(f"evaluation.variants.{i} ({v.name}): {e}") from None
+            if v.parts is None and v.knowledge is None and v.optimizer is None:
+                raise ValueError(
+                    f"evaluation.variants.{i} ({v.name}) changes nothing; give parts, knowledge or optimizer"
+                )

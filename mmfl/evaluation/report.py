@@ -21,6 +21,19 @@ METHOD_NAMES = {
 }
 
 
+def ordered_methods(summary: dict) -> list[str]:
+    """The methods of a summary in report order: the zero-shot baselines, the recipe's own, its variants (in the
+    recipe's order), then the centralised reference."""
+    first = [m for m in ("zeroshot", "ensemble", "federated") if m in summary]
+    variants = [m for m in summary if m not in METHOD_NAMES]
+    return first + variants + (["centralised"] if "centralised" in summary else [])
+
+
+def method_label(m: str) -> str:
+    """A method's row label in the report."""
+    return METHOD_NAMES.get(m, f"variant `{m}`")
+
+
 def cell(stat: dict | None, percent: bool = True) -> str:
     """``mean ± std`` of a summary leaf, in percent; ``–`` when missing."""
     if not stat or stat.get("n", 0) == 0 or math.isnan(stat["mean"]):
@@ -60,7 +73,7 @@ def write_report(out: Path, protocol_facts: dict, per_seed: dict[int, dict], sum
 
 def report_lines(facts: dict, summary: dict) -> list[str]:
     """The Markdown report."""
-    methods = [m for m in METHOD_NAMES if m in summary]
+    methods = ordered_methods(summary)
     keys = list(next(iter(summary.values()))["tasks"]) if summary else []
     b2n = facts["base_to_novel"]
     seeds = facts["seeds"]
@@ -86,6 +99,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
             else "all classes are trained and tested"
         ),
         f"- zero-shot baselines: `{facts['template']}` and each task's template ensemble",
+        *[f"- variant `{name}`: the recipe with {what}" for name, what in facts.get("variants", {}).items()],
         f"- calibration: expected calibration error (L1, {facts['ece_bins']} equal-width bins, torchmetrics)",
         "",
     ]
@@ -115,7 +129,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
     header += ["mean HM"] if b2n else ["mean"]
     rows = []
     for m in methods:
-        row = [METHOD_NAMES[m]]
+        row = [method_label(m)]
         for k in keys:
             row += [cell(_get(summary[m], "tasks", k, "base", "top1"))]
             if b2n:
@@ -130,7 +144,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
     split_cols = ["base", "novel"] if b2n else ["base"]
     header = ["method"] + [f"{k} {s}" if b2n else k for k in keys for s in split_cols]
     rows = [
-        [METHOD_NAMES[m]] + [cell(_get(summary[m], "tasks", k, s, "ece")) for k in keys for s in split_cols]
+        [method_label(m)] + [cell(_get(summary[m], "tasks", k, s, "ece")) for k in keys for s in split_cols]
         for m in methods
     ]
     lines += _table(header, rows)
@@ -139,7 +153,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
     lines += ["", f"## Per modality (mean {'HM' if b2n else 'top-1'} over the modality's tasks, %)", ""]
     lines += _table(
         ["method", *modalities],
-        [[METHOD_NAMES[m]] + [cell(_get(summary[m], "means", "modality", mod)) for mod in modalities] for m in methods],
+        [[method_label(m)] + [cell(_get(summary[m], "means", "modality", mod)) for mod in modalities] for m in methods],
     )
 
     lines += ["", "## Local vs global (mean over trained clients, %)", ""]
@@ -149,7 +163,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
         "",
     ]
     rows = [
-        [METHOD_NAMES[m]] + [cell(_get(summary[m], "means", f"clients_{side}")) for side in ("local", "global")]
+        [method_label(m)] + [cell(_get(summary[m], "means", f"clients_{side}")) for side in ("local", "global")]
         for m in methods
         if _get(summary[m], "means", "clients_local")
     ]
@@ -165,7 +179,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
         lines += _table(
             ["method"] + [f"{c} local" for c in unseen] + [f"{c} global" for c in unseen],
             [
-                [METHOD_NAMES[m]]
+                [method_label(m)]
                 + [cell(_get(summary[m], "unseen", c, "local")) for c in unseen]
                 + [cell(_get(summary[m], "unseen", c, "global")) for c in unseen]
                 for m in methods
@@ -178,7 +192,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
         lines += _table(
             ["method"] + [f"{t} top-1" for t in targets] + [f"{t} ECE" for t in targets],
             [
-                [METHOD_NAMES[m]]
+                [method_label(m)]
                 + [cell(_get(summary[m], "transfer", t, "top1")) for t in targets]
                 + [cell(_get(summary[m], "transfer", t, "ece")) for t in targets]
                 for m in methods
@@ -194,7 +208,7 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
         lines += _table(
             ["method"] + [f"{k} {d}{'*' if (k, d) in held else ''}" for k, d in dom_keys],
             [
-                [METHOD_NAMES[m]] + [cell(_get(summary[m], "tasks", k, "domains", d, "top1")) for k, d in dom_keys]
+                [method_label(m)] + [cell(_get(summary[m], "tasks", k, "domains", d, "top1")) for k, d in dom_keys]
                 for m in methods
             ],
         )
@@ -261,7 +275,7 @@ def plot_rounds(out: Path, metrics_files: list[Path]) -> None:
 
 def plot_methods(out: Path, summary: dict, base_to_novel: bool) -> None:
     """``base_novel.png``: bars of mean base, novel and HM top-1 (over tasks) per method, with the seeds' std."""
-    methods = [m for m in METHOD_NAMES if m in summary]
+    methods = ordered_methods(summary)
     bars = ["base", "novel", "hm"] if base_to_novel else ["base"]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(bars)

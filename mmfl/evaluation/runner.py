@@ -18,7 +18,7 @@ from mmfl.data.loader import make_loader
 from mmfl.data.splits import DOMAIN
 from mmfl.data.task import ClientData, PreparedTask, Task, load_split, prepare_task
 from mmfl.evaluation.metrics import accuracy, harmonic_mean, mean_std, scores
-from mmfl.evaluation.protocol import Protocol
+from mmfl.evaluation.protocol import Protocol, Variant
 from mmfl.federated.checkpoint import load_state
 from mmfl.federated.scopes import is_local
 from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation
@@ -274,7 +274,9 @@ def run_seed(
     ]
     scorer = Scorer(prepared, targets, protocol, training.eval_batch_size, training.accelerator)
 
-    def simulation(ptasks: list[PreparedTask]) -> Simulation:
+    def simulation(
+        ptasks: list[PreparedTask], parts: list[PartFactory] = parts, training: LocalTraining = training
+    ) -> Simulation:
         return Simulation(
             backbone, ptasks, parts, training, federation, seed=seed, selection=protocol.selection, output_dir=None
         )
@@ -298,9 +300,19 @@ def run_seed(
     if checkpoint is None:
         state, local = train("federated", sim)
     results["federated"] = scorer.score(learned_method(sim, state), personal_method(sim, state, local))
+    for v in protocol.variants:
+        v_sim = simulation(prepared, *variant_settings(v, parts, training))
+        v_state, v_local = train(v.name, v_sim)
+        results[v.name] = scorer.score(learned_method(v_sim, v_state), personal_method(v_sim, v_state, v_local))
     if "centralised" in protocol.baselines:
         central = simulation([pooled(t) for t in prepared])
         c_state, _ = train("centralised", central)
         # one client per task: local vs global is the federation's question, not the reference's
         results["centralised"] = scorer.score(learned_method(central, c_state), clients_of=lambda t: [])
     return results, facts
+
+
+def variant_settings(v: Variant, parts: list[PartFactory], training: LocalTraining) -> tuple[list, LocalTraining]:
+    """A variant's parts and local training: the recipe's, with what the variant changes."""
+    changes = {k: getattr(v, k) for k in ("knowledge", "optimizer") if getattr(v, k) is not None}
+    return (parts if v.parts is None else v.parts), dataclasses.replace(training, **changes)

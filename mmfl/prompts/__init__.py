@@ -3,6 +3,7 @@
 from mmfl.prompts.adapter import ClipAdapter, ProjectionTuning
 from mmfl.prompts.base import TrainablePart
 from mmfl.prompts.coop import CoOp, PromptFolio
+from mmfl.prompts.generator import PromptGenerator
 from mmfl.prompts.maple import MaPLe
 from mmfl.prompts.pixel import PaddingPrompt
 from mmfl.prompts.text_input import TextInputPrompt
@@ -15,6 +16,7 @@ __all__ = [
     "PaddingPrompt",
     "ProjectionTuning",
     "PromptFolio",
+    "PromptGenerator",
     "TextInputPrompt",
     "TrainablePart",
     "VisualPromptTokens",
