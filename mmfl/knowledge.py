@@ -16,7 +16,8 @@ data it was never tuned on. These regularisers, added to a client's cross-entrop
   pseudo input feature made from its hand-written text feature, moved across the modality gap (the batch's mean
   input feature minus the mean hand-written feature of its labels, detached), enters the cross-entropy with that
   class as label, so a client's prompt keeps telling apart the classes it never sees. Built from class names and
-  the client's own batch only.
+  the client's own batch only. With ``anchor_source: merged`` the anchors start from the class features of the
+  prompt the client received this round (what the federation learned so far) instead of the hand-written ones.
 
 One implementation for every part: the terms read only the client's final class text features and input features,
 so they apply to CoOp, CoCoOp, MaPLe, adapters and any plugin part alike. With every weight 0 nothing is computed
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+ANCHOR_SOURCES = ("frozen", "merged")
+
 
 @dataclass
 class KnowledgeGuidance:
@@ -43,6 +46,8 @@ class KnowledgeGuidance:
         logits_kl: PromptSRC's ``KL(zero-shot ‖ learned)`` of the class probabilities (paper: 1.0).
         temperature: softens both distributions of ``logits_kl`` (the term is scaled by its square).
         anchors: weight of the cross-entropy of synthetic anchors for the classes a client does not hold.
+        anchor_source: the class features the anchors are made from: ``frozen`` (the hand-written prompts') or
+            ``merged`` (the received prompt's at the start of each round's local training, held fixed during it).
     """
 
     text: float = 0.0
@@ -51,14 +56,19 @@ class KnowledgeGuidance:
     logits_kl: float = 0.0
     temperature: float = 1.0
     anchors: float = 0.0
+    anchor_source: str = "frozen"
 
     def check(self) -> None:
-        """Raise a clear error for negative weights or a non-positive temperature."""
-        bad = {k: v for k, v in vars(self).items() if k != "temperature" and not v >= 0}
+        """Raise a clear error for negative weights, a non-positive temperature or an unknown anchor source."""
+        bad = {k: v for k, v in vars(self).items() if k not in ("temperature", "anchor_source") and not v >= 0}
         if bad:
             raise ValueError(f"training.knowledge weights must be >= 0, got {bad}")
         if not self.temperature > 0:
             raise ValueError(f"training.knowledge.temperature must be > 0, got {self.temperature}")
+        if self.anchor_source not in ANCHOR_SOURCES:
+            raise ValueError(
+                f"training.knowledge.anchor_source must be one of {list(ANCHOR_SOURCES)}, got {self.anchor_source!r}"
+            )
 
     @property
     def active(self) -> bool:
@@ -110,11 +120,11 @@ class KnowledgeGuidance:
 
 
 def anchor_features(zs_t: Tensor, missing: Tensor, f_x: Tensor, labels: Tensor) -> Tensor:
-    """Pseudo input features of the ``missing`` classes: their hand-written features shifted by the modality gap
+    """Pseudo input features of the ``missing`` classes: their class text features shifted by the modality gap
     seen in this batch, normalised. [M, D]
 
     Args:
-        zs_t: hand-written normalised class text features [C, D].
+        zs_t: the normalised class text features anchors are made from (hand-written or merged) [C, D].
         missing: the classes to make anchors for [M].
         f_x: the batch's normalised input features [B, D] (detached here).
         labels: the batch's labels [B].

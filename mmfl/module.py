@@ -94,6 +94,7 @@ class ClientModule(L.LightningModule):
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
         self.knowledge = knowledge if knowledge is not None and knowledge.active else None
+        self._anchor_source: Tensor | None = None  # [C, D], set at each fit's start (anchor_source: merged)
         self.held_classes: list[int] | None = None
         """The labels of this client's training data (set by a simulation); the others get synthetic anchors when
         ``knowledge.anchors`` > 0 (None: no anchors)."""
@@ -264,13 +265,30 @@ class ClientModule(L.LightningModule):
             missing = sorted(set(range(len(self.class_names))) - set(self.held_classes))
             if missing:
                 m = torch.tensor(missing, device=f_x.device)
-                a = anchor_features(zs_t, m, f_x, y)  # [M, D]
+                source = self._anchor_source if self._anchor_source is not None else zs_t  # [C, D]
+                a = anchor_features(source, m, f_x, y)  # [M, D]
                 if f_t.dim() == 3:  # input-conditioned class features: conditioned on the anchors themselves
                     a_logits = scale * torch.einsum("md,mcd->mc", a, self.class_text_features(a).to(a.dtype))
                 else:
                     a_logits = scale * a @ f_t.t()  # [M, C]
                 extra = extra + k.anchors * F.cross_entropy(a_logits.float(), m)
         return extra
+
+    def on_train_start(self) -> None:
+        """With ``knowledge.anchor_source: merged``, fix the class features the anchors are made from: those of the
+        parts as received (the merged state), before this local training moves them."""
+        self._anchor_source = None
+        k = self.knowledge
+        if k is None or k.anchors <= 0 or k.anchor_source != "merged" or self.held_classes is None:
+            return
+        with torch.no_grad():
+            try:
+                self._anchor_source = self.class_text_features()  # [C, D]
+            except ValueError:
+                raise ValueError(
+                    "training.knowledge.anchor_source: merged needs class features that do not depend on the input "
+                    "(CoCoOp's conditional prompts do); use anchor_source: frozen"
+                ) from None
 
     def on_train_epoch_start(self) -> None:
         """Start the epoch's running loss and accuracy."""

@@ -148,6 +148,37 @@ def test_anchors_train_the_classes_a_client_lacks(tiny_backbone: Backbone) -> No
     assert m._guidance(x, y, None, f_x, f_t, logits) == 0.0
 
 
+def test_merged_anchors_come_from_the_received_prompt_and_stay_fixed_during_local_training(
+    tiny_backbone: Backbone,
+) -> None:
+    names = ["cat", "dog", "bird", "fish"]
+    coop = CoOp(tiny_backbone, names, n_ctx=2)
+    m = ClientModule(
+        tiny_backbone,
+        get_modality("image"),
+        "pets",
+        names,
+        [coop],
+        knowledge=KnowledgeGuidance(anchors=2.0, anchor_source="merged"),
+    )
+    m.held_classes = [0, 1]
+    with torch.no_grad():
+        coop.ctx.normal_(0.0, 1.0)  # the received (merged) prompt, far from the hand-written one
+        received = m.class_text_features().clone()  # [C, D]
+    m.on_train_start()
+    with torch.no_grad():
+        coop.ctx.add_(1.0)  # local training moves the prompt; the anchors do not follow
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 1])
+    f_x, f_t, logits = m._features_and_logits(x, None)
+    a = anchor_features(received, torch.tensor([2, 3]), f_x, y)
+    expected = 2.0 * F.cross_entropy(tiny_backbone.logit_scale.exp() * a @ f_t.t(), torch.tensor([2, 3]))
+    assert torch.allclose(m._guidance(x, y, None, f_x, f_t, logits), expected)
+    frozen = anchor_features(m.hand_written_features(), torch.tensor([2, 3]), f_x, y)
+    assert not torch.allclose(a, frozen, atol=1e-3)  # a different source than the hand-written prompts
+    with pytest.raises(ValueError, match=r"anchor_source must be one of \['frozen', 'merged'\], got 'ema'"):
+        KnowledgeGuidance(anchors=1.0, anchor_source="ema").check()
+
+
 def test_a_simulation_tells_each_client_its_classes_and_anchors_change_the_run(tiny_backbone: Backbone) -> None:
     from flwr_datasets.partitioner import PathologicalPartitioner
 

@@ -16,6 +16,7 @@ from mmfl.evaluation.report import add_means, plot_methods, plot_rounds, write_r
 from mmfl.evaluation.runner import run_seed, summarize
 from mmfl.federated.checkpoint import load_state
 from mmfl.federated.settings import Federation, seed_all
+from mmfl.knowledge import KnowledgeGuidance
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,12 @@ def describe_variant(v: Namespace) -> str:
     if v.parts is not None:
         out.append("parts " + ", ".join(_call(p) for p in v.parts))
     if v.knowledge is not None:
-        w = {k: x for k, x in v.knowledge.as_dict().items() if k != "temperature" and x}
-        out.append("knowledge " + (", ".join(f"{k} {x:g}" for k, x in w.items()) or "off"))
+        default = vars(KnowledgeGuidance())
+        w = {k: x for k, x in v.knowledge.as_dict().items() if x != default.get(k)}
+        out.append(
+            "knowledge "
+            + (", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in w.items()) or "off")
+        )
     if v.optimizer is not None:
         out.append("optimizer " + _call(v.optimizer))
     return "; ".join(out)
