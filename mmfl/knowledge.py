@@ -12,6 +12,10 @@ data it was never tuned on. These regularisers, added to a client's cross-entrop
   between the input features with and without the parts (10), and ``KL(p̂ ‖ p)`` from the frozen model's class
   probabilities ``p̂`` (its input features against ``t̂``) to the learned ones ``p`` (1).
 
+- ``prograd`` — ProGrad (Zhu et al., ICCV 2023): when the training loss's gradient ``g`` points against the
+  gradient ``h`` of ``KL(p̂ ‖ p)`` (the frozen model's general knowledge), its conflicting component is removed:
+  ``g ← g − λ · (g·h / ‖h‖²) · h`` over all trainable tensors together; otherwise ``g`` is kept. The weight is ``λ``
+  (paper: 1).
 - ``anchors`` — synthetic class anchors against label skew: for each class of the task the client does not hold, a
   pseudo input feature made from its hand-written text feature, moved across the modality gap (the batch's mean
   input feature minus the mean hand-written feature of its labels, detached), enters the cross-entropy with that
@@ -45,6 +49,8 @@ class KnowledgeGuidance:
         input_l1: PromptSRC's L1 between the input features with the parts and without them (paper: 10.0).
         logits_kl: PromptSRC's ``KL(zero-shot ‖ learned)`` of the class probabilities (paper: 1.0).
         temperature: softens both distributions of ``logits_kl`` (the term is scaled by its square).
+        prograd: ProGrad's ``λ``: how much of the gradient component that contradicts the zero-shot prediction is
+            removed (1: all of it, as the paper; 0: off).
         anchors: weight of the cross-entropy of synthetic anchors for the classes a client does not hold.
         anchor_source: the class features the anchors are made from: ``frozen`` (the hand-written prompts') or
             ``merged`` (the received prompt's at the start of each round's local training, held fixed during it).
@@ -55,6 +61,7 @@ class KnowledgeGuidance:
     input_l1: float = 0.0
     logits_kl: float = 0.0
     temperature: float = 1.0
+    prograd: float = 0.0
     anchors: float = 0.0
     anchor_source: str = "frozen"
 
@@ -73,12 +80,12 @@ class KnowledgeGuidance:
     @property
     def active(self) -> bool:
         """Whether any term has a positive weight."""
-        return any(w > 0 for w in (self.text, self.text_l1, self.input_l1, self.logits_kl, self.anchors))
+        return any(w > 0 for w in (self.text, self.text_l1, self.input_l1, self.logits_kl, self.prograd, self.anchors))
 
     @property
     def needs_frozen_input(self) -> bool:
         """Whether a term needs the frozen model's input features (an extra pass without the parts)."""
-        return self.input_l1 > 0 or self.logits_kl > 0
+        return self.input_l1 > 0 or self.logits_kl > 0 or self.prograd > 0
 
     def terms(
         self,
@@ -111,12 +118,35 @@ class KnowledgeGuidance:
         if self.logits_kl > 0:
             assert logits is not None and zs_x is not None
             tau = self.temperature
-            zs_logits = logit_scale * zs_x.float() @ zs_t.float().t()  # [B, C]
-            log_p = F.log_softmax(logits.float() / tau, dim=-1)  # [B, C]
-            log_q = F.log_softmax(zs_logits / tau, dim=-1)  # [B, C]
             # KL(q ‖ p) summed over classes, mean over the batch (PromptSRC divides by B·C instead)
-            out["src_logits"] = self.logits_kl * tau * tau * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+            out["src_logits"] = self.logits_kl * tau * tau * zero_shot_kl(logits, zs_x, zs_t, logit_scale, tau)
         return out
+
+
+def zero_shot_kl(logits: Tensor, zs_x: Tensor, zs_t: Tensor, logit_scale: Tensor | float, tau: float = 1.0) -> Tensor:
+    """``KL(p̂ ‖ p)`` summed over classes, mean over the batch: ``p̂`` the frozen model's class probabilities (its
+    input features ``zs_x`` [B, D] against the hand-written ``zs_t`` [C, D]), ``p`` the learned ones (``logits``
+    [B, C]); both at temperature ``tau``. 0-d."""
+    zs_logits = logit_scale * zs_x.float() @ zs_t.float().t()  # [B, C]
+    log_p = F.log_softmax(logits.float() / tau, dim=-1)  # [B, C]
+    log_q = F.log_softmax(zs_logits / tau, dim=-1)  # [B, C]
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+
+
+@torch.no_grad()
+def prograd_project(grads: list[Tensor], reference: list[Tensor], lam: float) -> None:
+    """ProGrad's update, in place: when ``g·h < 0`` over all tensors together, ``g ← g − λ (g·h / ‖h‖²) h``.
+
+    Args:
+        grads: the training loss's gradient ``g``, one tensor per parameter (changed in place).
+        reference: the gradient ``h`` of the zero-shot KL, same shapes.
+        lam: ``λ`` (1 removes the whole conflicting component).
+    """
+    dot = torch.stack([(g.float() * h.float()).sum() for g, h in zip(grads, reference, strict=True)]).sum()
+    norm2 = torch.stack([h.float().pow(2).sum() for h in reference]).sum()
+    coef = lam * dot.clamp(max=0.0) / norm2.clamp_min(1e-30)  # 0 unless they conflict: no device sync
+    for g, h in zip(grads, reference, strict=True):
+        g.sub_((coef * h.float()).to(g.dtype))
 
 
 def anchor_features(zs_t: Tensor, missing: Tensor, f_x: Tensor, labels: Tensor) -> Tensor:

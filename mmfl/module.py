@@ -15,7 +15,7 @@ from mmfl.backbone import Backbone
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local, qualify
-from mmfl.knowledge import KnowledgeGuidance, anchor_features, total
+from mmfl.knowledge import KnowledgeGuidance, anchor_features, prograd_project, total, zero_shot_kl
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
 from mmfl.trainer import _placement, make_trainer, quiet_lightning  # noqa: F401  (their home was this module)
@@ -94,6 +94,7 @@ class ClientModule(L.LightningModule):
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
         self.knowledge = knowledge if knowledge is not None and knowledge.active else None
+        self._prograd_ref: list[Tensor] | None = None  # the zero-shot KL's gradient of this step (ProGrad)
         self._anchor_source: Tensor | None = None  # [C, D], set at each fit's start (anchor_source: merged)
         self.held_classes: list[int] | None = None
         """The labels of this client's training data (set by a simulation); the others get synthetic anchors when
@@ -261,6 +262,12 @@ class ClientModule(L.LightningModule):
         zs_x = self.frozen_input_features(x, encoded) if k.needs_frozen_input else None
         scale = self.backbone.logit_scale.exp()
         extra = total(k.terms(f_t, zs_t, logits, f_x, zs_x, scale))
+        if k.prograd > 0:  # the zero-shot KL's gradient, kept for on_after_backward's projection
+            assert zs_x is not None
+            params = [p for p in self.parts.parameters() if p.requires_grad]
+            kl = zero_shot_kl(logits, zs_x, zs_t, scale)
+            ref = torch.autograd.grad(kl, params, retain_graph=True, allow_unused=True)
+            self._prograd_ref = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ref, strict=True)]
         if k.anchors > 0 and self.held_classes is not None:
             missing = sorted(set(range(len(self.class_names))) - set(self.held_classes))
             if missing:
@@ -273,6 +280,17 @@ class ClientModule(L.LightningModule):
                     a_logits = scale * a @ f_t.t()  # [M, C]
                 extra = extra + k.anchors * F.cross_entropy(a_logits.float(), m)
         return extra
+
+    def on_after_backward(self) -> None:
+        """ProGrad (``knowledge.prograd``): remove the part of this step's gradient that contradicts the zero-shot
+        prediction (:func:`mmfl.knowledge.prograd_project`)."""
+        ref, self._prograd_ref = self._prograd_ref, None
+        if ref is None or self.knowledge is None:
+            return
+        params = [p for p in self.parts.parameters() if p.requires_grad]
+        # a tensor the loss does not reach has no gradient, and the logits' KL does not reach it either
+        pairs = [(p.grad, h) for p, h in zip(params, ref, strict=True) if p.grad is not None]
+        prograd_project([g for g, _ in pairs], [h for _, h in pairs], self.knowledge.prograd)
 
     def on_train_start(self) -> None:
         """With ``knowledge.anchor_source: merged``, fix the class features the anchors are made from: those of the

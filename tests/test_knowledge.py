@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmfl.backbone import Backbone
 from mmfl.data import SklearnDigits, Task, make_loader, prepare_task
-from mmfl.knowledge import KnowledgeGuidance, anchor_features, total
+from mmfl.knowledge import KnowledgeGuidance, anchor_features, prograd_project, total
 from mmfl.modalities import get_modality
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
 from mmfl.prompts import CoOp, VisualPromptTokens
@@ -146,6 +146,47 @@ def test_anchors_train_the_classes_a_client_lacks(tiny_backbone: Backbone) -> No
     assert m._guidance(x, y, None, f_x, f_t, logits) == 0.0
     m.held_classes = None  # not told which classes it holds (outside a simulation): no anchors
     assert m._guidance(x, y, None, f_x, f_t, logits) == 0.0
+
+
+def test_prograd_projection_by_hand() -> None:
+    g, h = [torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])]  # g·h = −1, ‖h‖² = 2
+    prograd_project(g, h, 1.0)
+    assert torch.allclose(g[0], torch.tensor([0.5, 0.5]))  # g + ½h: orthogonal to h
+    g = [torch.tensor([1.0, 0.0])]
+    prograd_project(g, h, 0.5)
+    assert torch.allclose(g[0], torch.tensor([0.75, 0.25]))  # half the conflicting component removed
+    g = [torch.tensor([1.0, 0.0])]
+    prograd_project(g, [torch.tensor([1.0, 1.0])], 1.0)
+    assert torch.equal(g[0], torch.tensor([1.0, 0.0]))  # no conflict: unchanged
+    # over all tensors together: g·h = 1·(−1) + 2·0 = −1, ‖h‖² = 1
+    g2 = [torch.tensor([1.0]), torch.tensor([2.0])]
+    prograd_project(g2, [torch.tensor([-1.0]), torch.tensor([0.0])], 1.0)
+    assert torch.allclose(torch.cat(g2), torch.tensor([0.0, 2.0]))
+
+
+def test_prograd_removes_the_step_gradients_conflict_with_the_zero_shot_prediction(tiny_backbone: Backbone) -> None:
+    names = ["cat", "dog", "bird"]
+    coop = CoOp(tiny_backbone, names, n_ctx=2)
+    m = ClientModule(
+        tiny_backbone, get_modality("image"), "pets", names, [coop], knowledge=KnowledgeGuidance(prograd=1.0)
+    )
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():  # labels where the learned prediction exceeds the zero-shot one: the gradients conflict
+        zs = tiny_backbone.logit_scale.exp() * m.frozen_input_features(x) @ m.hand_written_features().t()
+        y = (m(x).softmax(dim=1) - zs.softmax(dim=1)).argmax(dim=1)
+    m.on_train_epoch_start()
+    m.training_step({"image": x, "label": y}, 0).backward()
+    g, (h,) = coop.ctx.grad.clone(), m._prograd_ref
+    dot = (g * h).sum()
+    assert dot < 0
+    m.on_after_backward()
+    assert torch.allclose(coop.ctx.grad, g - dot / h.pow(2).sum() * h, atol=1e-7)
+    assert abs((coop.ctx.grad * h).sum().item()) < 1e-6 * g.norm().item() * h.norm().item()
+    assert m._prograd_ref is None  # used once
+    # inside a real Trainer the hook runs too: the run differs from the unguided one
+    plain, guided = _fit(tiny_backbone, None), _fit(tiny_backbone, KnowledgeGuidance(prograd=1.0))
+    assert not torch.equal(plain.parts["coop"].ctx, guided.parts["coop"].ctx)
 
 
 def test_merged_anchors_come_from_the_received_prompt_and_stay_fixed_during_local_training(
