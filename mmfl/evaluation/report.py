@@ -277,7 +277,7 @@ def plot_methods(out: Path, summary: dict, base_to_novel: bool) -> None:
     """``base_novel.png``: bars of mean base, novel and HM top-1 (over tasks) per method, with the seeds' std."""
     methods = ordered_methods(summary)
     bars = ["base", "novel", "hm"] if base_to_novel else ["base"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(methods)), 4))
     width = 0.8 / len(bars)
     for i, b in enumerate(bars):
         stats = [_get(summary[m], "means", b) or {"mean": math.nan, "std": 0.0} for m in methods]
@@ -290,7 +290,8 @@ def plot_methods(out: Path, summary: dict, base_to_novel: bool) -> None:
         )
     ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(methods))])
     short = {"zeroshot": "zero-shot\n(1 template)", "ensemble": "zero-shot\n(ensemble)"}
-    ax.set_xticklabels([short.get(m, m) for m in methods])
+    many = len(methods) > 5  # long variant names: slanted so they do not overlap
+    ax.set_xticklabels([short.get(m, m) for m in methods], rotation=20 if many else 0, ha="right" if many else "center")
     ax.set_ylabel("top-1 (%), mean over tasks")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
