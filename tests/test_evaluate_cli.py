@@ -179,7 +179,7 @@ def test_variants_are_trained_and_scored_beside_the_recipe_with_the_same_protoco
     each variant with what it changes."""
     recipe = tmp_path / "v.yaml"
     recipe.write_text(
-        B2N.replace("seeds: [0, 1]", "seeds: [0]\n  baselines: [zeroshot]")
+        B2N.replace("seeds: [0, 1]", "seeds: [0]\n  baselines: [zeroshot]").replace("mmfl-mini", "mmfl-tiny")
         + "  variants:\n"
         + "    - {name: same, knowledge: {text: 0}}\n"
         + "    - name: generator\n"
