@@ -192,6 +192,11 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
     (or continue the run of ``--resume``)."""
     init, tasks, federation = check_recipe(parser, cfg)
     protocol: Protocol = init.evaluation or Protocol()
+    if protocol.variants:
+        names = ", ".join(v.name for v in protocol.variants)
+        log.info(
+            "evaluation.variants (%s) are trained and scored by `mmfl evaluate`; `mmfl fit` trains the recipe", names
+        )
     if cfg.resume:
         out = check_resume(parser, cfg)
     else:
