@@ -114,7 +114,7 @@ class PromptGenerator(CoOp):
             raise ValueError(f"PromptGenerator: name_template={name_template!r} must contain '{{}}' for the name")
         self.cross = _Block(width, embed, heads, mult)
         self.blocks = nn.ModuleList(_Block(width, width, heads, mult) for _ in range(depth))
-        texts = [name_template.format(c.replace("_", " ")) for c in class_names]
+        texts = [name_template.replace("{}", c.replace("_", " ")) for c in class_names]
         with torch.no_grad():
             names = F.normalize(backbone.encode_text(backbone.tokenize(texts)).float(), dim=-1).cpu()  # [C, D]
         self.register_buffer("name_features", names, persistent=False)  # [C, D]
