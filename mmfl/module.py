@@ -94,7 +94,8 @@ class ClientModule(L.LightningModule):
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
         self.knowledge = knowledge if knowledge is not None and knowledge.active else None
-        self._prograd_ref: list[Tensor] | None = None  # the zero-shot KL's gradient of this step (ProGrad)
+        # (parameter, the zero-shot KL's gradient) of this step, for ProGrad's projection after the backward pass
+        self._prograd_ref: list[tuple[nn.Parameter, Tensor]] | None = None
         self._anchor_source: Tensor | None = None  # [C, D], set at each fit's start (anchor_source: merged)
         self.held_classes: list[int] | None = None
         """The labels of this client's training data (set by a simulation); the others get synthetic anchors when
@@ -267,7 +268,7 @@ class ClientModule(L.LightningModule):
             params = [p for p in self.parts.parameters() if p.requires_grad]
             kl = zero_shot_kl(logits, zs_x, zs_t, scale)
             ref = torch.autograd.grad(kl, params, retain_graph=True, allow_unused=True)
-            self._prograd_ref = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ref, strict=True)]
+            self._prograd_ref = [(p, h) for p, h in zip(params, ref, strict=True) if h is not None]
         if k.anchors > 0 and self.held_classes is not None:
             missing = sorted(set(range(len(self.class_names))) - set(self.held_classes))
             if missing:
@@ -287,9 +288,8 @@ class ClientModule(L.LightningModule):
         ref, self._prograd_ref = self._prograd_ref, None
         if ref is None or self.knowledge is None:
             return
-        params = [p for p in self.parts.parameters() if p.requires_grad]
-        # a tensor the loss does not reach has no gradient, and the logits' KL does not reach it either
-        pairs = [(p.grad, h) for p, h in zip(params, ref, strict=True) if p.grad is not None]
+        # the tensors the zero-shot KL reaches; the loss reaches them too (through the same logits)
+        pairs = [(p.grad, h) for p, h in ref if p.grad is not None]
         prograd_project([g for g, _ in pairs], [h for _, h in pairs], self.knowledge.prograd)
 
     def on_train_start(self) -> None:

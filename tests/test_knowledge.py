@@ -177,7 +177,9 @@ def test_prograd_removes_the_step_gradients_conflict_with_the_zero_shot_predicti
         y = (m(x).softmax(dim=1) - zs.softmax(dim=1)).argmax(dim=1)
     m.on_train_epoch_start()
     m.training_step({"image": x, "label": y}, 0).backward()
-    g, (h,) = coop.ctx.grad.clone(), m._prograd_ref
+    ((param, h),) = m._prograd_ref
+    assert param is coop.ctx
+    g = coop.ctx.grad.clone()
     dot = (g * h).sum()
     assert dot < 0
     m.on_after_backward()
