@@ -20,7 +20,7 @@ from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.simulation import Simulation, seed_all
 from mmfl.modalities import ModalityError, available_modalities
-from mmfl.recipe import check_recipe, check_resume, fit_parser, resume_argv
+from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_argv
 
 log = logging.getLogger("mmfl")
 
@@ -29,7 +29,7 @@ RUN_FILES = ("config.yaml", "metrics.csv", "global.safetensors")
 
 def zeroshot_parser() -> ArgumentParser:
     """Arguments of ``mmfl zeroshot``."""
-    p = ArgumentParser(description="Zero-shot top-1 with hand-written prompt templates.", allow_abbrev=False)
+    p = Parser(description="Zero-shot top-1 with hand-written prompt templates.", allow_abbrev=False)
     p.add_argument("--backbone", type=str, default="mmfl-mini", help="open_clip model name (or mmfl-mini)")
     p.add_argument("--pretrained", type=str | None, default=None, help="pretrained tag or checkpoint path")
     p.add_argument(
@@ -149,7 +149,7 @@ def run_zeroshot(cfg: Namespace) -> dict:
 
 def build_parser() -> ArgumentParser:
     """The top-level ``mmfl`` parser with its subcommands."""
-    parser = ArgumentParser(prog="mmfl", description=__doc__, allow_abbrev=False)
+    parser = Parser(prog="mmfl", description=__doc__, allow_abbrev=False)
     sub = parser.add_subcommands(required=True)
     sub.add_subcommand("fit", fit_parser(), help="train: a federation, or a centralised run")
     sub.add_subcommand(
@@ -164,7 +164,7 @@ def build_parser() -> ArgumentParser:
         help="write a Flower app folder that runs a recipe on Flower's simulation or deployment engine",
     )
     sub.add_subcommand("zeroshot", zeroshot_parser(), help="zero-shot top-1 of a backbone on a data set")
-    sub.add_subcommand("modalities", ArgumentParser(), help="list the registered modalities")
+    sub.add_subcommand("modalities", Parser(), help="list the registered modalities")
     return parser
 
 

@@ -4,7 +4,9 @@ before any data is loaded or model built, and the checks of ``--resume``."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
@@ -22,9 +24,23 @@ from mmfl.module import make_trainer, quiet_lightning
 log = logging.getLogger("mmfl")
 
 
+class Parser(ArgumentParser):
+    """jsonargparse's parser, with a command-line mistake reported in two lines — the error and where the accepted
+    options are listed — instead of the whole usage first (a recipe has ~30 lines of it)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print ``<prog>: error: <message>`` and the ``--help`` hint, then exit 2 (as argparse does)."""
+        if not self.exit_on_error:  # jsonargparse probes with errors turned into exceptions: keep its behaviour
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {message}\nRun `{prog} --help` for the accepted options.\n")
+        self.exit(2)
+
+
 def fit_parser() -> ArgumentParser:
     """The parser of a recipe: its keys mirror the constructors they configure."""
-    p = ArgumentParser(description="Run a federation (or a centralised run) from a YAML recipe.", allow_abbrev=False)
+    p = Parser(description="Run a federation (or a centralised run) from a YAML recipe.", allow_abbrev=False)
     p.add_argument("-c", "--config", action=ActionConfigFile, help="the recipe (YAML)")
     p.add_argument("--seed", type=int, default=0, help="seeds initial tensors, sampling, data order, training")
     p.add_argument(

@@ -139,8 +139,21 @@ def test_parse_errors_exit_2_naming_the_key(args, message, tmp_path, capsys, no_
     with pytest.raises(SystemExit) as e:
         _run("-c", str(RECIPES[0]), "--output_dir", str(tmp_path / "o"), *args)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Run `mmfl fit --help` for the accepted options." in err
+    assert "usage:" not in err  # the error, not ~30 lines of usage before it
     assert not (tmp_path / "o").exists()
+
+
+def test_a_mistyped_option_is_two_lines(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        _run("-c", str(RECIPES[0]), "--lrr", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert err == [
+        "mmfl fit: error: unrecognized arguments: --lrr 1",
+        "Run `mmfl fit --help` for the accepted options.",
+    ]
 
 
 def test_missing_recipe_file(tmp_path, capsys, no_backbone) -> None:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mmfl import cli
+from mmfl.federated.checkpoint import save_state
 
 # Everything a round depends on: a sampler (fraction < 1), a server optimizer with state (FedAvgM), personal
 # tensors (PromptFolio's local context), best-by-validation selection, AdamW, a Dirichlet split.
@@ -94,6 +95,41 @@ def _same(a: dict, b: dict) -> None:
             assert a[name].keys() == b[name].keys(), name
             for k in a[name]:
                 assert torch.equal(a[name][k], b[name][k]), f"{name}: {k} differs"
+
+
+def test_two_runs_of_one_recipe_and_seed_write_byte_identical_files(tmp_path: Path) -> None:
+    """Separate processes (each with its own hash seeds): the safetensors headers' metadata maps must come out in
+    one order, so a checksum of a run's files identifies its result."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    runs = [_fit("-c", str(recipe), "--output_dir", str(tmp_path / name), "--federation.rounds=2") for name in "ab"]
+    for p in runs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    names = ["global.safetensors", "checkpoint.safetensors", "best.safetensors", "metrics.csv"]
+    for name in names:
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        assert hashlib.sha256(a).hexdigest() == hashlib.sha256(b).hexdigest(), f"{name} differs"
+    with safe_open(tmp_path / "a" / "checkpoint.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert len(meta) > 5 and meta["round"] == "2"  # enough keys that a random order would show
+
+
+def test_canonical_header_sorts_the_metadata_and_keeps_the_tensors(tmp_path: Path) -> None:
+    meta = {f"k{i}": f"v{i}" for i in (5, 1, 9, 3, 7, 0, 8)} | {"é": 'quote " and\nnewline'}
+    state = {"b": torch.arange(3.0), "a": torch.ones(2, 2, dtype=torch.float16)}
+    files = []
+    for i in range(4):  # safetensors' map order changes from one map to the next, even in one process
+        save_state(tmp_path / f"{i}.safetensors", state, meta)
+        files.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    n = int.from_bytes(files[0][:8], "little")
+    assert n % 8 == 0  # the format's alignment
+    header = files[0][8 : 8 + n].decode()
+    assert header.index('"k0"') < header.index('"k1"') < header.index('"k9"') < header.index('"é"')
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata() == meta
+    back = load_file(tmp_path / "0.safetensors")
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
 @pytest.mark.slow
