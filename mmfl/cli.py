@@ -1,5 +1,5 @@
-"""The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]``, ``mmfl evaluate``, ``mmfl zeroshot``,
-``mmfl modalities``."""
+"""The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]``, ``mmfl evaluate``, ``mmfl plot RUN``,
+``mmfl zeroshot``, ``mmfl modalities``; ``-v`` shows everything, ``-q`` warnings only."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
+from mmfl import plots
 from mmfl.backbone import Backbone, check_backbone_args
 from mmfl.data.bundled import BUNDLED
 from mmfl.data.task import Task, check_task, prepare_task
@@ -24,7 +25,7 @@ from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_a
 
 log = logging.getLogger("mmfl")
 
-RUN_FILES = ("config.yaml", "metrics.csv", "global.safetensors")
+RUN_FILES = ("config.yaml", "metrics.csv", "global.safetensors", plots.PNG)
 
 
 def zeroshot_parser() -> ArgumentParser:
@@ -147,9 +148,20 @@ def run_zeroshot(cfg: Namespace) -> dict:
     return result
 
 
+def plot_parser() -> ArgumentParser:
+    """Arguments of ``mmfl plot``: the run folder."""
+    p = Parser(description="Redraw RUN/accuracy_per_round.png from RUN/metrics.csv.", allow_abbrev=False)
+    p.add_argument("run", type=str, help="a run folder written by `mmfl fit` (finished or still running)")
+    return p
+
+
 def build_parser() -> ArgumentParser:
     """The top-level ``mmfl`` parser with its subcommands."""
     parser = Parser(prog="mmfl", description=__doc__, allow_abbrev=False)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show everything: debug lines, other libraries' notices"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress lines")
     sub = parser.add_subcommands(required=True)
     sub.add_subcommand("fit", fit_parser(), help="train: a federation, or a centralised run")
     sub.add_subcommand(
@@ -164,6 +176,7 @@ def build_parser() -> ArgumentParser:
         help="write a Flower app folder that runs a recipe on Flower's simulation or deployment engine",
     )
     sub.add_subcommand("zeroshot", zeroshot_parser(), help="zero-shot top-1 of a backbone on a data set")
+    sub.add_subcommand("plot", plot_parser(), help="redraw a run's accuracy_per_round.png (finished or running)")
     sub.add_subcommand("modalities", Parser(), help="list the registered modalities")
     return parser
 
@@ -229,6 +242,7 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
     sim.attach_output(out)
     log.info("writing to %s", out)
     sim.run()
+    plots.plot_run(out)
     if sim.best_round is not None:
         log.info("best validation accuracy %.1f%% at round %d: best.safetensors", 100 * sim.best_score, sim.best_round)
     log.info("done: %s", ", ".join(str(out / f) for f in RUN_FILES))
@@ -255,27 +269,38 @@ def evaluate_command(parser: ArgumentParser, cfg: Namespace) -> dict:
     return summary
 
 
-def _setup_logging() -> None:
-    # mmfl's own progress at INFO; other libraries (open_clip logs on the root logger) at WARNING.
+VERBOSITY_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """mmfl's own progress at INFO, other libraries (open_clip logs on the root logger) at WARNING; ``verbose``:
+    mmfl at DEBUG, the others at INFO, nothing hidden (:mod:`mmfl.quiet`); ``quiet``: warnings and errors only."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("mmfl").setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("mmfl").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_warning()
+    datasets.logging.set_verbosity_info() if verbose else datasets.logging.set_verbosity_warning()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmfl`` command. Returns the exit status."""
-    _setup_logging()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    # -v / -q are the top-level parser's, and accepted anywhere on the line (`mmfl fit -c r.yaml -q`)
+    flags, argv = [a for a in argv if a in VERBOSITY_FLAGS], [a for a in argv if a not in VERBOSITY_FLAGS]
+    verbose, quiet = any(a in flags for a in ("-v", "--verbose")), any(a in flags for a in ("-q", "--quiet"))
+    if verbose and quiet:
+        print("mmfl: error: give -v (show everything) or -q (warnings only), not both", file=sys.stderr)
+        return 2
+    _setup_logging(verbose, quiet)
     resumed = resume_argv(argv)
     if resumed is not argv and not Path(resumed[2]).is_file():
         run = Path(resumed[2]).parent
         print(f"mmfl fit: error: --resume {str(run)!r}: no run there (no config.yaml)", file=sys.stderr)
         return 2
-    cfg = parser.parse_args(resumed)  # bad keys/types/files: prints the problem, exits 2
+    cfg = parser.parse_args(flags + resumed)  # bad keys/types/files: prints the problem, exits 2
     if cfg.subcommand == "modalities":
         for name, source in available_modalities().items():
             print(f"{name:<16} {source}")
@@ -284,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.subcommand == "zeroshot":
             run_zeroshot(cfg.zeroshot)
+            return 0
+        if cfg.subcommand == "plot":
+            log.info("wrote %s", plots.plot_run(cfg.plot.run))
             return 0
         if cfg.subcommand == "flower-app":
             write_flower_app(sub["flower-app"], cfg["flower-app"])

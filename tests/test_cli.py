@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.util
+import logging
 import re
 import shutil
 import subprocess
@@ -242,3 +243,18 @@ def test_console_script_lists_modalities() -> None:
     out = subprocess.run([str(exe), "modalities"], capture_output=True, text=True, timeout=120, check=True)
     rows = [line.split() for line in out.stdout.splitlines()]
     assert rows[:3] == [["audio", "mmfl"], ["image", "mmfl"], ["text", "mmfl"]]  # built in, sorted by name
+
+
+def test_quiet_and_verbose_flags_anywhere_on_the_line(tmp_path: Path, caplog, capsys) -> None:
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(SMALL)
+    caplog.set_level(logging.DEBUG)  # the handler takes everything; the loggers' own levels decide
+    assert _run("-c", str(recipe), "--output_dir", str(tmp_path / "q"), "--federation.rounds=1", "-q") == 0
+    assert not [r for r in caplog.records if r.name.startswith("mmfl") and r.levelno < logging.WARNING]
+    assert (tmp_path / "q" / "global.safetensors").is_file()
+    caplog.clear()
+    assert cli.main(["-v", "plot", str(tmp_path / "q")]) == 0
+    assert any(r.name == "mmfl" and "wrote" in r.getMessage() for r in caplog.records)
+    assert logging.getLogger("mmfl").isEnabledFor(logging.DEBUG)
+    assert cli.main(["plot", str(tmp_path / "q"), "-v", "--quiet"]) == 2
+    assert "give -v (show everything) or -q (warnings only), not both" in capsys.readouterr().err

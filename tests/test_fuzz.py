@@ -147,7 +147,7 @@ def test_any_recipe_runs_or_fails_with_one_clear_error(doc: dict, tmp_path_facto
     recipe.write_text(yaml.safe_dump(doc))
     try:
         code = cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp / "run"), "--federation.rounds=1"])
-    except SystemExit as e:  # the argument parser's own report: usage + one error line, exit 2
+    except SystemExit as e:  # the argument parser's own report: the error and the --help hint, exit 2
         code = e.code
     err = capsys.readouterr().err
     event(f"exit {code}")

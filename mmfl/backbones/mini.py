@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mmfl.backbones import cache_dir
 from mmfl.backbones.build_mini import PROJ_FILE, PROJ_KEY
+from mmfl.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,10 @@ def assemble_state_dict() -> dict[str, Tensor]:
     """Build the model with open_clip's factory (MiniLM weights from its package), load Lite0 into the
     trunk in order, and the committed projection into the text tower. Returns the full state dict."""
     register()
-    model = open_clip.create_model(NAME, pretrained=None)  # HF tower: pretrained MiniLM from the package
+    # HF tower: pretrained MiniLM from the package. Expected here, and hidden: transformers' load report (MiniLM's
+    # unused pooler) and open_clip's notice that only the text tower was loaded (the trunk is filled below)
+    with quiet_third_party("initialized partially"):
+        model = open_clip.create_model(NAME, pretrained=None)
     trunk = model.visual.trunk
     src = [
         (k, v)

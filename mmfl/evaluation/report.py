@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import defaultdict
@@ -12,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
+
+from mmfl import plots
 
 METHOD_NAMES = {
     "zeroshot": "zero-shot (one template)",
@@ -244,33 +245,7 @@ def add_means(results: dict) -> dict:
 def plot_rounds(out: Path, metrics_files: list[Path]) -> None:
     """``accuracy_per_round.png``: the federated runs' test accuracy per round, per task and modality (mean over
     seeds; novel classes dashed)."""
-    curves: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for f in metrics_files:
-        with f.open() as fh:
-            for r in csv.DictReader(fh):
-                if r["level"] == "task" and r["split"] in ("test", "test_novel"):
-                    key = (f"{r['task']}/{r['modality']}", r["split"])
-                    curves[key][int(r["round"])].append(float(r["accuracy"]))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    b2n = any(s == "test_novel" for _, s in curves)
-    for (name, split), pts in sorted(curves.items()):
-        xs = sorted(pts)
-        ax.plot(
-            xs,
-            [100 * sum(pts[x]) / len(pts[x]) for x in xs],
-            marker="o",
-            linestyle="--" if split == "test_novel" else "-",
-            label=f"{name} {'novel' if split == 'test_novel' else 'base' if b2n else ''}".strip(),
-        )
-    ax.set_xlabel("round (0 = before training)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Accuracy per round (federated, mean over seeds)")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_per_round.png", dpi=100)
-    plt.close(fig)
+    plots.plot_rounds(out / plots.PNG, metrics_files, "Accuracy per round (federated, mean over seeds)")
 
 
 def plot_methods(out: Path, summary: dict, base_to_novel: bool) -> None:
