@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
@@ -20,6 +21,7 @@ from mmfl.evaluation.zeroshot import resolve_data, zero_shot
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.simulation import Simulation, seed_all
+from mmfl.federated.summary import run_summary
 from mmfl.modalities import ModalityError, available_modalities
 from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_argv
 
@@ -241,8 +243,10 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
         parser.save(cfg, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
     sim.attach_output(out)
     log.info("writing to %s", out)
+    t0 = time.monotonic()
     sim.run()
     plots.plot_run(out)
+    log.info("summary:\n%s", run_summary(sim.metrics.rows, sim.best_round, time.monotonic() - t0))
     if sim.best_round is not None:
         log.info("best validation accuracy %.1f%% at round %d: best.safetensors", 100 * sim.best_score, sim.best_round)
     log.info("done: %s", ", ".join(str(out / f) for f in RUN_FILES))

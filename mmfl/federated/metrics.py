@@ -9,7 +9,8 @@ from pathlib import Path
 
 COLUMNS = ["round", "level", "task", "modality", "client", "split", "loss", "accuracy", "examples", "value", "note"]
 """``value``: a number that is neither a loss nor an accuracy (ε of ``privacy`` rows, the update norm of ``fit``
-rows); ``note``: why a client was left out (``fit_failed`` rows)."""
+rows, the bytes its clients sent of ``traffic`` rows, whose ``examples`` counts those clients); ``note``: why a
+client was left out (``fit_failed`` rows)."""
 
 
 class MetricsWriter:

@@ -107,6 +107,7 @@ class Rounds:
                     0,
                     note=failed[c.data.cid],
                 )
+        self._record_traffic(rnd, sampled, replies)
         if len(updates) < needed:
             self.metrics.rows = [r for r in self.metrics.rows if r["round"] != rnd]  # the round did not happen
             reasons = "; ".join(f"{cid}: {why}" for cid, why in failed.items())
@@ -119,6 +120,19 @@ class Rounds:
         if self.output_dir is not None:
             self.save_local_states(sampled, rnd)
         return merged
+
+    def _record_traffic(self, rnd: int, sampled: Sequence[_Client], replies: dict[str, tuple[Update, dict]]) -> None:
+        """One ``traffic`` row per (task, modality) that replied: how many clients sent, and the bytes of the tensors
+        they sent (as held: fp32 unless a part keeps another dtype)."""
+        sent: dict[tuple[str, str], list[int]] = {}
+        for c in sampled:
+            if c.data.cid in replies:
+                n = sum(v.numel() * v.element_size() for v in replies[c.data.cid][0].state.values())
+                row = sent.setdefault((c.task.name, c.task.modality), [0, 0])
+                row[0] += 1
+                row[1] += n
+        for (task, modality), (clients, nbytes) in sent.items():
+            self.metrics.add(rnd, "traffic", task, modality, "", "sent", math.nan, math.nan, clients, value=nbytes)
 
     def merge(self, rnd: int, updates: Sequence[Update], sampled: int) -> dict[str, Tensor]:
         """Clip (``clip_norm`` or DP), merge each key over its scope group, add DP noise and record ε, mix the keys

@@ -1,4 +1,5 @@
-"""Pictures of a run: ``mmfl fit`` draws accuracy_per_round.png from its metrics.csv; ``mmfl plot`` redraws it."""
+"""What a run leaves for a person: accuracy_per_round.png drawn from metrics.csv (``mmfl plot`` redraws it), the
+bytes its clients sent, and the summary table it ends with."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+from safetensors.torch import load_file
 
 from mmfl import cli, plots
+from mmfl.federated.summary import human_bytes, run_summary
 
 RECIPE = (
     "backbone: {model_name: mmfl-tiny}\n"
@@ -64,3 +67,42 @@ def test_plot_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "holds no test accuracy yet" in capsys.readouterr().err
     assert not (tmp_path / plots.PNG).exists()
+
+
+def test_traffic_rows_count_the_bytes_of_every_reply(run: Path) -> None:
+    state = load_file(run / "global.safetensors")
+    per_client = sum(v.numel() * v.element_size() for v in state.values())  # what a digits client sends
+    traffic = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["level"] == "traffic"]
+    assert [(r["round"], r["task"], r["split"], r["examples"]) for r in traffic] == [
+        ("1", "digits", "sent", "2"),
+        ("2", "digits", "sent", "2"),
+    ]
+    assert all(float(r["value"]) == 2 * per_client for r in traffic)
+
+
+def _row(rnd, level, task, split, acc=float("nan"), value=float("nan")) -> dict:
+    return {"round": rnd, "level": level, "task": task, "modality": "image", "split": split, "accuracy": acc,
+            "value": value}  # fmt: skip
+
+
+def test_summary_table_against_hand_written_rows() -> None:
+    rows = [
+        _row(0, "task", "digits", "test", 0.1),
+        _row(0, "task", "digits", "test_novel", 0.2),
+        _row(1, "client", "digits", "fit", 0.9),  # a client's row: not in the table
+        _row(1, "traffic", "digits", "sent", value=1500),
+        _row(1, "task", "digits", "test", 0.5),
+        _row(1, "task", "digits", "test_novel", 0.25),
+        _row(2, "traffic", "digits", "sent", value=998_500),
+        _row(2, "task", "digits", "test", 0.4),
+        _row(2, "task", "digits", "test_novel", 0.3),
+    ]
+    lines = run_summary(rows, best_round=1, seconds=75).splitlines()
+    assert lines[0].split() == ["task/modality", "zero-shot", "final", "best", "round", "bytes", "sent"]
+    assert lines[2].split() == ["digits/image", "10.0%", "40.0%", "(round", "2)", "1", "(50.0%)", "1.0", "MB"]
+    assert lines[3].split() == ["digits/image", "novel", "20.0%", "30.0%", "(round", "2)", "1", "(25.0%)"]
+    assert lines[4] == "sent by all clients: 1.0 MB; wall time 1 min 15 s"
+    assert "validation" in lines[5]
+    no_val = run_summary(rows[:5], best_round=None, seconds=2.25).splitlines()
+    assert no_val[2].split()[-3:] == ["—", "1.5", "kB"] and no_val[-1].endswith("wall time 2.2 s")
+    assert [human_bytes(n) for n in (999, 1000, 2.5e9, 7e12)] == ["999 B", "1.0 kB", "2.5 GB", "7000.0 GB"]

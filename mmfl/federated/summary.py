@@ -1,0 +1,60 @@
+"""The table a run ends with: per task and modality, zero-shot → final test accuracy, best round, bytes sent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` → ``'1.2 MB'`` (decimal units, as network traffic is counted)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) -> str:
+    """A plain-text table from a run's metric rows (``metrics.csv``'s), one line per task, modality and test split.
+
+    Args:
+        rows: the run's metric rows.
+        best_round: the round picked by validation (None: no validation split; the last round is used).
+        seconds: this invocation's wall time.
+    """
+    acc: dict[tuple[str, str], dict[int, float]] = {}
+    sent: dict[tuple[str, str], float] = {}
+    for r in rows:
+        name = f"{r['task']}/{r['modality']}"
+        if r["level"] == "task" and r["split"] in ("test", "test_novel"):
+            key = (name, "novel" if r["split"] == "test_novel" else "")
+            acc.setdefault(key, {})[int(r["round"])] = float(r["accuracy"])
+        elif r["level"] == "traffic":
+            sent[name] = sent.get(name, 0.0) + float(r["value"])
+    header = ["task/modality", "zero-shot", "final", "best round", "bytes sent"]
+    table = [header]
+    for (name, split), by_round in acc.items():
+        last = max(by_round)
+        best = "—"
+        if best_round is not None:
+            best = f"{best_round} ({100 * by_round[best_round]:.1f}%)" if best_round in by_round else str(best_round)
+        zs = f"{100 * by_round[0]:.1f}%" if 0 in by_round else "—"
+        table.append(
+            [
+                f"{name} {split}".strip(),
+                zs,
+                f"{100 * by_round[last]:.1f}% (round {last})",
+                best,
+                "" if split else human_bytes(sent.get(name, 0.0)),  # novel classes: the same clients, counted once
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    total = sum(sent.values())
+    minutes, secs = divmod(seconds, 60)
+    wall = f"{int(minutes)} min {secs:.0f} s" if minutes >= 1 else f"{secs:.1f} s"
+    lines.append(f"sent by all clients: {human_bytes(total)}; wall time {wall}")
+    if best_round is not None:
+        lines.append("best round: the round validation selected (its test accuracy in brackets)")
+    return "\n".join(lines)
