@@ -23,6 +23,7 @@ from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.simulation import Simulation, seed_all
 from mmfl.federated.summary import run_summary
 from mmfl.modalities import ModalityError, available_modalities
+from mmfl.progress import progress_for
 from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_argv
 
 log = logging.getLogger("mmfl")
@@ -244,6 +245,7 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
     sim.attach_output(out)
     log.info("writing to %s", out)
     t0 = time.monotonic()
+    sim.progress = progress_for(quiet=not log.isEnabledFor(logging.INFO))  # a live display on a terminal
     sim.run()
     plots.plot_run(out)
     log.info("summary:\n%s", run_summary(sim.metrics.rows, sim.best_round, time.monotonic() - t0))

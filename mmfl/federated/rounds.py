@@ -72,6 +72,8 @@ class Rounds:
                 if c.data.cid in replies or (attempt and c.data.cid not in failed):
                     continue
                 update, m, why = self.try_client(c, rnd)
+                if not attempt:  # retries do not move the bar: it counts the sampled clients once
+                    self.progress.client_done()
                 if update is None:
                     failed[c.data.cid] = why
                 else:

@@ -27,6 +27,7 @@ from mmfl.federated.rounds import Rounds
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
 from mmfl.federated.task_eval import TaskEvaluation
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
+from mmfl.progress import NoProgress
 from mmfl.prompts.base import TrainablePart
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class Simulation(Rounds, TaskEvaluation):
         start_together(self.mixing, self.global_state)
         self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
         self.completed: int | None = None  # the last completed round (0: the evaluation before training)
+        self.progress: NoProgress = NoProgress()
+        """Told of each round and client as they finish (:func:`mmfl.progress.progress_for`: a live display)."""
         self._evaluators: dict[str, ClientModule] = {}
         for task in self.tasks:  # built now, so their initial (local) tensors do not depend on when they are needed
             self.evaluator(task)
@@ -286,7 +289,7 @@ class Simulation(Rounds, TaskEvaluation):
             return None
         return restore(self, load_checkpoint(path))
 
-    def _end_round(self, rnd: int, started: float, msg: str) -> None:
+    def _end_round(self, rnd: int, started: float, msg: str, eta: str = "") -> None:
         self.metrics.flush()
         if self.output_dir is not None:
             if rnd > 0:
@@ -297,7 +300,8 @@ class Simulation(Rounds, TaskEvaluation):
                 )
             save_checkpoint(self, rnd)  # the commit point: a resumed run continues after this round
         self.completed = rnd
-        log.info("%s (%.1f s)", msg, time.perf_counter() - started)
+        self.progress.round_end(rnd)
+        log.info("%s (%.1f s%s)", msg, time.perf_counter() - started, eta)
 
     def run(self) -> dict[str, Tensor]:
         """Run all rounds (evaluating before round 1 and every ``eval_every`` rounds), continuing after
@@ -311,24 +315,39 @@ class Simulation(Rounds, TaskEvaluation):
             RoundFailed: a round had fewer than ``min_clients`` successful clients, even after the retries.
         """
         rounds = self.federation.rounds
-        with quiet_lightning():
-            if self.completed is None:
-                t0 = time.perf_counter()
-                accs = self.evaluate_tasks(0)
-                self._end_round(0, t0, f"round 0/{rounds} (before training): test accuracy {_fmt(accs)}")
-            elif self.completed < rounds:
-                log.info("resuming after round %d of %d", self.completed, rounds)
-            for rnd in range(self.completed + 1, rounds + 1):
-                t0 = time.perf_counter()
-                n = len(self.sample(rnd))
-                self.run_round(rnd)
-                fit_loss = self.metrics.mean(rnd, "fit", "loss")
-                msg = f"round {rnd}/{rounds}: {n}/{len(self.clients)} clients sampled, fit loss {fit_loss:.4f}"
-                if rnd % self.federation.eval_every == 0 or rnd == rounds:
-                    accs = self.evaluate_tasks(rnd)
-                    msg += f", test accuracy {_fmt(accs)}"
-                self._end_round(rnd, t0, msg)
+        self.progress.start(self.completed or 0, rounds)
+        try:
+            with quiet_lightning():
+                if self.completed is None:
+                    t0 = time.perf_counter()
+                    self.progress.round_start(0, 1)
+                    accs = self.evaluate_tasks(0)
+                    self._end_round(0, t0, f"round 0/{rounds} (before training): test accuracy {_fmt(accs)}")
+                elif self.completed < rounds:
+                    log.info("resuming after round %d of %d", self.completed, rounds)
+                first, t_first = self.completed + 1, time.perf_counter()
+                for rnd in range(first, rounds + 1):
+                    t0 = time.perf_counter()
+                    n = len(self.sample(rnd))
+                    self.progress.round_start(rnd, n)
+                    self.run_round(rnd)
+                    fit_loss = self.metrics.mean(rnd, "fit", "loss")
+                    msg = f"round {rnd}/{rounds}: {n}/{len(self.clients)} clients sampled, fit loss {fit_loss:.4f}"
+                    if rnd % self.federation.eval_every == 0 or rnd == rounds:
+                        accs = self.evaluate_tasks(rnd)
+                        msg += f", test accuracy {_fmt(accs)}"
+                    left = (time.perf_counter() - t_first) / (rnd - first + 1) * (rounds - rnd)  # mean round so far
+                    self._end_round(rnd, t0, msg, f", ETA {_duration(left)}" if rnd < rounds else "")
+        finally:
+            self.progress.stop()
         return self.global_state
+
+
+def _duration(seconds: float) -> str:
+    """``75.2`` → ``'1 min 15 s'``; under a minute ``'12 s'``."""
+    m, sec = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min" if h else f"{m} min {sec} s" if m else f"{sec} s"
 
 
 def _fmt(accs: dict[str, float]) -> str:
