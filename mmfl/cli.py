@@ -20,6 +20,7 @@ from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT
+from mmfl.federated.run_loggers import build_loggers
 from mmfl.federated.simulation import Simulation, seed_all
 from mmfl.federated.summary import run_summary
 from mmfl.modalities import ModalityError, available_modalities
@@ -219,6 +220,7 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
         out = _output_dir(cfg)
         _check_output_dir(out, cfg.overwrite)
 
+    loggers = build_loggers(cfg.loggers, out)  # a bad entry is reported now, before any data or model
     prepared = [prepare_task(t, seed=cfg.seed, **protocol.split_args()) for t in tasks]
     seed_all(cfg.seed)  # random-weight backbones must come out the same for the same seed
     backbone = Backbone(**cfg.backbone.as_dict())
@@ -246,7 +248,14 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
     log.info("writing to %s", out)
     t0 = time.monotonic()
     sim.progress = progress_for(quiet=not log.isEnabledFor(logging.INFO))  # a live display on a terminal
-    sim.run()
+    sim.loggers = loggers
+    status = "failed"
+    try:
+        sim.run()
+        status = "success"
+    finally:
+        for lg in loggers:
+            lg.finalize(status)
     plots.plot_run(out)
     log.info("summary:\n%s", run_summary(sim.metrics.rows, sim.best_round, time.monotonic() - t0))
     if sim.best_round is not None:

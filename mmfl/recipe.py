@@ -67,6 +67,13 @@ def fit_parser() -> ArgumentParser:
     )
     p.add_class_arguments(LocalTraining, "training")
     p.add_argument(
+        "--loggers",
+        type=list[dict] | None,
+        default=None,
+        help="Lightning loggers for each round's metrics, the round as the step: [{class_path: TensorBoardLogger}, "
+        "{class_path: CSVLogger}, ...] (save_dir defaults to the run folder; mmfl fit only)",
+    )
+    p.add_argument(
         "--federation",
         type=Federation | None,
         default=None,

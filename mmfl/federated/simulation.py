@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from mmfl.backbone import Backbone
@@ -24,6 +25,7 @@ from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.mixing import MixRule, start_together
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
+from mmfl.federated.run_loggers import log_round
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
 from mmfl.federated.task_eval import TaskEvaluation
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
@@ -137,6 +139,8 @@ class Simulation(Rounds, TaskEvaluation):
         self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
         self.completed: int | None = None  # the last completed round (0: the evaluation before training)
         self.progress: NoProgress = NoProgress()
+        self.loggers: list[Logger] = []
+        """Lightning loggers that receive each round's metrics (recipe ``loggers``, :mod:`.run_loggers`)."""
         """Told of each round and client as they finish (:func:`mmfl.progress.progress_for`: a live display)."""
         self._evaluators: dict[str, ClientModule] = {}
         for task in self.tasks:  # built now, so their initial (local) tensors do not depend on when they are needed
@@ -300,6 +304,7 @@ class Simulation(Rounds, TaskEvaluation):
                 )
             save_checkpoint(self, rnd)  # the commit point: a resumed run continues after this round
         self.completed = rnd
+        log_round(self.loggers, self.metrics.rows, rnd)
         self.progress.round_end(rnd)
         log.info("%s (%.1f s%s)", msg, time.perf_counter() - started, eta)
 
