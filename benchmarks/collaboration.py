@@ -14,7 +14,7 @@ scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as f
     own 0.8:               ``mix(task_modality, BASE, own=0.8)``: each (task, modality) keeps 0.8 of its merge;
     others 0.1:            ``mix(task_modality, BASE, others=0.1)``: the other groups' examples count 0.1;
     similarity:            ``mix(task_modality, BASE, similarity)``: shares from the similarity of updates;
-    recipe:                the recipe's scopes as written (the default the README recommends).
+    recipe:                the recipe's scopes as written (the default docs/measurements.md recommends).
 
 ``--base modality`` takes ``modality`` as the base scope of every part whose own is wide (e.g. to share a scarce
 task's context with the other tasks of its modality only, where the recipe says ``global``).

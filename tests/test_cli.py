@@ -64,7 +64,10 @@ def test_every_recipe_runs_with_a_tiny_override(recipe: Path, tmp_path: Path) ->
     fits = [r for r in rows if r["split"] == "fit"]
     unseen = (cfg.get("evaluation") or {}).get("unseen_clients", 0)  # held out of training by the protocol
     assert len(fits) == sum(t["clients"] - unseen for t in cfg["tasks"])
-    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and int(r["examples"]) > 0 for r in rows)
+    scored = [r for r in rows if r["level"] != "traffic"]
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and int(r["examples"]) > 0 for r in scored)
+    traffic = [r for r in rows if r["level"] == "traffic"]  # one per (task, modality) that sent, in round 1
+    assert len(traffic) == len(tasks) and all(float(r["value"]) > 0 and int(r["examples"]) > 0 for r in traffic)
     state = load_file(out / "global.safetensors")
     key = re.compile(r"^(global|task/[^/]+|modality/[^/]+|task_modality/[^/]+/[^/]+)/[a-z_]+\.[\w.]+$")
     assert state and all(key.match(k) for k in state), list(state)  # scoped part tensors only

@@ -8,7 +8,7 @@ key of the federation, its tensor if it holds that key (zeros otherwise) and a o
 server receives ``A_k = Σ n_c·h_ck·θ_ck / Σ n_c`` and ``B_k = Σ n_c·h_ck / Σ n_c`` and sets ``θ_k = A_k / B_k``:
 exactly FedAvg over the clients of key k's scope group, without seeing any client's tensors.
 
-Consequences, stated in the README's "What is protected": the merge rule must be a mean (FedAvg, or FedAvgM on
+Consequences, stated in docs/reliability.md, "What is protected": the merge rule must be a mean (FedAvg, or FedAvgM on
 top of it); robust rules and the server's reply validation need individual updates, so they are unavailable;
 each client checks its own reply (finite values, ``|θ| ≤ clipping range``) and clips its own update when
 ``federation.clip_norm`` or ``federation.dp`` is set; the server adds the DP noise to the unmasked mean.

@@ -3,7 +3,7 @@ noise to each merged tensor at the server, and account for the privacy spent wit
 
 What is protected: the participation and data of any one client (a replaced client changes the released
 tensors by a bounded amount). The server itself sees each client's clipped update in the clear (central DP:
-the server is trusted); see the README's "What is protected" table.
+the server is trusted); see the "What is protected" table of docs/reliability.md.
 """
 
 from __future__ import annotations

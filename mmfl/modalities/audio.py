@@ -71,7 +71,7 @@ class AudioModality(Modality):
     resized to the vision tower's input and normalised like an image, so every image part applies
     (pixel prompts, VPT on ViTs, input adapters). The frozen tower knows images, not sounds: pair it
     with a trainable input-side part (e.g. ``ProjectionTuning(side=input, scope=modality)``) that
-    maps its features into the joint space, where the class prompts are. See the README for the
+    maps its features into the joint space, where the class prompts are. See docs/modalities.md for the
     measurement behind this choice.
 
     Args:

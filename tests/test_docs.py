@@ -1,0 +1,119 @@
+"""Every shell command the README and docs/ show is run here, in their order, with a tiny override, so the
+documentation cannot drift from the code. A block preceded by ``<!-- not run by tests/test_docs.py: why -->`` is
+left out (it needs network, a Flower deployment, or changes the environment; the reason says which test covers it).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmfl import cli
+
+ROOT = Path(__file__).parent.parent
+PAGES = ["README.md", *(f"docs/{p}.md" for p in ("recipes-and-parts", "reliability", "evaluation", "modalities"))]
+PAGES += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md") if str(p.relative_to(ROOT)) not in PAGES)
+SKIP = re.compile(r"<!-- not run by tests/test_docs\.py: (.+?) -->")
+FENCE = re.compile(r"^\s*```(\w*)\s*$")
+TINY = ["--backbone.model_name=mmfl-tiny", "--federation.rounds=1", "--training.max_steps=1"]
+
+
+def shown_commands() -> list[tuple[str, str]]:
+    """(page, command line) for every line of every bash block, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    for page in PAGES:
+        lines = (ROOT / page).read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            m = FENCE.match(lines[i])
+            if not m:
+                i += 1
+                continue
+            skipped = i > 0 and SKIP.search(lines[i - 1]) is not None
+            j = i + 1
+            while not FENCE.match(lines[j]):
+                j += 1
+            if m.group(1) in ("bash", "sh") and not skipped:
+                text = "\n".join(lines[i + 1 : j]).replace("\\\n", " ")
+                for line in text.splitlines():
+                    cmd = shlex.split(line, comments=True)
+                    if cmd:
+                        out.append((page, " ".join(cmd)))
+            i = j + 1
+    return out
+
+
+def _once(commands: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each command once, where it is first shown: a second `fit --output_dir runs/qs` would find the first's run."""
+    seen: set[str] = set()
+    return [(p, c) for p, c in commands if not (c in seen or seen.add(c))]
+
+
+COMMANDS = _once(shown_commands())
+
+
+def test_the_documentation_shows_commands_and_marks_every_block_it_leaves_out() -> None:
+    assert len(COMMANDS) >= 12
+    for page in PAGES:
+        for reason in SKIP.findall((ROOT / page).read_text()):
+            assert "test" in reason or "network" in reason, f"{page}: say which test covers it: {reason!r}"
+
+
+def _argv(cmd: str) -> list[str] | None:
+    """The ``mmfl`` arguments of a shown command with the tiny override (None: a command the suite itself is)."""
+    words = shlex.split(cmd)
+    if words[0] == "make":
+        if words[1] == "test":
+            return None  # this suite
+        recipe = re.search(rf"^{words[1]}:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M)
+        assert recipe, f"Makefile has no target {words[1]}"
+        words = shlex.split(recipe.group(1).replace("$(BIN)/", ".venv/bin/"))
+    assert words[0] in (".venv/bin/mmfl", "mmfl"), f"a shown command this test cannot run: {cmd!r}"
+    args = [w.replace("$PWD/", "") for w in words[1:]]
+    sub = args[0]
+    if sub in ("fit", "evaluate") and "--help" not in args:
+        if "--resume" in args:  # only the rounds may change on resume: keep them few
+            args = [re.sub(r"^--federation\.rounds=\d+$", "--federation.rounds=2", a) for a in args]
+        elif not any(a.endswith("config.yaml") for a in args):  # a run's own config is already tiny
+            args += TINY
+        if sub == "evaluate":
+            args += ["--evaluation.seeds=[0]"]
+    if sub == "zeroshot":
+        args += ["--limit", "20"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where the commands run as in the repository: recipes/ and examples/ at hand, runs/ written here,
+    and the folder of class sub-folders that `--data path/to/folder` stands for."""
+    wd = tmp_path_factory.mktemp("docs")
+    for name in ("recipes", "examples", "Makefile"):
+        (wd / name).symlink_to(ROOT / name)
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (wd / "path/to/folder" / cls).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                wd / f"path/to/folder/{cls}/{k}.png"
+            )
+    return wd
+
+
+@pytest.mark.parametrize(("page", "cmd"), COMMANDS, ids=[f"{p}: {c[:60]}" for p, c in COMMANDS])
+def test_a_shown_command_runs(page: str, cmd: str, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    argv = _argv(cmd)
+    if argv is None:
+        pytest.skip("`make test` is this suite")
+    monkeypatch.chdir(workdir)
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # --help
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 0, f"{page}: {cmd!r} (run as mmfl {' '.join(argv)}) exited {code}: {err[-2000:]}"
