@@ -117,3 +117,22 @@ def test_a_shown_command_runs(page: str, cmd: str, workdir: Path, monkeypatch: p
         code = e.code
     err = capsys.readouterr().err
     assert code == 0, f"{page}: {cmd!r} (run as mmfl {' '.join(argv)}) exited {code}: {err[-2000:]}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_and_anchor_resolves() -> None:
+    pages = ["README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", (ROOT / page).read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (ROOT / page).parent / path if path else ROOT / page
+            assert file.exists(), f"{page}: link to {target!r}: no such file"
+            if anchor and file.suffix == ".md":
+                heads = {_anchor(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}
+                assert anchor in heads, f"{page}: link to {target!r}: no such heading"
