@@ -32,7 +32,7 @@ class RichProgress(NoProgress):
     """Two bars on the terminal of ``stream`` (stderr by default): the rounds, and the clients of the current
     round. While it shows, log lines written to that stream appear above the bars."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, label: str = "") -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -56,7 +56,7 @@ class RichProgress(NoProgress):
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        self._rounds = self.bars.add_task("rounds", total=1, visible=False)
+        self._rounds = self.bars.add_task(f"{label} rounds".strip(), total=1, visible=False)
         self._clients = self.bars.add_task("clients", total=1, visible=False)
         self._handlers: list[tuple[logging.StreamHandler, IO[str]]] = []
 
@@ -102,9 +102,10 @@ class _ConsoleWriter:
         """Nothing buffered."""
 
 
-def progress_for(stream: IO[str] | None = None, quiet: bool = False) -> NoProgress:
-    """A live display when ``stream`` (stderr) is a terminal and not ``quiet``; else the silent one."""
+def progress_for(stream: IO[str] | None = None, quiet: bool = False, label: str = "") -> NoProgress:
+    """A live display when ``stream`` (stderr) is a terminal and not ``quiet``; else the silent one. ``label``
+    names the run on the rounds bar (``mmfl evaluate``: the seed and method)."""
     stream = stream or sys.stderr
     if quiet or not stream.isatty():
         return NoProgress()
-    return RichProgress(stream)
+    return RichProgress(stream, label)

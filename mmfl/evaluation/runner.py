@@ -24,6 +24,7 @@ from mmfl.federated.scopes import is_local
 from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation
 from mmfl.modalities import get_modality_class
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
+from mmfl.progress import progress_for
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ def run_seed(
     def train(label: str, sim: Simulation) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         sim.attach_output(out / f"seed_{seed}" / label)
         log.info("seed %d: training %s (%d clients, %d rounds)", seed, label, len(sim.clients), federation.rounds)
+        sim.progress = progress_for(quiet=not log.isEnabledFor(logging.INFO), label=f"seed {seed}, {label}:")
         sim.run()
         facts[f"{label}_selected_round"] = sim.best_round if protocol.selection == "best_val" else federation.rounds
         return sim.selected()
