@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from mmfl import cli
+from mmfl.data.wordnet import WORDNET_DIR
 
 ROOT = Path(__file__).parent.parent
 PAGES = ["README.md", *(f"docs/{p}.md" for p in ("recipes-and-parts", "reliability", "evaluation", "modalities"))]
@@ -56,6 +57,27 @@ def _once(commands: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 COMMANDS = _once(shown_commands())
 
+PLACEHOLDERS = {"RUN": "runs/quickstart", "NAME": "animals", "RECIPE": "recipes/quickstart.yaml"}
+
+
+def inline_commands() -> list[tuple[str, str]]:
+    """(page, command) for the commands quoted in the prose (`mmfl ...`) that are whole commands: a recipe, a run,
+    a data set or --help given (a bare `mmfl fit` names the command, it is not one to run). Placeholders get
+    values, optional ``[...]`` parts are dropped."""
+    out = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", (ROOT / page).read_text(), flags=re.S)
+        for m in re.finditer(r"`((?:\.venv/bin/)?mmfl [^`]+)`", text):
+            cmd = " ".join(re.sub(r"\s\[[^\]]*\]", "", m.group(1)).split()).removeprefix(".venv/bin/")
+            words = [PLACEHOLDERS.get(w, w) for w in cmd.split()]
+            if "..." in words or not ({"-c", "--resume", "--data", "--help", "plot", "modalities"} & set(words)):
+                continue
+            out.append((page, " ".join(words)))
+    return out
+
+
+INLINE = [(p, c) for p, c in _once(inline_commands()) if f".venv/bin/{c}" not in {c2 for _, c2 in COMMANDS}]
+
 
 def test_the_documentation_shows_commands_and_marks_every_block_it_leaves_out() -> None:
     assert len(COMMANDS) >= 12
@@ -76,6 +98,8 @@ def _argv(cmd: str) -> list[str] | None:
     assert words[0] in (".venv/bin/mmfl", "mmfl"), f"a shown command this test cannot run: {cmd!r}"
     args = [w.replace("$PWD/", "") for w in words[1:]]
     sub = args[0]
+    if sub in ("fit", "evaluate") and "--help" not in args and "--resume" not in args and "--output_dir" not in args:
+        args += ["--output_dir", f"runs/inline/{len(list(Path('runs/inline').glob('*')))}"]  # a fresh folder each
     if sub in ("fit", "evaluate") and "--help" not in args:
         if "--resume" in args:  # only the rounds may change on resume: keep them few
             args = [re.sub(r"^--federation\.rounds=\d+$", "--federation.rounds=2", a) for a in args]
@@ -105,18 +129,30 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wd
 
 
-@pytest.mark.parametrize(("page", "cmd"), COMMANDS, ids=[f"{p}: {c[:60]}" for p, c in COMMANDS])
-def test_a_shown_command_runs(page: str, cmd: str, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def _run_shown(page: str, cmd: str, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    if "--data glosses" in cmd and not Path(WORDNET_DIR, "data.noun").is_file():
+        pytest.skip("WordNet (Debian wordnet-base) is not installed")
+    monkeypatch.chdir(workdir)
     argv = _argv(cmd)
     if argv is None:
         pytest.skip("`make test` is this suite")
-    monkeypatch.chdir(workdir)
     try:
         code = cli.main(argv)
     except SystemExit as e:  # --help
         code = e.code
     err = capsys.readouterr().err
     assert code == 0, f"{page}: {cmd!r} (run as mmfl {' '.join(argv)}) exited {code}: {err[-2000:]}"
+
+
+@pytest.mark.parametrize(("page", "cmd"), COMMANDS, ids=[f"{p}: {c[:60]}" for p, c in COMMANDS])
+def test_a_shown_command_runs(page: str, cmd: str, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    _run_shown(page, cmd, workdir, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("page", "cmd"), INLINE, ids=[f"{p}: {c[:60]}" for p, c in INLINE])
+def test_a_command_quoted_in_the_prose_runs(page, cmd, workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """After the shown commands (the runs they write, e.g. runs/quickstart, are what the prose refers to)."""
+    _run_shown(page, cmd, workdir, monkeypatch, capsys)
 
 
 def _anchor(heading: str) -> str:
