@@ -5,15 +5,22 @@ left out (it needs network, a Flower deployment, or changes the environment; the
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mmfl import cli
+from mmfl.backbones.build_mini import PROJ_FILE
 from mmfl.data.wordnet import WORDNET_DIR
 
 ROOT = Path(__file__).parent.parent
@@ -172,3 +179,50 @@ def test_every_relative_link_and_anchor_resolves() -> None:
             if anchor and file.suffix == ".md":
                 heads = {_anchor(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}
                 assert anchor in heads, f"{page}: link to {target!r}: no such heading"
+
+
+# The benchmarks the prose quotes: measured runs of minutes. Each is either smoke-tested in tests/test_benchmarks.py
+# (named here) or run below with a tiny override.
+BENCH_TESTS = {
+    "benchmarks.collaboration": "test_collaboration_scenarios_run_with_a_tiny_override",
+    "benchmarks.sharing_cost": "test_sharing_cost_counts_the_bytes_of_each_setting",
+    "benchmarks.robust": "test_robust_benchmark_attackers_send_what_they_claim",
+    "benchmarks.run": "test_benchmark_run_smoke_writes_every_figure",
+}
+BENCH_TINY = {
+    "benchmarks.part_sizes": [],
+    "benchmarks.lite0_throughput": ["--n", "4"],
+    "benchmarks.audio_encoder": ["--data", "digits", "--encoders", "vision+proj", "--shots", "1", "--rounds", "1"],
+    "mmfl.backbones.build_mini": ["--out", "{tmp}/proj.safetensors"],
+}
+
+
+def quoted_modules() -> set[str]:
+    found = set()
+    for page in PAGES:
+        found |= set(re.findall(r"python -m ([\w.]+)", (ROOT / page).read_text()))
+    return found
+
+
+def test_every_quoted_benchmark_is_smoke_tested_or_run_here() -> None:
+    bench = (ROOT / "tests" / "test_benchmarks.py").read_text()
+    for module in quoted_modules():
+        assert module in BENCH_TINY or f"def {BENCH_TESTS[module]}(" in bench, module
+
+
+OPT_IN = {"benchmarks.lite0_throughput", "benchmarks.audio_encoder"}  # 1-2 min each even tiny: MMFL_DOCS_BENCH=1
+
+
+@pytest.mark.parametrize("module", sorted(BENCH_TINY))
+def test_a_quoted_benchmark_runs_with_a_tiny_override(module: str, tmp_path: Path) -> None:
+    if module in OPT_IN and not os.environ.get("MMFL_DOCS_BENCH"):
+        pytest.skip("takes 1-2 minutes even tiny (the suite's time budget); run with MMFL_DOCS_BENCH=1")
+    if module == "benchmarks.audio_encoder" and not shutil.which("espeak-ng"):
+        pytest.skip("spoken digits need espeak-ng (Debian)")
+    args = [a.format(tmp=tmp_path) for a in BENCH_TINY[module]]
+    p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    if module == "mmfl.backbones.build_mini":  # the committed projection is what the documented build writes
+        built, committed = load_file(tmp_path / "proj.safetensors"), load_file(PROJ_FILE)
+        assert built.keys() == committed.keys()
+        assert all(torch.allclose(built[k], committed[k], atol=1e-5) for k in built)
