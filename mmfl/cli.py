@@ -296,7 +296,10 @@ def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_info() if verbose else datasets.logging.set_verbosity_warning()
+    if verbose:
+        datasets.logging.set_verbosity_info()
+    else:
+        datasets.logging.set_verbosity_warning()
 
 
 def main(argv: list[str] | None = None) -> int:
