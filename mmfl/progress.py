@@ -95,7 +95,7 @@ class _ConsoleWriter:
         self.console = console
 
     def write(self, text: str) -> int:
-        self.console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+        self.console.out(text.rstrip("\n"), highlight=False)
         return len(text)
 
     def flush(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from mmfl import cli, plots
-from mmfl.federated.summary import human_bytes, run_summary
+from mmfl.federated.summary import human_bytes, human_duration, run_summary
 
 RECIPE = (
     "backbone: {model_name: mmfl-tiny}\n"
@@ -106,3 +106,7 @@ def test_summary_table_against_hand_written_rows() -> None:
     no_val = run_summary(rows[:5], best_round=None, seconds=2.25).splitlines()
     assert no_val[2].split()[-3:] == ["—", "1.5", "kB"] and no_val[-1].endswith("wall time 2.2 s")
     assert [human_bytes(n) for n in (999, 1000, 2.5e9, 7e12)] == ["999 B", "1.0 kB", "2.5 GB", "7000.0 GB"]
+    assert [human_duration(s) for s in (12.4, 59.4, 59.6, 119.7, 3725)] == [
+        "12 s", "59 s", "1 min 0 s", "2 min 0 s", "1 h 2 min"
+    ]  # fmt: skip
+    assert human_duration(2.25, decimals=1) == "2.2 s"

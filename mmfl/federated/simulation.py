@@ -27,6 +27,7 @@ from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_che
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.run_loggers import log_round
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
+from mmfl.federated.summary import human_duration
 from mmfl.federated.task_eval import TaskEvaluation
 from mmfl.module import ClientModule, make_trainer, quiet_lightning
 from mmfl.progress import NoProgress
@@ -139,9 +140,9 @@ class Simulation(Rounds, TaskEvaluation):
         self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
         self.completed: int | None = None  # the last completed round (0: the evaluation before training)
         self.progress: NoProgress = NoProgress()
+        """Told of each round and client as they finish (:func:`mmfl.progress.progress_for`: a live display)."""
         self.loggers: list[Logger] = []
         """Lightning loggers that receive each round's metrics (recipe ``loggers``, :mod:`.run_loggers`)."""
-        """Told of each round and client as they finish (:func:`mmfl.progress.progress_for`: a live display)."""
         self._evaluators: dict[str, ClientModule] = {}
         for task in self.tasks:  # built now, so their initial (local) tensors do not depend on when they are needed
             self.evaluator(task)
@@ -342,17 +343,10 @@ class Simulation(Rounds, TaskEvaluation):
                         accs = self.evaluate_tasks(rnd)
                         msg += f", test accuracy {_fmt(accs)}"
                     left = (time.perf_counter() - t_first) / (rnd - first + 1) * (rounds - rnd)  # mean round so far
-                    self._end_round(rnd, t0, msg, f", ETA {_duration(left)}" if rnd < rounds else "")
+                    self._end_round(rnd, t0, msg, f", ETA {human_duration(left)}" if rnd < rounds else "")
         finally:
             self.progress.stop()
         return self.global_state
-
-
-def _duration(seconds: float) -> str:
-    """``75.2`` → ``'1 min 15 s'``; under a minute ``'12 s'``."""
-    m, sec = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h} h {m} min" if h else f"{m} min {sec} s" if m else f"{sec} s"
 
 
 def _fmt(accs: dict[str, float]) -> str:

@@ -14,6 +14,16 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def human_duration(seconds: float, decimals: int = 0) -> str:
+    """``75.2`` → ``'1 min 15 s'``, ``3725`` → ``'1 h 2 min'``; under a minute ``'12 s'`` (or with ``decimals``,
+    ``'12.3 s'``)."""
+    if seconds < 59.5:
+        return f"{seconds:.{decimals}f} s"
+    m, sec = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min" if h else f"{m} min {sec} s"
+
+
 def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) -> str:
     """A plain-text table from a run's metric rows (``metrics.csv``'s), one line per task, modality and test split.
 
@@ -52,9 +62,7 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) ->
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     total = sum(sent.values())
-    minutes, secs = divmod(seconds, 60)
-    wall = f"{int(minutes)} min {secs:.0f} s" if minutes >= 1 else f"{secs:.1f} s"
-    lines.append(f"sent by all clients: {human_bytes(total)}; wall time {wall}")
+    lines.append(f"sent by all clients: {human_bytes(total)}; wall time {human_duration(seconds, decimals=1)}")
     if best_round is not None:
         lines.append("best round: the round validation selected (its test accuracy in brackets)")
     return "\n".join(lines)
