@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import open_clip
 import torch
@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from mmfl.backbones import resolve_offline
 from mmfl.backbones.args import check_backbone_args
 from mmfl.backbones.blocks import encode_vit_prompted, prefix_layout, replace_block_input, run_blocks
+from mmfl.backbones.projections import TOWERS, call_with_parameters, find_projections
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Backbone:
@@ -30,7 +32,8 @@ class Backbone:
             config registered with ``open_clip.add_model_config``. mmfl adds ``mmfl-mini`` (the offline
             default: pretrained towers from installed packages, aligned) and ``mmfl-tiny`` (random).
         pretrained: an open_clip pretrained tag (e.g. ``openai``), a local checkpoint path, or
-            ``None`` for random weights. ``mmfl-mini`` always loads its offline build.
+            ``None`` for random weights. ``mmfl-mini`` loads its offline build unless given a checkpoint file
+            (e.g. one written by ``mmfl export``).
         device: where the frozen model lives at first; ``to()`` moves it.
         precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ...).
         cache_dir: where open_clip caches downloaded weights.
@@ -81,7 +84,7 @@ class Backbone:
         log.info(
             "backbone %s (weights: %s): %.1f M frozen params, embed_dim=%d, text_width=%d",
             model_name,
-            "offline build" if offline is not None else (weights or "random"),
+            "offline build" if offline is not None and weights != pretrained else (weights or "random"),
             sum(p.numel() for p in model.parameters()) / 1e6,
             self.embed_dim,
             self.text_width,
@@ -126,6 +129,16 @@ class Backbone:
         if self._hf:
             return int(self.model.text.config.pad_token_id)
         return int(getattr(self._text, "pad_id", 0))
+
+    def projections(self, towers: Sequence[str] = TOWERS) -> dict[str, nn.Parameter]:
+        """The frozen layers that map ``towers``' pooled features into the joint space, by open_clip state-dict name
+        (``text.proj.weight`` for mmfl-mini; ``text_projection`` and ``visual.proj`` for a ViT CLIP)."""
+        return find_projections(self.model, towers)
+
+    def call_with(self, params: Mapping[str, Tensor], fn: Callable[[], T]) -> T:
+        """Run ``fn`` (any encoding through this backbone) with the frozen parameters named in ``params`` replaced
+        by its tensors (e.g. a client's trainable copy of a projection); the backbone itself is left unchanged."""
+        return call_with_parameters(self.model, params, fn)
 
     def to(self, device: torch.device | str) -> Backbone:
         """Move the frozen weights (no-op when already there)."""

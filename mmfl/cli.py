@@ -1,5 +1,5 @@
 """The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]``, ``mmfl evaluate``, ``mmfl plot RUN``,
-``mmfl zeroshot``, ``mmfl modalities``; ``-v`` shows everything, ``-q`` warnings only."""
+``mmfl zeroshot``, ``mmfl export RUN``, ``mmfl modalities``; ``-v`` shows everything, ``-q`` warnings only."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mmfl.data.task import Task, check_task, prepare_task
 from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
 from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
+from mmfl.export import export_parser, run_export
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.run_loggers import build_loggers
@@ -180,6 +181,11 @@ def build_parser() -> ArgumentParser:
         help="write a Flower app folder that runs a recipe on Flower's simulation or deployment engine",
     )
     sub.add_subcommand("zeroshot", zeroshot_parser(), help="zero-shot top-1 of a backbone on a data set")
+    sub.add_subcommand(
+        "export",
+        export_parser(),
+        help="write a run's merged backbone projections as an open_clip checkpoint, scored against the original",
+    )
     sub.add_subcommand("plot", plot_parser(), help="redraw a run's accuracy_per_round.png (finished or running)")
     sub.add_subcommand("modalities", Parser(), help="list the registered modalities")
     return parser
@@ -327,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.subcommand == "zeroshot":
             run_zeroshot(cfg.zeroshot)
+            return 0
+        if cfg.subcommand == "export":
+            run_export(cfg.export)
             return 0
         if cfg.subcommand == "plot":
             log.info("wrote %s", plots.plot_run(cfg.plot.run))

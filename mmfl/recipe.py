@@ -109,7 +109,7 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
     for key in ("tasks", "training", "federation", "evaluation"):
         check_required(init.get(key), key)
     check_cache_mode(init.training.feature_cache)
-    init.training.knowledge.check()
+    init.training.check()
     if not isinstance(init.parts, list):
         raise ValueError("parts must be a list of class_path entries (or [] for none)")
     check_part_scopes(cfg)

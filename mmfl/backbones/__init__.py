@@ -25,17 +25,22 @@ def resolve_offline(model_name: str, pretrained: str | None) -> tuple[str, dict[
         return None
     from mmfl.backbones import mini
 
-    if pretrained not in (None, "", mini.TAG):
-        raise ValueError(
-            f"backbone {model_name!r} is built offline from installed packages; leave pretrained empty "
-            f"(or {mini.TAG!r}), got {pretrained!r}"
-        )
+    check_offline(model_name, pretrained)
+    if pretrained not in (None, "", mini.TAG):  # a checkpoint file of this model, e.g. written by `mmfl export`
+        return str(pretrained), dict(mini.PREPROCESS)
     return str(mini.checkpoint()), dict(mini.PREPROCESS)
 
 
-def check_offline(model_name: str) -> None:
-    """Cheap check that an offline backbone's packages are installed (registers its config)."""
+def check_offline(model_name: str, pretrained: str | None = None) -> None:
+    """Cheap check that an offline backbone's packages are installed (registers its config), and that
+    ``pretrained`` is empty, its tag, or an existing checkpoint file."""
     if model_name in OFFLINE_BACKBONES:
         from mmfl.backbones import mini
 
         mini.register()
+        if pretrained not in (None, "", mini.TAG) and not Path(pretrained).is_file():
+            raise ValueError(
+                f"backbone {model_name!r} is built offline from installed packages; leave pretrained empty "
+                f"(or {mini.TAG!r}) or give an existing checkpoint file of it (e.g. from `mmfl export`), "
+                f"got {pretrained!r}"
+            )

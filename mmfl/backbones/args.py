@@ -30,7 +30,7 @@ def check_backbone_args(model_name: str, pretrained: str | None) -> None:
     register_model_configs()
     if model_name.startswith(("hf-hub:", "local-dir:")):
         return
-    check_offline(model_name)  # mmfl-mini: its packages are installed, its config registered
+    check_offline(model_name, pretrained)  # mmfl-mini: its packages installed, its config registered, a file
     if model_name in OFFLINE_BACKBONES:
         return
     known = open_clip.list_models()

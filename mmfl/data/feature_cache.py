@@ -225,11 +225,12 @@ class _Indices(torch.utils.data.Dataset):
 
 
 def encoded_loader(
-    encodings: Tensor, labels: list[int] | Tensor, batch_size: int, shuffle: bool, seed: int = 0
+    encodings: Tensor, labels: list[int] | Tensor | None, batch_size: int, shuffle: bool, seed: int = 0
 ) -> DataLoader:
-    """Batches ``{"encoded": [B, D], "label": [B]}`` drawn in exactly the order of :func:`make_loader` with the
-    same seed (the same sampler and generator), so cached and raw training see the same batches."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
+    """Batches ``{"encoded": [B, D], "label": [B]}`` (no ``label`` when ``labels`` is None) drawn in exactly the
+    order of :func:`make_loader` with the same seed (the same sampler and generator), so cached and raw training
+    see the same batches."""
+    labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
     n = encodings.shape[0]
     if shuffle:
         sampler = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
@@ -238,6 +239,8 @@ def encoded_loader(
 
     def collate(idx: list[int]) -> dict[str, Tensor]:
         i = torch.as_tensor(idx, dtype=torch.long)
+        if labels is None:
+            return {ENCODED: encodings[i]}
         return {ENCODED: encodings[i], LABEL: labels[i]}
 
     return DataLoader(

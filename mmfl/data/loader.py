@@ -14,13 +14,16 @@ from mmfl.data.task import LABEL
 
 
 class BatchCollate:
-    """Turn a fetched batch (dict of lists) into ``{input_key: Tensor [B, ...], "label": Tensor [B]}``."""
+    """Turn a fetched batch (dict of lists) into ``{input_key: Tensor [B, ...], "label": Tensor [B]}`` (no ``label``
+    for data without a label column: an unlabeled client's)."""
 
     def __init__(self, input_key: str, transform: Callable[[Any], Tensor]) -> None:
         self.input_key, self.transform = input_key, transform
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, Tensor]:
         inputs = torch.stack([self.transform(v) for v in batch[self.input_key]])  # [B, ...]
+        if LABEL not in batch:
+            return {self.input_key: inputs}
         return {self.input_key: inputs, LABEL: torch.as_tensor(batch[LABEL], dtype=torch.long)}
 
 

@@ -52,6 +52,10 @@ class Task:
         domain_column: a column naming each example's domain (accent, noise level, style, ...); the
             evaluation reports accuracy per domain.
         holdout_domains: domains left out of training (domain shift: they are seen only at test time).
+        labeled_fraction: share of the task's training clients whose data carry labels (the first
+            ``round(labeled_fraction × clients)`` of them); the others hold their partition without its label column
+            and train on pseudo-labels (``training.pseudo_labels``); ``shots`` and ``local_test_fraction`` apply to the
+            labeled ones only. 1: every client is labeled; 0: none is.
     """
 
     name: str
@@ -67,6 +71,7 @@ class Task:
     templates: list[str] | None = None
     domain_column: str | None = None
     holdout_domains: list[str] | None = None
+    labeled_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.modality is None:  # the data source's own modality (image unless it says otherwise)
@@ -109,9 +114,13 @@ class ClientData:
     modality: str
     train: datasets.Dataset
     test: datasets.Dataset | None = None
+    labeled: bool = True
+    """False: ``train`` has no label column (it trains on pseudo-labels, :mod:`mmfl.federated.pseudo_labels`)."""
 
-    def classes(self) -> list[int]:
-        """The labels present in this client's training data (its "own" classes)."""
+    def classes(self) -> list[int] | None:
+        """The labels present in this client's training data (its "own" classes); None for an unlabeled client."""
+        if not self.labeled:
+            return None
         return sorted(set(np.asarray(self.train[LABEL]).tolist()))
 
 
@@ -158,6 +167,11 @@ def check_task(task: Task) -> None:
         raise ValueError(f"task {task.name!r}: local_test_fraction must be in [0, 1)")
     if task.templates is not None and (not task.templates or any("{}" not in t for t in task.templates)):
         raise ValueError(f"task {task.name!r}: every template needs a '{{}}' for the class name")
+    if not 0.0 <= task.labeled_fraction <= 1.0:
+        raise ValueError(
+            f"task {task.name!r}: labeled_fraction must be in [0, 1] (the share of its clients that hold labels), "
+            f"got {task.labeled_fraction}"
+        )
     if task.holdout_domains and not task.domain_column:
         raise ValueError(f"task {task.name!r}: holdout_domains needs a domain_column naming each example's domain")
 
@@ -253,6 +267,11 @@ def _validate_first(task: Task, modality, where: str, ds: datasets.Dataset, inpu
         ) from e
 
 
+def labeled_clients(task: Task, trained: int) -> int:
+    """How many of a task's ``trained`` clients hold labels: ``round(labeled_fraction × trained)``."""
+    return round(task.labeled_fraction * trained)
+
+
 def prepare_task(
     task: Task,
     seed: int = 0,
@@ -324,6 +343,7 @@ def prepare_task(
         train = train.shuffle(seed=seed).flatten_indices()
     partitioner.dataset = train
     clients, unseen = [], []
+    n_labeled = labeled_clients(task, task.clients - unseen_clients)
     for i in range(task.clients):
         part = partitioner.load_partition(i)
         cid = f"{task.name}/{task.modality}/{i}"
@@ -332,10 +352,13 @@ def prepare_task(
                 part = part.shuffle(seed=0).select(range(task.max_test_examples))
             unseen.append(ClientData(cid, task.name, task.modality, part.flatten_indices()))
             continue
-        if task.shots is not None:
+        labeled = i < n_labeled
+        if not labeled:  # the label column is gone before the client holds the data: it can never read it
+            part = part.remove_columns([LABEL]).flatten_indices()
+        elif task.shots is not None:  # unlabeled clients keep their whole partition: shots budget labels
             part = _few_shot(part, task.shots, seed + i)
         local_test = None
-        if task.local_test_fraction > 0 and len(part) > 1:
+        if task.local_test_fraction > 0 and len(part) > 1 and labeled:  # an unlabeled client has no labels to test
             split = part.train_test_split(test_size=task.local_test_fraction, seed=seed + i)
             part, local_test = split["train"], split["test"]
         if len(part) == 0:
@@ -343,12 +366,12 @@ def prepare_task(
                 f"task {task.name!r}: client {i} of {task.clients} got no training examples; "
                 "use fewer clients or a less skewed partitioner"
             )
-        clients.append(ClientData(cid, task.name, task.modality, part, local_test))
+        clients.append(ClientData(cid, task.name, task.modality, part, local_test, labeled))
     modality = task.build_modality()
     for where, ds in [("train split", stored), ("test split", test)] + [(f"client {c.cid}", c.train) for c in clients]:
         _validate_first(task, modality, where, ds, input_key)
     log.info(
-        "task %s (%s, %d classes%s): %d train examples over %d clients (%s)%s, %d test",
+        "task %s (%s, %d classes%s): %d train examples over %d clients (%s)%s%s, %d test",
         task.name,
         task.modality,
         len(class_names),
@@ -357,6 +380,7 @@ def prepare_task(
         len(clients),
         type(partitioner).__name__,
         f", {len(unseen)} unseen client(s)" if unseen else "",
+        f", {len(clients) - n_labeled} of them unlabeled" if n_labeled < len(clients) else "",
         len(test),
     )
     return PreparedTask(task, class_names, input_key, test, clients, val, novel_names, test_novel, unseen)

@@ -121,6 +121,7 @@ def train(msg: Message, context: Context) -> Message:
     if local:
         context.state.array_records[LOCAL_STATE] = ArrayRecord(local)
     metrics = {"num-examples": update.num_examples, "train-loss": m["loss"], "train-accuracy": m["accuracy"]}
+    metrics.update({k: v for k, v in m.items() if k.startswith("pseudo_")})  # an unlabeled client's choice
     if client.data.test is not None and len(client.data.test):
         ev = sim.evaluate(client.module, client.task, client.data.test)
         metrics.update({"local-test-accuracy": ev["accuracy"], "local-test-examples": len(client.data.test)})
@@ -222,7 +223,8 @@ class ScopedFedAvg(FlowerFedAvg):
             updates.append(Update(cid, state, n))
             c = next(c for c in self.sim.clients if c.data.cid == cid)
             loss, acc = float(metrics.get("train-loss", math.nan)), float(metrics.get("train-accuracy", math.nan))
-            self.sim._record_client(server_round, c, "fit", {"loss": loss, "accuracy": acc}, n)
+            pseudo = {k: float(v) for k, v in metrics.items() if k.startswith("pseudo_")}
+            self.sim.record_fit(server_round, c, {"loss": loss, "accuracy": acc, **pseudo}, n)
             if "local-test-accuracy" in metrics:
                 ev = {"loss": math.nan, "accuracy": float(metrics["local-test-accuracy"])}
                 self.sim._record_client(server_round, c, "local_test", ev, int(metrics["local-test-examples"]))

@@ -164,7 +164,7 @@ class SecureScopedFedAvg(LegacyFedAvg):
                 "loss": float(res.metrics.get("train-loss", math.nan)),
                 "accuracy": float(res.metrics.get("train-accuracy", math.nan)),
             }
-            sim._record_client(server_round, c, "fit", m, int(res.num_examples))
+            sim.record_fit(server_round, c, m, int(res.num_examples))
             if "local-test-accuracy" in res.metrics:
                 ev = {"loss": math.nan, "accuracy": float(res.metrics["local-test-accuracy"])}
                 sim._record_client(server_round, c, "local_test", ev, int(res.metrics["local-test-examples"]))

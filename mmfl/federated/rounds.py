@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mmfl.federated.aggregate import Update, aggregate, clip_updates, update_norms
 from mmfl.federated.faults import ClientTimeout, InvalidUpdate, RoundFailed, validate_update
+from mmfl.federated.pseudo_labels import NoPseudoLabels
 
 if TYPE_CHECKING:
     from mmfl.federated.simulation import _Client
@@ -49,7 +50,7 @@ class Rounds:
                 rnd,
                 client.data.cid,
                 why,
-                exc_info=not isinstance(e, InvalidUpdate | ClientTimeout),
+                exc_info=not isinstance(e, InvalidUpdate | ClientTimeout | NoPseudoLabels),
             )
             return None, {}, why
         return update, m, ""
@@ -93,9 +94,8 @@ class Rounds:
         norms = dict(zip([u.cid for u in updates], update_norms(updates, self.global_state), strict=True))
         for c in sampled:
             if c.data.cid in replies:
-                self._record_client(
-                    rnd, c, "fit", replies[c.data.cid][1], replies[c.data.cid][0].num_examples, value=norms[c.data.cid]
-                )
+                update, m = replies[c.data.cid]
+                self.record_fit(rnd, c, m, update.num_examples, norms[c.data.cid])
             else:
                 self.metrics.add(
                     rnd,

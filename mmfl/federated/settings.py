@@ -12,6 +12,7 @@ from jsonargparse import lazy_instance
 
 from mmfl.federated.aggregate import Aggregator, FedAvg
 from mmfl.federated.privacy import DifferentialPrivacy
+from mmfl.federated.pseudo_labels import PseudoLabels
 from mmfl.knowledge import KnowledgeGuidance
 from mmfl.module import OptimizerFactory, default_optimizer
 
@@ -83,6 +84,8 @@ class LocalTraining:
             :mod:`mmfl.data.feature_cache`.
         knowledge: weights of the terms that keep the learned features near the frozen model's (KgCoOp's
             ``text``, PromptSRC's ``text_l1``, ``input_l1``, ``logits_kl``; :mod:`mmfl.knowledge`); all 0 by default.
+        pseudo_labels: how clients of unlabeled data (a task's ``labeled_fraction`` < 1) choose the examples they
+            train on each round (:class:`~mmfl.federated.pseudo_labels.PseudoLabels`).
     """
 
     epochs: int = 1
@@ -95,10 +98,12 @@ class LocalTraining:
     num_workers: int = 0
     feature_cache: str = "disk"
     knowledge: KnowledgeGuidance = field(default_factory=KnowledgeGuidance)
+    pseudo_labels: PseudoLabels = field(default_factory=PseudoLabels)
 
     def check(self) -> None:
         """Raise a clear error for impossible settings (before any data or model is loaded)."""
         self.knowledge.check()
+        self.pseudo_labels.check()
 
 
 def derived_seed(*parts: object) -> int:

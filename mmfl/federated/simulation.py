@@ -9,20 +9,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from mmfl.backbone import Backbone
 from mmfl.data.feature_cache import encoded_loader, make_feature_cache
 from mmfl.data.loader import make_loader
+from mmfl.data.splits import LABEL
 from mmfl.data.task import ClientData, PreparedTask
 from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.mixing import MixRule, start_together
+from mmfl.federated.pseudo_labels import NoPseudoLabels, pseudo_label_summary, select_pseudo_labels
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.run_loggers import log_round
@@ -109,7 +113,7 @@ class Simulation(Rounds, TaskEvaluation):
         for task in self.tasks:
             for data in task.clients:
                 module = self.build_module(task)
-                if self.training.knowledge.anchors > 0:  # synthetic anchors for the classes it lacks
+                if self.training.knowledge.anchors > 0 and data.labeled:  # synthetic anchors for classes it lacks
                     module.held_classes = data.classes()
                 self.clients.append(_Client(data, task, module))
         if not self.clients:
@@ -206,7 +210,8 @@ class Simulation(Rounds, TaskEvaluation):
         if self.features is not None and module.frozen_encoding():
             encoded = self.features.encodings(module.modality, ds, train)  # [N, D] or None
             if encoded is not None:
-                return encoded_loader(encoded, self.features.labels(ds), bs, shuffle=train, seed=seed)
+                labels = self.features.labels(ds) if LABEL in ds.column_names else None
+                return encoded_loader(encoded, labels, bs, shuffle=train, seed=seed)
         return make_loader(
             ds,
             module.modality.input_key,
@@ -231,7 +236,10 @@ class Simulation(Rounds, TaskEvaluation):
         module.load_trainable_state_dict(self.global_state)
         s = derived_seed(self.seed, rnd, client.data.cid)
         seed_all(s)
-        loader = self._loader(module, client.data.train, train=True, seed=s)
+        data, pseudo = client.data.train, None
+        if not client.data.labeled:  # this round's training data: its own examples, labelled by the merged model
+            data, pseudo = self.pseudo_labeled(module, data)
+        loader = self._loader(module, data, train=True, seed=s)
         trainer = self._trainer(self.training.epochs, self.training.max_steps)
         if self.federation.client_timeout is not None:
             trainer.callbacks.append(Deadline(self.federation.client_timeout))
@@ -241,8 +249,36 @@ class Simulation(Rounds, TaskEvaluation):
         finally:
             module.trainer = None  # else each client keeps its last Trainer, and with it its optimizer's state
         m = {k: float(v) for k, v in module.epoch_metrics.items()}
-        update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(client.data.train))
-        return update, {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
+        update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(data))
+        metrics = {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
+        if pseudo is not None:  # train_acc is agreement with its own pseudo-labels: reported, not as accuracy
+            metrics.update({"pseudo_" + k: v for k, v in pseudo.items()})
+        return update, metrics
+
+    def pseudo_labeled(self, module: ClientModule, ds: datasets.Dataset) -> tuple[datasets.Dataset, dict[str, float]]:
+        """An unlabeled client's training data for this round: the examples of ``ds`` (no label column) that the
+        module, holding the merged state, predicts most confidently per class (``training.pseudo_labels``), with
+        those predictions as labels; and what was chosen (:func:`pseudo_label_summary`).
+
+        Raises:
+            NoPseudoLabels: no prediction passed the confidence threshold.
+        """
+        assert LABEL not in ds.column_names, "an unlabeled client's data must not carry labels"
+        trainer = self._trainer()
+        try:
+            out = trainer.predict(module, dataloaders=self._loader(module, ds, train=False))
+        finally:
+            module.trainer = None
+        probs = torch.cat([logits for logits, _ in out]).softmax(dim=-1)  # [N, C]
+        rule = self.training.pseudo_labels
+        index, labels = select_pseudo_labels(probs, rule.top_k, rule.threshold)  # [M], [M]
+        if index.numel() == 0:
+            raise NoPseudoLabels(
+                f"no prediction reached training.pseudo_labels.threshold {rule.threshold} "
+                f"(highest confidence {float(probs.max()):.3f}); lower the threshold"
+            )
+        chosen = ds.select(index.tolist()).add_column(LABEL, labels.tolist()).flatten_indices()
+        return chosen, pseudo_label_summary(probs, index)
 
     def _record_client(
         self, rnd: int, c: _Client, split: str, m: dict[str, float], examples: int, value: float = math.nan
@@ -250,6 +286,16 @@ class Simulation(Rounds, TaskEvaluation):
         self.metrics.add(
             rnd, "client", c.task.name, c.task.modality, c.data.cid, split, m["loss"], m["accuracy"], examples, value
         )
+
+    def record_fit(self, rnd: int, c: _Client, m: dict[str, float], examples: int, norm: float = math.nan) -> None:
+        """A client's ``fit`` row (``fit_unlabeled`` for an unlabeled client: its loss and accuracy are against its
+        own pseudo-labels) and, for an unlabeled client, a ``pseudo_labels`` row: ``examples`` kept, ``value`` their
+        mean confidence, ``note`` how many were predicted and how many classes the kept ones cover."""
+        self._record_client(rnd, c, "fit" if c.data.labeled else "fit_unlabeled", m, examples, value=norm)
+        if "pseudo_kept" in m:
+            note = f"of {int(m['pseudo_of'])} examples, {int(m['pseudo_classes'])} classes"
+            row = (rnd, "client", c.task.name, c.task.modality, c.data.cid, "pseudo_labels", math.nan, math.nan)
+            self.metrics.add(*row, int(m["pseudo_kept"]), m["pseudo_confidence"], note=note)
 
     def _keep_best(self, rnd: int, score: float) -> None:
         """Snapshot the global state and every client's local tensors as the best so far (by validation)."""
@@ -339,6 +385,10 @@ class Simulation(Rounds, TaskEvaluation):
                     self.run_round(rnd)
                     fit_loss = self.metrics.mean(rnd, "fit", "loss")
                     msg = f"round {rnd}/{rounds}: {n}/{len(self.clients)} clients sampled, fit loss {fit_loss:.4f}"
+                    kept = [r for r in self.metrics.rows if r["round"] == rnd and r["split"] == "pseudo_labels"]
+                    if kept:  # the unlabeled clients' loss is on their own pseudo-labels: apart
+                        unlabeled = self.metrics.mean(rnd, "fit_unlabeled", "loss")
+                        msg += f" (unlabeled: {unlabeled:.4f} on {sum(int(r['examples']) for r in kept)} pseudo-labels)"
                     if rnd % self.federation.eval_every == 0 or rnd == rounds:
                         accs = self.evaluate_tasks(rnd)
                         msg += f", test accuracy {_fmt(accs)}"

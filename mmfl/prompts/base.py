@@ -52,6 +52,7 @@ class TrainablePart(nn.Module):
     Hooks (override what the part provides; the defaults leave everything unchanged), in the order
     :class:`~mmfl.module.ClientModule` applies them:
         ``supports(modality)``: whether the part works with a modality (checked when a client is built).
+        ``backbone_parameters()``: replacements of frozen backbone weights, active around all encoding.
         ``prompt_input(x, modality)``: change the raw input batch (e.g. pixel prompts) [B, ...].
         ``vision_prompt_tokens()``: VPT tokens for a ViT tower, [P, W] or [layers, P, W].
         ``text_prompt_tokens()``: input-side prompt vectors [P, W] for text inputs (text modality).
@@ -158,11 +159,17 @@ class TrainablePart(nn.Module):
             return self.modalities is None or modality in self.modalities
         return _allows(type(self).modalities, modality)
 
-    def changes_encoding(self) -> bool:
-        """Whether this part acts before or inside the frozen encoder of inputs (an input prompt, vision or text
-        prompt tokens). When no part of a client does, its inputs' encodings are frozen and may be cached."""
-        hooks = ("prompt_input", "vision_prompt_tokens", "text_prompt_tokens")
+    def changes_encoding(self, modality: str | None = None) -> bool:
+        """Whether this part acts before or inside the frozen encoder of ``modality``'s inputs (an input prompt,
+        vision or text prompt tokens, replaced backbone weights; None: of any modality). When no part of a client
+        does, its inputs' encodings are frozen and may be cached."""
+        hooks = ("prompt_input", "vision_prompt_tokens", "text_prompt_tokens", "backbone_parameters")
         return any(getattr(type(self), h) is not getattr(TrainablePart, h) for h in hooks)
+
+    def backbone_parameters(self) -> dict[str, Tensor]:
+        """Tensors that replace frozen backbone parameters of the same open_clip state-dict name while this part's
+        client encodes anything (e.g. a trainable copy of the text projection); empty by default."""
+        return {}
 
     def prompt_input(self, x: Tensor, modality: str) -> Tensor:
         """The input batch [B, ...] after this part's input prompt (unchanged by default)."""

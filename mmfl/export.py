@@ -1,0 +1,163 @@
+"""``mmfl export RUN --output FILE.safetensors``: a run's merged backbone projections written into a full open_clip
+checkpoint, which ``Backbone(model_name, pretrained=FILE)``, ``mmfl zeroshot --pretrained FILE`` and open_clip's own
+``create_model(model_name, pretrained=FILE)`` load."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import Tensor
+
+from mmfl.backbone import Backbone
+from mmfl.federated.checkpoint import load_state, save_state
+from mmfl.prompts.alignment import BackboneProjections
+
+log = logging.getLogger(__name__)
+
+STATES = {"last": "global.safetensors", "best": "best.safetensors"}
+"""Which of a run's merged states to export: the last round's, or the one its ``best_val`` selection kept."""
+
+
+class ExportError(ValueError):
+    """The run cannot be exported (no run folder, no backbone part, a scope other than ``global``)."""
+
+
+def run_recipe(run: str | Path):
+    """The parsed recipe of a run folder (``RUN/config.yaml``) and its instantiated sections.
+
+    Raises:
+        ExportError: no run folder or no ``config.yaml`` in it.
+    """
+    from mmfl.recipe import fit_parser
+
+    config = Path(run) / "config.yaml"
+    if not config.is_file():
+        raise ExportError(f"{str(run)!r} is not a run folder of `mmfl fit` (it has no config.yaml)")
+    parser = fit_parser()
+    cfg = parser.parse_args(["-c", str(config)])
+    return cfg, parser.instantiate(cfg)
+
+
+def projection_parts(backbone: Backbone, init) -> list[BackboneProjections]:
+    """The run's :class:`BackboneProjections` parts, built on ``backbone``.
+
+    Raises:
+        ExportError: the run has none, or one of them is not of ``global`` scope.
+    """
+    parts = [p for p in (f(backbone, ["class"]) for f in init.parts) if isinstance(p, BackboneProjections)]
+    if not parts:
+        raise ExportError(
+            "the run trained nothing of the backbone: its recipe has no mmfl.prompts.BackboneProjections part "
+            "(prompts and adapters are not part of a backbone checkpoint)"
+        )
+    for p in parts:
+        scopes = {p.scope_of(f"delta.{k}") for k in p.targets}
+        if scopes != {"global"}:
+            raise ExportError(
+                f"part {p.part_name!r} has scope(s) {sorted(scopes)}: a backbone checkpoint holds one projection, so "
+                "only a `global` BackboneProjections can be exported"
+            )
+    return parts
+
+
+def adapted_state(run: str | Path, state: str = "last") -> tuple[Backbone, dict[str, Tensor], dict[str, str]]:
+    """The run's backbone with its merged projections: (the original backbone, the adapted full state dict, the
+    checkpoint's metadata).
+
+    Raises:
+        ExportError: see :func:`run_recipe` and :func:`projection_parts`; ``state`` unknown or its file missing.
+    """
+    if state not in STATES:
+        raise ExportError(f"--state {state!r}: use one of {sorted(STATES)}")
+    cfg, init = run_recipe(run)
+    path = Path(run) / STATES[state]
+    if not path.is_file():
+        hint = " (the run had no `evaluation.selection: best_val`)" if state == "best" else " (no round finished yet)"
+        raise ExportError(f"{str(path)!r} does not exist{hint}")
+    merged = load_state(path)
+    backbone = Backbone(**cfg.backbone.as_dict())
+    weights: dict[str, Tensor] = {}
+    for part in projection_parts(backbone, init):
+        prefix = f"global/{part.part_name}.delta."
+        missing = [k for k in part.targets if prefix + k not in merged]
+        if missing:
+            raise ExportError(f"{str(path)!r} has no tensor {prefix + missing[0]!r}: not the state of this recipe")
+        weights.update(part.weights({k: merged[prefix + k] for k in part.targets}))
+    full = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+    for name, w in weights.items():
+        full[name] = w.detach().to(full[name].dtype).cpu().contiguous()
+    meta = {
+        "model_name": backbone.model_name,
+        "base_pretrained": str(cfg.backbone.pretrained or ""),
+        "adapted": ",".join(sorted(weights)),
+        "run": str(Path(run).resolve().name),
+        "state": state,
+    }
+    return backbone, full, meta
+
+
+def export(run: str | Path, output: str | Path, state: str = "last") -> tuple[Backbone, Path]:
+    """Write the run's adapted backbone to ``output`` (safetensors, written atomically).
+
+    Returns:
+        The original backbone (for comparisons) and the written path.
+    """
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ExportError(f"--output {str(output)!r}: give a file name ending in .safetensors")
+    if output.is_dir():
+        raise ExportError(f"--output {str(output)!r} is a folder; give a file name ending in .safetensors")
+    backbone, full, meta = adapted_state(run, state)
+    save_state(output, full, meta)
+    log.info("wrote %s: %s with the run's merged %s", output, backbone.model_name, meta["adapted"])
+    return backbone, output
+
+
+def export_parser():
+    """Arguments of ``mmfl export``."""
+    from jsonargparse import ActionYesNo
+
+    from mmfl.recipe import Parser
+
+    p = Parser(
+        description="Write a run's merged backbone projections (BackboneProjections) into an open_clip checkpoint, "
+        "and score it against the original backbone (zero-shot, hand-written templates) on the federation's tasks "
+        "and on bundled sets it never saw.",
+        allow_abbrev=False,
+    )
+    p.add_argument("run", type=str, help="a run folder written by `mmfl fit`")
+    p.add_argument("--output", type=str, required=True, help="the checkpoint to write (FILE.safetensors)")
+    p.add_argument(
+        "--state", type=str, default="last", help="last: the last round's merged state; best: best.safetensors"
+    )
+    p.add_argument(
+        "--guard", action=ActionYesNo, default=True, help="score the export against the original (--no_guard: skip)"
+    )
+    p.add_argument("--limit", type=int | None, default=500, help="examples per never-seen set in the guard")
+    p.add_argument("--accelerator", type=str, default="auto")
+    return p
+
+
+def run_export(cfg) -> dict:
+    """``mmfl export``: write the checkpoint; with the guard, print the comparison and write it beside the
+    checkpoint as ``FILE.json``."""
+    import json
+
+    from mmfl.evaluation.forgetting import forgetting_report, guard_tasks, report_table
+
+    original, path = export(cfg.run, cfg.output, cfg.state)
+    result: dict = {"checkpoint": str(path), "model_name": original.model_name}
+    if cfg.guard:
+        _, init = run_recipe(cfg.run)
+        adapted = Backbone(original.model_name, pretrained=str(path))
+        rows = forgetting_report(original, adapted, guard_tasks(init.tasks, cfg.limit), accelerator=cfg.accelerator)
+        result["zero_shot"] = rows
+        report = path.with_suffix(".json")
+        report.write_text(json.dumps(result, indent=2) + "\n")
+        log.info(
+            "zero-shot top-1, hand-written templates (%s):\n%s",
+            report.name,
+            report_table(rows, original.model_name, path.name),
+        )
+    return result
