@@ -11,6 +11,7 @@ from torch import Tensor
 
 from mmfl.backbone import Backbone
 from mmfl.federated.checkpoint import load_state, save_state
+from mmfl.federated.settings import seed_all
 from mmfl.prompts.alignment import BackboneProjections
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def adapted_state(run: str | Path, state: str = "last") -> tuple[Backbone, dict[
         hint = " (the run had no `evaluation.selection: best_val`)" if state == "best" else " (no round finished yet)"
         raise ExportError(f"{str(path)!r} does not exist{hint}")
     merged = load_state(path)
+    seed_all(cfg.seed)  # a random-weight backbone comes out as the run's (`mmfl fit` seeds before building it)
     backbone = Backbone(**cfg.backbone.as_dict())
     weights: dict[str, Tensor] = {}
     for part in projection_parts(backbone, init):

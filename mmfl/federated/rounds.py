@@ -45,7 +45,8 @@ class Rounds:
         except Exception as e:  # a faulty client must not stop the federation
             client.module.load_trainable_state_dict(before)
             why = f"{type(e).__name__}: {e}"
-            log.warning(
+            log.log(
+                logging.INFO if isinstance(e, NoPseudoLabels) else logging.WARNING,  # expected while the model is weak
                 "round %d: client %s left out: %s",
                 rnd,
                 client.data.cid,
