@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import datasets
+
 from mmfl.backbone import Backbone
 from mmfl.data import prepare_task
 from mmfl.evaluation.forgetting import forgetting_report, guard_tasks
@@ -38,15 +40,28 @@ from mmfl.recipe import fit_parser
 log = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "unlabeled.yaml"
-SETTINGS = ("labeled alone", "with unlabeled")
+SETTINGS: dict[str, list[str]] = {
+    "labeled alone": [],
+    "with unlabeled": [],
+    "with unlabeled, no threshold": ["--training.pseudo_labels.threshold=0.0"],
+}
+"""Each setting's extra recipe overrides (``labeled alone`` also leaves the unlabeled clients out)."""
 
 
-def run(recipe: str | Path, seed: int, setting: str, overrides: list[str], backbone: Backbone, out: Path) -> dict:
-    """One federation; returns each task's final test accuracy (percent) and its run folder."""
+def run(
+    recipe: str | Path,
+    seed: int,
+    setting: str,
+    overrides: list[str],
+    backbone: Backbone,
+    out: Path,
+    val_fraction: float = 0.0,
+) -> dict:
+    """One federation; returns each task's final test (and validation) accuracy (percent) and its run folder."""
     parser = fit_parser()
-    cfg = parser.parse_args(["-c", str(recipe), *overrides, f"--seed={seed}"])
+    cfg = parser.parse_args(["-c", str(recipe), *overrides, *SETTINGS[setting], f"--seed={seed}"])
     init = parser.instantiate(cfg)
-    prepared = [prepare_task(t, seed=seed) for t in init.tasks]
+    prepared = [prepare_task(t, seed=seed, val_fraction=val_fraction) for t in init.tasks]
     if setting == "labeled alone":
         for t in prepared:
             t.clients = [c for c in t.clients if c.labeled]
@@ -60,7 +75,13 @@ def run(recipe: str | Path, seed: int, setting: str, overrides: list[str], backb
     last = max(int(r["round"]) for r in rows)
     acc = {f"{r['task']}/{r['modality']}": 100 * float(r["accuracy"]) for r in rows if int(r["round"]) == last}
     zero = {f"{r['task']}/{r['modality']}": 100 * float(r["accuracy"]) for r in rows if int(r["round"]) == 0}
-    return {"accuracy": acc, "zero_shot": zero, "run": str(run_dir), "seconds": time.perf_counter() - t0}
+    val = {
+        f"{r['task']}/{r['modality']}": 100 * float(r["accuracy"])
+        for r in sim.metrics.rows
+        if r["level"] == "task" and r["split"] == "val" and int(r["round"]) == last
+    }
+    seconds = time.perf_counter() - t0
+    return {"accuracy": acc, "val": val, "zero_shot": zero, "run": str(run_dir), "seconds": seconds}
 
 
 def spread(values: list[float]) -> dict:
@@ -84,40 +105,52 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--guard-limit", type=int, default=500, help="examples per never-seen set")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--val-fraction", type=float, default=0.1, help="training data held out as validation data")
     args, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    datasets.disable_progress_bars()
     cfg = fit_parser().parse_args(["-c", args.recipe, *overrides])
-    seed_all(cfg.seed)
-    backbone = Backbone(**cfg.backbone.as_dict())
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     out = Path(tmp.name) if tmp is not None else args.out
-    results: dict = {s: {} for s in SETTINGS}
+    settings = args.settings
+    results: dict = {s: {} for s in settings}
     guard: dict[int, list[dict]] = {}
     for seed in args.seeds:
-        for setting in SETTINGS:
-            results[setting][seed] = run(args.recipe, seed, setting, overrides, backbone, out)
+        seed_all(seed)  # as `mmfl fit` (and `mmfl export`) build it: a random-weight backbone depends on the seed
+        backbone = Backbone(**cfg.backbone.as_dict())
+        for setting in settings:
+            results[setting][seed] = run(args.recipe, seed, setting, overrides, backbone, out, args.val_fraction)
             log.info("seed %d, %s: %s", seed, setting, results[setting][seed]["accuracy"])
         init = fit_parser().instantiate(cfg)
-        if any(isinstance(f(backbone, ["x"]), BackboneProjections) for f in init.parts):
+        if "with unlabeled" in settings and any(
+            isinstance(f(backbone, ["x"]), BackboneProjections) for f in init.parts
+        ):
             run_dir = results["with unlabeled"][seed]["run"]
             _, path = export(run_dir, Path(run_dir) / "export.safetensors")
             adapted = Backbone(backbone.model_name, pretrained=str(path))
             guard[seed] = forgetting_report(backbone, adapted, guard_tasks(init.tasks, args.guard_limit))
             path.unlink()
-    tasks = list(results[SETTINGS[0]][args.seeds[0]]["accuracy"])
+    tasks = list(results[settings[0]][args.seeds[0]]["accuracy"])
     summary: dict = {"seeds": args.seeds, "recipe": args.recipe, "overrides": overrides, "tasks": {}}
-    lines = ["task            zero-shot     labeled alone   with unlabeled   difference (paired)"]
+    ref = settings[0]
+    lines = [f"{'task':<15} {'split':<5} {'zero-shot':<12} " + "  ".join(f"{s:<28}" for s in settings)]
     for t in tasks:
-        a = [results["labeled alone"][s]["accuracy"][t] for s in args.seeds]
-        b = [results["with unlabeled"][s]["accuracy"][t] for s in args.seeds]
-        z = [results["labeled alone"][s]["zero_shot"][t] for s in args.seeds]
-        row = {"zero_shot": spread(z), "labeled alone": spread(a), "with unlabeled": spread(b)}
-        row["difference"] = spread([y - x for x, y in zip(a, b, strict=True)])
-        summary["tasks"][t] = row
-        lines.append(
-            f"{t:<15} {fmt(row['zero_shot']):<13} {fmt(row['labeled alone']):<15} {fmt(row['with unlabeled']):<16} "
-            f"{row['difference']['mean']:+.1f} ± {row['difference']['std']:.1f}"
-        )
+        for split in ("val", "accuracy"):
+            if t not in results[ref][args.seeds[0]][split]:
+                continue
+            z = [results[ref][s]["zero_shot"][t] for s in args.seeds]
+            row: dict = {"zero_shot": spread(z)}
+            cells = []
+            base = [results[ref][s][split][t] for s in args.seeds]
+            for name in settings:
+                vals = [results[name][s][split][t] for s in args.seeds]
+                diff = spread([y - x for x, y in zip(base, vals, strict=True)])
+                row[name] = {**spread(vals), "difference": diff}
+                cells.append(fmt(row[name]) + ("" if name == ref else f" ({diff['mean']:+.1f} ± {diff['std']:.1f})"))
+            summary["tasks"].setdefault(t, {})["test" if split == "accuracy" else "val"] = row
+            label = "test" if split == "accuracy" else "val"
+            lines.append(f"{t:<15} {label:<5} {fmt(row['zero_shot']):<12} " + "  ".join(f"{c:<28}" for c in cells))
     if guard:
         summary["export"] = {}
         lines += ["", "exported backbone, zero-shot top-1 (hand-written templates, no prompts)"]

@@ -240,6 +240,7 @@ class Backbone:
         deep_prompts: Tensor | None = None,
         prompt_start: int = 1,
         text_len: int | None = None,
+        project: bool = True,
     ) -> Tensor:
         """Encode token embeddings through the text tower.
 
@@ -258,9 +259,11 @@ class Backbone:
             text_len: ``int(text_lengths(tokens).max())`` when the caller knows it already (prompt parts compute
                 it once from their fixed class prompts). Otherwise it is computed from ``tokens``, which reads a
                 device value back to the host (a device sync on a GPU) when ``tokens`` are on the device.
+            project: apply the tower's projection into the joint space (False: stop before it).
 
         Returns:
-            Unnormalised joint-space features [N, D].
+            Unnormalised joint-space features [N, D]; with ``project`` False, the pooled features before the
+            tower's projection [N, W] (:meth:`project_text` maps them).
         """
         if deep_prompts is not None:
             self._check_deep_text_prompts(deep_prompts, prompt_start, tokens.shape[-1])
@@ -269,8 +272,10 @@ class Backbone:
         if keep < tokens.shape[1]:  # positions after every prompt's end token change nothing that is pooled
             embeds, tokens = embeds[:, :keep], tokens[:, :keep]  # [N, keep, W], [N, keep]
         if self._hf:
-            return self._encode_hf_embeds(embeds, tokens, deep_prompts, prompt_start)
-        return self._encode_native_embeds(embeds, tokens, deep_prompts, prompt_start)
+            pooled = self._encode_hf_embeds(embeds, tokens, deep_prompts, prompt_start)
+        else:
+            pooled = self._encode_native_embeds(embeds, tokens, deep_prompts, prompt_start)
+        return self.project_text(pooled) if project else pooled  # [N, D] or [N, W]
 
     def _text_keep(self, tokens: Tensor, deep: Tensor | None, start: int, text_len: int | None = None) -> int:
         """How many leading positions the text tower needs: up to the longest prompt's end token (and the deep
@@ -325,8 +330,7 @@ class Backbone:
         finally:
             for handle in handles:
                 handle.remove()
-        pooled = text.pooler(out, attn_mask)  # [N, W]
-        return text.proj(pooled)  # [N, D]
+        return text.pooler(out, attn_mask)  # [N, W]
 
     def _encode_native_embeds(self, embeds: Tensor, tokens: Tensor, deep: Tensor | None, start: int) -> Tensor:
         t = self._text
@@ -355,7 +359,14 @@ class Backbone:
             pool_type = getattr(t, "text_pool_type", None) or getattr(t, "pool_type", "argmax")
             eos_id = getattr(t, "text_eos_id", None) or getattr(t, "eos_id", None)
             pooled = open_clip.transformer.text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
-        proj = t.text_projection
+        return pooled  # [N, W]
+
+    def project_text(self, pooled: Tensor) -> Tensor:
+        """The text tower's projection into the joint space: pooled features [N, W] → [N, D]
+        (``encode_text_embeds(..., project=False)`` then this equals ``encode_text_embeds(...)``)."""
+        if self._hf:
+            return self.model.text.proj(pooled)
+        proj = self._text.text_projection
         if proj is None:
             return pooled
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # [N, D]

@@ -18,7 +18,7 @@ from mmfl.data.task import Task, check_task, prepare_task
 from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
 from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
-from mmfl.export import export_parser, run_export
+from mmfl.export import checkpoint_model_name, export_parser, run_export
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.run_loggers import build_loggers
@@ -36,7 +36,12 @@ RUN_FILES = ("config.yaml", "metrics.csv", "global.safetensors", plots.PNG)
 def zeroshot_parser() -> ArgumentParser:
     """Arguments of ``mmfl zeroshot``."""
     p = Parser(description="Zero-shot top-1 with hand-written prompt templates.", allow_abbrev=False)
-    p.add_argument("--backbone", type=str, default="mmfl-mini", help="open_clip model name (or mmfl-mini)")
+    p.add_argument(
+        "--backbone",
+        type=str | None,
+        default=None,
+        help="open_clip model name (default: the one an `mmfl export` checkpoint names, else mmfl-mini)",
+    )
     p.add_argument("--pretrained", type=str | None, default=None, help="pretrained tag or checkpoint path")
     p.add_argument(
         "--data",
@@ -120,6 +125,8 @@ def write_flower_app(parser: ArgumentParser, cfg: Namespace) -> Path:
 
 def run_zeroshot(cfg: Namespace) -> dict:
     """Check the arguments, build the backbone, score, and print the result."""
+    if cfg.backbone is None:
+        cfg.backbone = checkpoint_model_name(cfg.pretrained) or "mmfl-mini"
     check_backbone_args(cfg.backbone, cfg.pretrained)
     source = resolve_data(cfg.data, cfg.input_column, cfg.label_column)
     task = Task(name=Path(cfg.data).name or cfg.data, data=source, modality=cfg.modality)

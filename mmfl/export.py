@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from mmfl.backbone import Backbone
@@ -114,6 +115,17 @@ def export(run: str | Path, output: str | Path, state: str = "last") -> tuple[Ba
     save_state(output, full, meta)
     log.info("wrote %s: %s with the run's merged %s", output, backbone.model_name, meta["adapted"])
     return backbone, output
+
+
+def checkpoint_model_name(path: str | None) -> str | None:
+    """The model name an ``mmfl export`` checkpoint records in its metadata (None: not such a file)."""
+    if not path or not str(path).endswith(".safetensors") or not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("model_name")
+    except (SafetensorError, OSError):
+        return None
 
 
 def export_parser():

@@ -12,15 +12,20 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmfl.backbone import Backbone
+from mmfl.backbones.projections import PROJECTION_NAMES
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local, qualify
 from mmfl.knowledge import KnowledgeGuidance, anchor_features, prograd_project, total, zero_shot_kl
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
+from mmfl.text_features import ensemble, template_text_features, template_texts, zero_shot_text_features
 from mmfl.trainer import _placement, make_trainer, quiet_lightning  # noqa: F401  (their home was this module)
 
 log = logging.getLogger(__name__)
+
+PROJECTIONS = {n for names in PROJECTION_NAMES.values() for n in names}
+"""State-dict names of every tower's projection into the joint space."""
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -28,34 +33,6 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """SGD with momentum, lr 0.002 — CoOp's setting."""
     return torch.optim.SGD(params, lr=0.002, momentum=0.9)
-
-
-@torch.no_grad()
-def zero_shot_text_features(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str]) -> Tensor:
-    """Hand-written prompt features: templates filled with each class name, normalised, averaged over
-    templates and normalised again (CLIP's prompt ensembling). Returns [C, D]."""
-    return template_text_features(backbone, class_names, templates)
-
-
-def template_text_features(
-    backbone: Backbone, class_names: Sequence[str], templates: Sequence[str], trimmed: bool = False
-) -> Tensor:
-    """:func:`zero_shot_text_features` with gradients (to weights that replace the backbone's). Returns [C, D].
-
-    Args:
-        trimmed: encode through :meth:`Backbone.encode_text_embeds`, which cuts the batch to its longest text
-            (~6× faster on mmfl-mini's 64-token context; equal to open_clip's path within float rounding).
-    """
-    names = [c.replace("_", " ") for c in class_names]
-    texts = [t.format(c) for c in names for t in templates]
-    tokens = backbone.tokenize(texts)  # [C*T, L]
-    if trimmed:
-        feats = backbone.encode_text_embeds(backbone.embed_tokens(tokens), tokens)
-    else:
-        feats = backbone.encode_text(tokens)
-    feats = F.normalize(feats.float(), dim=-1)  # [C*T, D]
-    feats = feats.view(len(names), len(templates), -1).mean(dim=1)  # [C, D]
-    return F.normalize(feats, dim=-1)
 
 
 class ClientModule(L.LightningModule):
@@ -111,6 +88,7 @@ class ClientModule(L.LightningModule):
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
         self._eval_text: Tensor | None = None  # [C, D]: class features fixed for one evaluation pass
+        self._template_pooled: Tensor | None = None  # [C*T, W]: the templates' text features before the projection
         self.knowledge = knowledge if knowledge is not None and knowledge.active else None
         # (parameter, the zero-shot KL's gradient) of this step, for ProGrad's projection after the backward pass
         self._prograd_ref: list[tuple[nn.Parameter, Tensor]] | None = None
@@ -201,12 +179,26 @@ class ClientModule(L.LightningModule):
         if text_part is not None:
             f_t = text_part.class_text_features(input_features)
         elif self.adapts_backbone():  # the templates through this client's own weights (backbone_parameters)
-            f_t = template_text_features(self.backbone, self.class_names, self.templates, trimmed=True).to(self.device)
+            f_t = self._adapted_template_features().to(self.device)
         else:
             f_t = self.hand_written_features()
         for part in self.parts.values():
             f_t = part.adapt_text_features(f_t)
         return F.normalize(f_t, dim=-1)
+
+    def _adapted_template_features(self) -> Tensor:
+        """The hand-written templates' class features through the weights the parts put in the backbone's place
+        (call inside :meth:`Backbone.call_with`). When they replace projections only, the text tower's pooled
+        features are frozen: computed once, then only projected. [C, D]"""
+        b = self.backbone
+        if not set(self.backbone_parameters()) <= PROJECTIONS:
+            return template_text_features(b, self.class_names, self.templates, trimmed=True)
+        if self._template_pooled is None or self._template_pooled.device != b.device:
+            # not an inference tensor even when first needed in a prediction pass: training reuses it
+            with torch.inference_mode(False), torch.no_grad():
+                tokens = b.tokenize(template_texts(self.class_names, self.templates))  # [C*T, L]
+                self._template_pooled = b.encode_text_embeds(b.embed_tokens(tokens), tokens, project=False)  # [C*T, W]
+        return ensemble(b.project_text(self._template_pooled), len(self.class_names), len(self.templates))
 
     def adapts_backbone(self) -> bool:
         """Whether a part replaces backbone weights while this client encodes (``backbone_parameters``)."""
@@ -289,6 +281,11 @@ class ClientModule(L.LightningModule):
         loss = F.cross_entropy(logits.float(), y)
         if stage == "train" and self.knowledge is not None:
             loss = loss + self._guidance(x, y, encoded, f_x, f_t, logits)
+        if stage == "train":
+            for part in self.parts.values():
+                reg = part.regularization()
+                if reg is not None:
+                    loss = loss + reg
         metric.update(logits, y)
         bs = y.shape[0]
         if stage == "train":  # summed here, logged once per epoch: self.log costs ~1 ms a call

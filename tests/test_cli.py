@@ -61,6 +61,7 @@ def test_every_recipe_runs_with_a_tiny_override(recipe: Path, tmp_path: Path) ->
     for rnd in ("0", "1"):
         got = {(r["task"], r["modality"]) for r in rows if r["round"] == rnd and r["level"] == "task"}
         assert got == tasks
+    assert not [r for r in rows if r["split"] == "fit_failed"]  # no client was left out
     fits = [r for r in rows if r["split"] in ("fit", "fit_unlabeled")]  # unlabeled clients' fits: their own split
     unseen = (cfg.get("evaluation") or {}).get("unseen_clients", 0)  # held out of training by the protocol
     assert len(fits) == sum(t["clients"] - unseen for t in cfg["tasks"])
@@ -120,6 +121,7 @@ def test_centralised_run_without_federation_section(tmp_path: Path) -> None:
     )
     assert _run("-c", str(recipe), "--output_dir", str(tmp_path / "out")) == 0
     rows = list(csv.DictReader((tmp_path / "out" / "metrics.csv").open()))
+    assert not [r for r in rows if r["split"] == "fit_failed"]  # no client was left out
     fits = [r for r in rows if r["split"] in ("fit", "fit_unlabeled")]  # unlabeled clients' fits: their own split
     assert len(fits) == 1 and int(fits[0]["examples"]) == 1437  # one client holding all the data
     assert {r["round"] for r in rows} == {"0", "1"}

@@ -5,6 +5,7 @@ left out (it needs network, a Flower deployment, or changes the environment; the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -114,7 +115,7 @@ def _argv(cmd: str) -> list[str] | None:
             args += TINY
         if sub == "evaluate":
             args += ["--evaluation.seeds=[0]"]
-    if sub == "zeroshot":
+    if sub in ("zeroshot", "export"):
         args += ["--limit", "20"]
     return args
 
@@ -194,6 +195,7 @@ BENCH_TINY = {
     "benchmarks.lite0_throughput": ["--n", "4"],
     "benchmarks.audio_encoder": ["--data", "digits", "--encoders", "vision+proj", "--shots", "1", "--rounds", "1"],
     "mmfl.backbones.build_mini": ["--out", "{tmp}/proj.safetensors"],
+    "benchmarks.unlabeled": ["--seeds", "0", "--guard-limit", "8", *TINY, "--json", "{tmp}/u.json"],
 }
 
 
@@ -222,6 +224,13 @@ def test_a_quoted_benchmark_runs_with_a_tiny_override(module: str, tmp_path: Pat
     args = [a.format(tmp=tmp_path) for a in BENCH_TINY[module]]
     p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
+    if module == "benchmarks.unlabeled":
+        out = json.loads((tmp_path / "u.json").read_text())
+        assert set(out["tasks"]) == {"digits/image", "animals/image"}
+        for row in out["tasks"].values():
+            assert set(row) == {"val", "test"} and {"labeled alone", "with unlabeled"} <= set(row["test"])
+            assert all(0 <= row["test"][k]["mean"] <= 100 for k in row["test"])
+        assert out["export"]["photos/image"]["kind"] == "never seen"
     if module == "mmfl.backbones.build_mini":  # the committed projection is what the documented build writes
         built, committed = load_file(tmp_path / "proj.safetensors"), load_file(PROJ_FILE)
         assert built.keys() == committed.keys()

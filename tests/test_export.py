@@ -17,8 +17,9 @@ from mmfl.backbones.args import register_model_configs
 from mmfl.data import SklearnDigits, Task, prepare_task
 from mmfl.data.loader import make_loader
 from mmfl.modalities import get_modality_class
-from mmfl.module import ClientModule, template_text_features, zero_shot_text_features
+from mmfl.module import ClientModule
 from mmfl.prompts import BackboneProjections
+from mmfl.text_features import template_text_features, zero_shot_text_features
 
 RECIPE = """
 seed: 3
@@ -73,6 +74,15 @@ def test_text_only_projection_keeps_cached_image_encodings(mini_backbone: Backbo
     assert not part.changes_encoding("image") and not part.changes_encoding("audio") and part.changes_encoding("text")
     with pytest.raises(ValueError, match="no projection layer in towers"):
         BackboneProjections(mini_backbone, ["a"], towers=["visual"])  # its timm tower has no projection head
+    from mmfl.prompts.alignment import anchor_pooled
+
+    keep = BackboneProjections(mini_backbone, ["a"], towers=["text"], keep=1.0)
+    with torch.no_grad():
+        keep.delta["text_proj_weight"].normal_()
+        w0, d = mini_backbone.model.text.proj.weight, keep.scales["text_proj_weight"] * keep.delta["text_proj_weight"]
+        a = anchor_pooled(mini_backbone)  # [1000, 384]; an nn.Linear weight [1280, 384]: a @ Wᵀ
+        expected = ((a @ d.t()).pow(2).sum(-1) / (a @ w0.t()).pow(2).sum(-1)).mean()
+        assert torch.allclose(keep.regularization(), expected, rtol=1e-5)
 
 
 def _fit(tmp_path: Path, recipe: str = RECIPE) -> Path:
@@ -160,3 +170,26 @@ def test_task_scoped_projections_cannot_be_exported(tmp_path: Path, capsys) -> N
     run = _fit(tmp_path, recipe.replace("federation: {rounds: 2}", "federation: {rounds: 1}"))
     assert cli.main(["export", str(run), "--output", str(tmp_path / "x.safetensors")]) == 2
     assert "only a `global` BackboneProjections" in capsys.readouterr().err
+
+
+def test_keep_penalises_the_relative_change_of_anchor_texts_by_hand(tiny_backbone: Backbone) -> None:
+    from mmfl.prompts.alignment import anchor_pooled, anchor_texts
+
+    assert len(anchor_texts()) == 1000 and anchor_texts()[0] == "a photo of a tench."
+    part = BackboneProjections(tiny_backbone, ["a"], keep=2.0)
+    assert BackboneProjections(tiny_backbone, ["a"]).regularization() is None  # keep 0: off
+    assert float(part.regularization()) == 0.0  # Δ = 0: nothing changed
+    with torch.no_grad():
+        for p in part.delta.values():
+            p.copy_(torch.randn_like(p))
+    a = anchor_pooled(tiny_backbone)  # [1000, W]
+    tokens = tiny_backbone.tokenize(anchor_texts()[:3])
+    assert torch.allclose(a[:3] @ tiny_backbone.model.text_projection, tiny_backbone.encode_text(tokens), atol=1e-5)
+    w0t, w0v = tiny_backbone.model.text_projection, tiny_backbone.model.visual.proj
+    dt = part.scales["text_projection"] * part.delta["text_projection"]
+    dv = part.scales["visual_proj"] * part.delta["visual_proj"]
+    text = ((a @ dt).pow(2).sum(-1) / (a @ w0t).pow(2).sum(-1)).mean()
+    vision = dv.pow(2).sum() / w0v.pow(2).sum()
+    assert torch.allclose(part.regularization(), 2.0 * (text + vision) / 2, rtol=1e-5)
+    part.regularization().backward()
+    assert all(p.grad is not None for p in part.delta.values())

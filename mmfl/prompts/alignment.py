@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,6 +35,10 @@ class BackboneProjections(TrainablePart):
         scope: scope of its parameters.
         scopes: per-parameter scope overrides (parameter names: ``delta.<state name with _ for .>``).
         modalities: serve only clients of these modalities (None: all).
+        keep: weight of a term added to each client's training loss that keeps what the projections already know:
+            the mean relative squared change ``‖(W − W0) a‖² / ‖W0 a‖²`` of the projected features ``a`` of
+            anchor texts (``"a photo of a {name}."`` for ImageNet's 1,000 class names, through the frozen text
+            tower) for a text projection, and ``‖W − W0‖² / ‖W0‖²`` for a vision one. 0: off.
     """
 
     def __init__(
@@ -45,8 +50,12 @@ class BackboneProjections(TrainablePart):
         scope: str = "global",
         scopes: Mapping[str, str] | None = None,
         modalities: Sequence[str] | None = None,
+        keep: float = 0.0,
     ) -> None:
         super().__init__(backbone, class_names, name=name, scope=scope, scopes=scopes, modalities=modalities)
+        if not keep >= 0:
+            raise ValueError(f"BackboneProjections: keep must be >= 0, got {keep}")
+        self.keep = keep
         found = backbone.projections(towers)
         if not found:
             raise ValueError(
@@ -56,10 +65,12 @@ class BackboneProjections(TrainablePart):
         self.targets: dict[str, str] = {}
         """Parameter key in ``delta`` → the open_clip state-dict name of the projection it adapts."""
         self.scales: dict[str, float] = {}
+        self._frozen: dict[str, Tensor] = {}  # key → the backbone's own parameter (a plain dict: not this part's)
         self.delta = nn.ParameterDict()
         for state_name, w0 in found.items():
             key = state_name.replace(".", "_")
             self.targets[key] = state_name
+            self._frozen[key] = w0
             self.scales[key] = float(w0.detach().abs().mean()) or 1.0
             self.delta[key] = nn.Parameter(torch.zeros_like(w0, dtype=torch.float32))
         self.check_scopes()
@@ -75,10 +86,26 @@ class BackboneProjections(TrainablePart):
         delta = self.delta if delta is None else delta
         out = {}
         for key, state_name in self.targets.items():
-            w0 = self.backbone.model.get_parameter(state_name)
+            w0 = self._frozen[key]  # held, not looked up: inside Backbone.call_with the model's slot holds W
             d = delta[key].to(device=w0.device)
             out[state_name] = w0.detach() + (self.scales[key] * d).to(w0.dtype)
         return out
+
+    def regularization(self) -> Tensor | None:
+        """``keep`` × the mean relative change of what the projections map (see the class's ``keep``). [] or None."""
+        if self.keep <= 0:
+            return None
+        terms = []
+        for key, state_name in self.targets.items():
+            w0, d = self._frozen[key].detach(), self.scales[key] * self.delta[key]  # W − W0 = s·Δ
+            if state_name in PROJECTION_NAMES["text"] and not state_name.endswith("bias"):
+                a = anchor_pooled(self.backbone).to(d.device)  # [A, W]
+                linear = state_name.endswith("weight")  # nn.Linear [D, W]: a @ Wᵀ; a native matrix [W, D]: a @ W
+                change, base = (a @ d.t(), a @ w0.t()) if linear else (a @ d, a @ w0)  # [A, D]
+                terms.append((change.pow(2).sum(-1) / base.pow(2).sum(-1).clamp_min(1e-12)).mean())
+            else:
+                terms.append(d.pow(2).sum() / w0.pow(2).sum().clamp_min(1e-12))
+        return self.keep * torch.stack(terms).mean()
 
     def backbone_parameters(self) -> dict[str, Tensor]:
         """The adapted projections, in place of the frozen ones while this part's client encodes."""
@@ -98,3 +125,28 @@ class BackboneProjections(TrainablePart):
         if renders_image:
             return "visual" in self.towers()
         return modality != "text" or "text" in self.towers()
+
+
+_ANCHORS: weakref.WeakKeyDictionary[Backbone, Tensor] = weakref.WeakKeyDictionary()
+
+
+def anchor_texts() -> list[str]:
+    """``"a photo of a {name}."`` for the first name of each of ImageNet's 1,000 classes (timm's class list)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [f"a photo of a {info.index_to_description(i).split(',')[0].strip()}." for i in range(info.num_classes())]
+
+
+@torch.no_grad()
+def anchor_pooled(backbone: Backbone) -> Tensor:
+    """The anchor texts through the frozen text tower, before its projection (once per backbone). [A, W]"""
+    if backbone not in _ANCHORS:
+        with torch.inference_mode(False):
+            out = []
+            texts = anchor_texts()
+            for i in range(0, len(texts), 250):
+                tokens = backbone.tokenize(texts[i : i + 250])
+                out.append(backbone.encode_text_embeds(backbone.embed_tokens(tokens), tokens, project=False).float())
+            _ANCHORS[backbone] = torch.cat(out)
+    return _ANCHORS[backbone]

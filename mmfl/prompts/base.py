@@ -53,6 +53,7 @@ class TrainablePart(nn.Module):
     :class:`~mmfl.module.ClientModule` applies them:
         ``supports(modality)``: whether the part works with a modality (checked when a client is built).
         ``backbone_parameters()``: replacements of frozen backbone weights, active around all encoding.
+        ``regularization()``: a term added to the training loss.
         ``prompt_input(x, modality)``: change the raw input batch (e.g. pixel prompts) [B, ...].
         ``vision_prompt_tokens()``: VPT tokens for a ViT tower, [P, W] or [layers, P, W].
         ``text_prompt_tokens()``: input-side prompt vectors [P, W] for text inputs (text modality).
@@ -165,6 +166,10 @@ class TrainablePart(nn.Module):
         does, its inputs' encodings are frozen and may be cached."""
         hooks = ("prompt_input", "vision_prompt_tokens", "text_prompt_tokens", "backbone_parameters")
         return any(getattr(type(self), h) is not getattr(TrainablePart, h) for h in hooks)
+
+    def regularization(self) -> Tensor | None:
+        """A term [] the part adds to its client's training loss (None: none, the default)."""
+        return None
 
     def backbone_parameters(self) -> dict[str, Tensor]:
         """Tensors that replace frozen backbone parameters of the same open_clip state-dict name while this part's
