@@ -147,3 +147,42 @@ def test_no_confident_prediction_sits_the_round_out(tiny_backbone: Backbone, cap
     failed = [r for r in sim.metrics.rows if r["split"] == "fit_failed"]
     assert len(failed) == 2 and all("NoPseudoLabels" in r["note"] and "threshold" in r["note"] for r in failed)
     assert {r["split"] for r in sim.metrics.rows if r["level"] == "client"} == {"fit", "fit_failed"}
+
+
+RESUMABLE = """\
+seed: 2
+backbone: {model_name: mmfl-tiny}
+tasks:
+  - name: digits
+    data: {class_path: mmfl.data.SklearnDigits}
+    clients: 4
+    labeled_fraction: 0.5
+    shots: 4
+    max_test_examples: 40
+parts:
+  - class_path: mmfl.prompts.CoOp
+    init_args: {n_ctx: 2}
+  - class_path: mmfl.prompts.BackboneProjections
+    init_args: {keep: 0.5}
+training:
+  max_steps: 2
+  batch_size: 8
+  optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.05}}
+  accelerator: cpu
+  pseudo_labels: {top_k: 4, threshold: 0.0}
+federation: {rounds: 1}
+"""
+
+
+def test_a_run_with_unlabeled_clients_and_backbone_projections_resumes_exactly(tmp_path) -> None:
+    from mmfl import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RESUMABLE)
+    assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp_path / "a")]) == 0
+    assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp_path / "ref"), "--federation.rounds=3"]) == 0
+    assert cli.main(["fit", "-c", str(recipe), "--resume", str(tmp_path / "a"), "--federation.rounds=3"]) == 0
+    for name in ("global.safetensors", "metrics.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    rows = (tmp_path / "a" / "metrics.csv").read_text()
+    assert rows.count(",pseudo_labels,") == 2 * 3 and ",fit_failed," not in rows
