@@ -66,6 +66,7 @@ class BackboneProjections(TrainablePart):
         """Parameter key in ``delta`` → the open_clip state-dict name of the projection it adapts."""
         self.scales: dict[str, float] = {}
         self._frozen: dict[str, Tensor] = {}  # key → the backbone's own parameter (a plain dict: not this part's)
+        self._anchor_norms: dict[str, Tensor] = {}
         self.delta = nn.ParameterDict()
         for state_name, w0 in found.items():
             key = state_name.replace(".", "_")
@@ -101,8 +102,10 @@ class BackboneProjections(TrainablePart):
             if state_name in PROJECTION_NAMES["text"] and not state_name.endswith("bias"):
                 a = anchor_pooled(self.backbone).to(d.device)  # [A, W]
                 linear = state_name.endswith("weight")  # nn.Linear [D, W]: a @ Wᵀ; a native matrix [W, D]: a @ W
-                change, base = (a @ d.t(), a @ w0.t()) if linear else (a @ d, a @ w0)  # [A, D]
-                terms.append((change.pow(2).sum(-1) / base.pow(2).sum(-1).clamp_min(1e-12)).mean())
+                if key not in self._anchor_norms:  # ‖W0 a‖² per anchor [A]: fixed
+                    self._anchor_norms[key] = (a @ (w0.t() if linear else w0)).pow(2).sum(-1).clamp_min(1e-12)
+                change = a @ d.t() if linear else a @ d  # [A, D]
+                terms.append((change.pow(2).sum(-1) / self._anchor_norms[key].to(d.device)).mean())
             else:
                 terms.append(d.pow(2).sum() / w0.pow(2).sum().clamp_min(1e-12))
         return self.keep * torch.stack(terms).mean()
