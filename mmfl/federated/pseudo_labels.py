@@ -23,7 +23,7 @@ class PseudoLabels:
     While the merged model is weak, few predictions reach the threshold: an unlabeled client then trains on few
     examples (its weight in the merge is the number it kept) or, with none, sits the round out. On mmfl-mini's
     digits, the 16 most confident zero-shot predictions per class are right 7% of the time, those above 0.9 are
-    few (20 of ~350); after four rounds of the labeled clients, 75% and 100% (docs/measurements.md).
+    few (20 of ~350); after four rounds of the labeled clients, 75% and 100% (docs/foundation.md).
 
     Args:
         top_k: at most this many examples per predicted class (class balance keeps a class the zero-shot model
