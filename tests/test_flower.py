@@ -340,3 +340,46 @@ def test_secure_aggregation_refuses_rules_that_need_individual_updates(tmp_path:
     assert cli.main([*args, "--secure_aggregation=true", median]) == 2
     assert "secure aggregation reveals only sums, so Median" in capsys.readouterr().err
     assert not (tmp_path / "app").exists()
+
+
+@pytest.mark.slow
+def test_unlabeled_clients_pseudo_label_on_the_flower_simulation_engine(tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = _env(home)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
+        "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
+        "options.backend.init-args.num-cpus = 2\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "backbone: {model_name: mmfl-tiny}\n"
+        "tasks:\n  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 2, labeled_fraction: 0.5,"
+        " shots: 4, max_test_examples: 30}\n"
+        "parts:\n  - class_path: mmfl.prompts.BackboneProjections\n"
+        "training: {accelerator: cpu, max_steps: 2, pseudo_labels: {top_k: 3, threshold: 0.0}}\n"
+        "federation: {rounds: 1}\n"
+    )
+    out = tmp_path / "flower-run"
+    args = ["flower-app", "-c", str(recipe), "--app_dir", str(tmp_path / "app"), "--output_dir", str(out)]
+    assert cli.main(args) == 0
+    procs = Processes(env, tmp_path)
+    try:
+        done = _flwr(env, "run", str(tmp_path / "app"), "local", "--stream")
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        procs.stop_all()
+    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert {(r[4], r[5]) for r in rows if r[0] == "1" and r[1] == "client"} == {
+        ("digits/image/0", "fit"),
+        ("digits/image/1", "fit_unlabeled"),
+        ("digits/image/1", "pseudo_labels"),
+    }
+    pseudo = next(r for r in rows if r[5] == "pseudo_labels")
+    assert 0 < int(pseudo[8]) <= 30 and 0 < float(pseudo[9]) <= 1  # kept at most top_k × 10 classes
+    local = _in_process(recipe, tmp_path / "in-process")
+    flower = load_file(out / "global.safetensors")
+    assert sorted(flower) == sorted(local) == ["global/align.delta.text_projection", "global/align.delta.visual_proj"]
+    for k in flower:
+        assert (flower[k] - local[k]).abs().max() < 1e-5, k
