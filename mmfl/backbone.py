@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -13,8 +12,9 @@ from torch import Tensor, nn
 
 from mmfl.backbones import resolve_offline
 from mmfl.backbones.args import check_backbone_args
-from mmfl.backbones.blocks import encode_vit_prompted, prefix_layout, replace_block_input, run_blocks
+from mmfl.backbones.blocks import encode_vit_prompted, prefix_layout
 from mmfl.backbones.projections import TOWERS, call_with_parameters, find_projections
+from mmfl.backbones.text_tower import encode_hf, encode_native, hf_layers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -217,21 +217,7 @@ class Backbone:
     @property
     def text_depth(self) -> int:
         """Number of blocks in the text tower."""
-        return len(self._hf_layers()) if self._hf else len(self._text.transformer.resblocks)
-
-    def _hf_layers(self) -> nn.ModuleList:
-        """The block list of an HF text tower (BERT-, RoBERTa-, T5- and similar encoders)."""
-        transformer = self.model.text.transformer
-        for path in ("encoder.layer", "encoder.layers", "encoder.block", "layers", "layer"):
-            found: Any = transformer
-            for attr in path.split("."):
-                found = getattr(found, attr, None)
-            if isinstance(found, nn.ModuleList):
-                return found
-        raise TypeError(
-            f"{self.model_name!r}: cannot find the block list of its {type(transformer).__name__} text tower, "
-            "so deep text prompts cannot be injected; use a text prompt at the input only (mmfl.prompts.CoOp)"
-        )
+        return len(hf_layers(self.model.text, self.model_name)) if self._hf else len(self._text.transformer.resblocks)
 
     def encode_text_embeds(
         self,
@@ -272,9 +258,9 @@ class Backbone:
         if keep < tokens.shape[1]:  # positions after every prompt's end token change nothing that is pooled
             embeds, tokens = embeds[:, :keep], tokens[:, :keep]  # [N, keep, W], [N, keep]
         if self._hf:
-            pooled = self._encode_hf_embeds(embeds, tokens, deep_prompts, prompt_start)
+            pooled = encode_hf(self.model.text, embeds, tokens, deep_prompts, prompt_start, self.model_name)
         else:
-            pooled = self._encode_native_embeds(embeds, tokens, deep_prompts, prompt_start)
+            pooled = encode_native(self._text, embeds, tokens, deep_prompts, prompt_start)
         return self.project_text(pooled) if project else pooled  # [N, D] or [N, W]
 
     def _text_keep(self, tokens: Tensor, deep: Tensor | None, start: int, text_len: int | None = None) -> int:
@@ -309,57 +295,6 @@ class Backbone:
             raise ValueError(
                 f"deep text prompts: positions {start}..{start + prompts.shape[1] - 1} outside 1..{length - 1}"
             )
-
-    def _encode_hf_embeds(self, embeds: Tensor, tokens: Tensor, deep: Tensor | None, start: int) -> Tensor:
-        text = self.model.text
-        attn_mask = (tokens != text.config.pad_token_id).long()  # [N, L]
-        handles = []
-        if deep is not None and deep.shape[0] > 0:
-            checkpointing = getattr(text.transformer, "is_activation_checkpointing", None)
-            if checkpointing is None:  # transformers < 5
-                checkpointing = getattr(text.transformer, "is_gradient_checkpointing", False)
-            if checkpointing:
-                raise ValueError("deep text prompts do not work with gradient checkpointing on the HF text tower")
-            # HF blocks are driven by the HF model itself (masks, positions); a pre-hook on block k + 1
-            # swaps the prompt positions of its input, and is removed right after the forward.
-            for k, layer in enumerate(self._hf_layers()[1 : 1 + deep.shape[0]]):
-                hook = functools.partial(replace_block_input, prompts=deep[k], start=start)
-                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        try:
-            out = text.transformer(inputs_embeds=embeds, attention_mask=attn_mask)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return text.pooler(out, attn_mask)  # [N, W]
-
-    def _encode_native_embeds(self, embeds: Tensor, tokens: Tensor, deep: Tensor | None, start: int) -> Tensor:
-        t = self._text
-        cast_dtype = t.transformer.get_cast_dtype()
-        x = embeds.to(cast_dtype)  # [N, L, W]
-        seq_len = x.shape[1]
-        cls_emb = getattr(t, "cls_emb", None)
-        if cls_emb is not None:  # CoCa-style appended class token
-            x = torch.cat([x, cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
-            seq_len += 1
-        attn_mask = t.attn_mask
-        if attn_mask is not None:
-            attn_mask = attn_mask[:seq_len, :seq_len]
-        if getattr(t, "use_pad_mask", False) or cls_emb is not None:
-            add_mask = t._build_additive_mask(tokens, seq_len, x.dtype)  # [N*H, L, L]
-            attn_mask = add_mask if attn_mask is None else attn_mask.unsqueeze(0) + add_mask
-        x = x + t.positional_embedding[:seq_len].to(cast_dtype)
-        if deep is None:
-            x = t.transformer(x, attn_mask=attn_mask)
-        else:
-            x = run_blocks(t.transformer, x, attn_mask, deep.to(x.dtype), start, first=1)
-        if cls_emb is not None:
-            pooled = t.ln_final(x[:, -1])  # [N, W]
-        else:
-            x = t.ln_final(x)
-            pool_type = getattr(t, "text_pool_type", None) or getattr(t, "pool_type", "argmax")
-            eos_id = getattr(t, "text_eos_id", None) or getattr(t, "eos_id", None)
-            pooled = open_clip.transformer.text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
-        return pooled  # [N, W]
 
     def project_text(self, pooled: Tensor) -> Tensor:
         """The text tower's projection into the joint space: pooled features [N, W] → [N, D]

@@ -12,20 +12,16 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmfl.backbone import Backbone
-from mmfl.backbones.projections import PROJECTION_NAMES
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local, qualify
 from mmfl.knowledge import KnowledgeGuidance, anchor_features, prograd_project, total, zero_shot_kl
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
-from mmfl.text_features import ensemble, template_text_features, template_texts, zero_shot_text_features
+from mmfl.text_features import AdaptedTemplates, zero_shot_text_features
 from mmfl.trainer import _placement, make_trainer, quiet_lightning  # noqa: F401  (their home was this module)
 
 log = logging.getLogger(__name__)
-
-PROJECTIONS = {n for names in PROJECTION_NAMES.values() for n in names}
-"""State-dict names of every tower's projection into the joint space."""
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -88,7 +84,8 @@ class ClientModule(L.LightningModule):
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
         self._eval_text: Tensor | None = None  # [C, D]: class features fixed for one evaluation pass
-        self._template_pooled: Tensor | None = None  # [C*T, W]: the templates' text features before the projection
+        self._adapted_templates = AdaptedTemplates(self.class_names, self.templates)
+        self._replaced: frozenset[str] | None = None  # the names of backbone_parameters() (fixed per module)
         self.knowledge = knowledge if knowledge is not None and knowledge.active else None
         # (parameter, the zero-shot KL's gradient) of this step, for ProGrad's projection after the backward pass
         self._prograd_ref: list[tuple[nn.Parameter, Tensor]] | None = None
@@ -178,27 +175,15 @@ class ClientModule(L.LightningModule):
         text_part = self.text_part
         if text_part is not None:
             f_t = text_part.class_text_features(input_features)
-        elif self.adapts_backbone():  # the templates through this client's own weights (backbone_parameters)
-            f_t = self._adapted_template_features().to(self.device)
+        elif self.adapts_backbone():  # the templates through this client's own weights (in place while encoding)
+            if self._replaced is None:
+                self._replaced = frozenset(self.backbone_parameters())
+            f_t = self._adapted_templates(self.backbone, self._replaced).to(self.device)
         else:
             f_t = self.hand_written_features()
         for part in self.parts.values():
             f_t = part.adapt_text_features(f_t)
         return F.normalize(f_t, dim=-1)
-
-    def _adapted_template_features(self) -> Tensor:
-        """The hand-written templates' class features through the weights the parts put in the backbone's place
-        (call inside :meth:`Backbone.call_with`). When they replace projections only, the text tower's pooled
-        features are frozen: computed once, then only projected. [C, D]"""
-        b = self.backbone
-        if not set(self.backbone_parameters()) <= PROJECTIONS:
-            return template_text_features(b, self.class_names, self.templates, trimmed=True)
-        if self._template_pooled is None or self._template_pooled.device != b.device:
-            # not an inference tensor even when first needed in a prediction pass: training reuses it
-            with torch.inference_mode(False), torch.no_grad():
-                tokens = b.tokenize(template_texts(self.class_names, self.templates))  # [C*T, L]
-                self._template_pooled = b.encode_text_embeds(b.embed_tokens(tokens), tokens, project=False)  # [C*T, W]
-        return ensemble(b.project_text(self._template_pooled), len(self.class_names), len(self.templates))
 
     def adapts_backbone(self) -> bool:
         """Whether a part replaces backbone weights while this client encodes (``backbone_parameters``)."""
@@ -257,9 +242,9 @@ class ClientModule(L.LightningModule):
 
     def _features_and_logits(self, x: Tensor | None, encoded: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.adapts_backbone():  # encode with this client's weights in place of the frozen ones
-            return self.backbone.call_with(
-                self.backbone_parameters(), lambda: self._features_and_logits_as_is(x, encoded)
-            )
+            params = self.backbone_parameters()
+            self._replaced = frozenset(params)
+            return self.backbone.call_with(params, lambda: self._features_and_logits_as_is(x, encoded))
         return self._features_and_logits_as_is(x, encoded)
 
     def _features_and_logits_as_is(self, x: Tensor | None, encoded: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

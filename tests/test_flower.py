@@ -58,6 +58,19 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
+def _local_engine(tmp_path: Path, nodes: int) -> dict[str, str]:
+    """The environment of a Flower home whose default SuperLink is the simulation engine with ``nodes`` virtual
+    SuperNodes (one CPU each, two for the backend)."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
+        f"options.num-supernodes = {nodes}\noptions.backend.client-resources.num-cpus = 1\n"
+        "options.backend.init-args.num-cpus = 2\n"
+    )
+    return _env(home)
+
+
 def _kill_by_home(home: Path) -> None:
     """SIGKILL every process started with this FLWR_HOME: Flower detaches some of its children (SuperExec,
     ServerApp, ClientApp processes) into sessions of their own, out of reach of a process-group kill."""
@@ -174,14 +187,7 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
 
 @pytest.mark.slow
 def test_simulation_engine_with_twenty_virtual_clients(tmp_path: Path) -> None:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    env = _env(home)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
-        "options.num-supernodes = 20\noptions.backend.client-resources.num-cpus = 1\n"
-        "options.backend.init-args.num-cpus = 2\n"
-    )
+    env = _local_engine(tmp_path, nodes=20)
     out = tmp_path / "flower-run"
     _app(tmp_path, clients=10, rounds=1, out=out)  # 2 tasks × 10 clients, one per virtual SuperNode
     procs = Processes(env, tmp_path)
@@ -293,14 +299,7 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
     """SecAgg+ on the simulation engine (4 virtual nodes, 2 tasks): the server decodes per-key means from sums
     only, and the result equals the in-process engine's FedAvg up to SecAgg+'s quantization. (One round: over
     more, AdamW's normalised steps amplify the quantization error of earlier rounds.)"""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    env = _env(home)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
-        "options.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 1\n"
-        "options.backend.init-args.num-cpus = 2\n"
-    )
+    env = _local_engine(tmp_path, nodes=4)
     out = tmp_path / "flower-run"
     recipe = tmp_path / "recipe.yaml"
     adamw = "max_steps: 2, optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.05}}"
@@ -344,14 +343,7 @@ def test_secure_aggregation_refuses_rules_that_need_individual_updates(tmp_path:
 
 @pytest.mark.slow
 def test_unlabeled_clients_pseudo_label_on_the_flower_simulation_engine(tmp_path: Path) -> None:
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    env = _env(home)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
-        "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
-        "options.backend.init-args.num-cpus = 2\n"
-    )
+    env = _local_engine(tmp_path, nodes=2)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "backbone: {model_name: mmfl-tiny}\n"

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import datasets
 import torch
 from torch import Tensor
+
+from mmfl.data.splits import LABEL
+
+if TYPE_CHECKING:
+    from mmfl.federated.simulation import _Client
+    from mmfl.module import ClientModule
 
 
 @dataclass
@@ -83,3 +91,43 @@ def pseudo_label_summary(probs: Tensor, index: Tensor) -> dict[str, float]:
         "confidence": float(kept.mean()) if index.numel() else math.nan,
         "classes": float(pred[index].unique().numel()),
     }
+
+
+class PseudoLabeling:
+    """Unlabeled clients in :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the simulation's
+    trainer and loader factories, training settings and metrics)."""
+
+    def pseudo_labeled(self, module: ClientModule, ds: datasets.Dataset) -> tuple[datasets.Dataset, dict[str, float]]:
+        """An unlabeled client's training data for this round: the examples of ``ds`` (no label column) that the
+        module, holding the merged state, predicts most confidently per class (``training.pseudo_labels``), with
+        those predictions as labels; and what was chosen (:func:`pseudo_label_summary`).
+
+        Raises:
+            NoPseudoLabels: no prediction passed the confidence threshold.
+        """
+        assert LABEL not in ds.column_names, "an unlabeled client's data must not carry labels"
+        trainer = self._trainer()
+        try:
+            out = trainer.predict(module, dataloaders=self._loader(module, ds, train=False))
+        finally:
+            module.trainer = None
+        probs = torch.cat([logits for logits, _ in out]).softmax(dim=-1)  # [N, C]
+        rule = self.training.pseudo_labels
+        index, labels = select_pseudo_labels(probs, rule.top_k, rule.threshold)  # [M], [M]
+        if index.numel() == 0:
+            raise NoPseudoLabels(
+                f"no prediction reached training.pseudo_labels.threshold {rule.threshold} "
+                f"(highest confidence {float(probs.max()):.3f}); lower the threshold"
+            )
+        chosen = ds.select(index.tolist()).add_column(LABEL, labels.tolist()).flatten_indices()
+        return chosen, pseudo_label_summary(probs, index)
+
+    def record_fit(self, rnd: int, c: _Client, m: dict[str, float], examples: int, norm: float = math.nan) -> None:
+        """A client's ``fit`` row (``fit_unlabeled`` for an unlabeled client: its loss and accuracy are against its
+        own pseudo-labels) and, for an unlabeled client, a ``pseudo_labels`` row: ``examples`` kept, ``value`` their
+        mean confidence, ``note`` how many were predicted and how many classes the kept ones cover."""
+        self._record_client(rnd, c, "fit" if c.data.labeled else "fit_unlabeled", m, examples, value=norm)
+        if "pseudo_kept" in m:
+            note = f"of {int(m['pseudo_of'])} examples, {int(m['pseudo_classes'])} classes"
+            row = (rnd, "client", c.task.name, c.task.modality, c.data.cid, "pseudo_labels", math.nan, math.nan)
+            self.metrics.add(*row, int(m["pseudo_kept"]), m["pseudo_confidence"], note=note)

@@ -9,10 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
@@ -26,7 +24,7 @@ from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.mixing import MixRule, start_together
-from mmfl.federated.pseudo_labels import NoPseudoLabels, pseudo_label_summary, select_pseudo_labels
+from mmfl.federated.pseudo_labels import PseudoLabeling
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.run_loggers import log_round
@@ -50,7 +48,7 @@ class _Client:
     module: ClientModule
 
 
-class Simulation(Rounds, TaskEvaluation):
+class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
     """Runs a federation in this process.
 
     Clients are (task, modality, data partition). Each round a fraction of them is sampled; each loads
@@ -255,47 +253,12 @@ class Simulation(Rounds, TaskEvaluation):
             metrics.update({"pseudo_" + k: v for k, v in pseudo.items()})
         return update, metrics
 
-    def pseudo_labeled(self, module: ClientModule, ds: datasets.Dataset) -> tuple[datasets.Dataset, dict[str, float]]:
-        """An unlabeled client's training data for this round: the examples of ``ds`` (no label column) that the
-        module, holding the merged state, predicts most confidently per class (``training.pseudo_labels``), with
-        those predictions as labels; and what was chosen (:func:`pseudo_label_summary`).
-
-        Raises:
-            NoPseudoLabels: no prediction passed the confidence threshold.
-        """
-        assert LABEL not in ds.column_names, "an unlabeled client's data must not carry labels"
-        trainer = self._trainer()
-        try:
-            out = trainer.predict(module, dataloaders=self._loader(module, ds, train=False))
-        finally:
-            module.trainer = None
-        probs = torch.cat([logits for logits, _ in out]).softmax(dim=-1)  # [N, C]
-        rule = self.training.pseudo_labels
-        index, labels = select_pseudo_labels(probs, rule.top_k, rule.threshold)  # [M], [M]
-        if index.numel() == 0:
-            raise NoPseudoLabels(
-                f"no prediction reached training.pseudo_labels.threshold {rule.threshold} "
-                f"(highest confidence {float(probs.max()):.3f}); lower the threshold"
-            )
-        chosen = ds.select(index.tolist()).add_column(LABEL, labels.tolist()).flatten_indices()
-        return chosen, pseudo_label_summary(probs, index)
-
     def _record_client(
         self, rnd: int, c: _Client, split: str, m: dict[str, float], examples: int, value: float = math.nan
     ) -> None:
         self.metrics.add(
             rnd, "client", c.task.name, c.task.modality, c.data.cid, split, m["loss"], m["accuracy"], examples, value
         )
-
-    def record_fit(self, rnd: int, c: _Client, m: dict[str, float], examples: int, norm: float = math.nan) -> None:
-        """A client's ``fit`` row (``fit_unlabeled`` for an unlabeled client: its loss and accuracy are against its
-        own pseudo-labels) and, for an unlabeled client, a ``pseudo_labels`` row: ``examples`` kept, ``value`` their
-        mean confidence, ``note`` how many were predicted and how many classes the kept ones cover."""
-        self._record_client(rnd, c, "fit" if c.data.labeled else "fit_unlabeled", m, examples, value=norm)
-        if "pseudo_kept" in m:
-            note = f"of {int(m['pseudo_of'])} examples, {int(m['pseudo_classes'])} classes"
-            row = (rnd, "client", c.task.name, c.task.modality, c.data.cid, "pseudo_labels", math.nan, math.nan)
-            self.metrics.add(*row, int(m["pseudo_kept"]), m["pseudo_confidence"], note=note)
 
     def _keep_best(self, rnd: int, score: float) -> None:
         """Snapshot the global state and every client's local tensors as the best so far (by validation)."""
