@@ -44,6 +44,16 @@ SETTINGS: dict[str, list[str]] = {
     "labeled alone": [],
     "with unlabeled": [],
     "with unlabeled, no threshold": ["--training.pseudo_labels.threshold=0.0"],
+    "with unlabeled, mixup": ["--training.pseudo_labels.mixup=0.75"],
+    "with unlabeled, mixup, from round 4": [
+        "--training.pseudo_labels.mixup=0.75",
+        "--training.pseudo_labels.start_round=4",
+    ],
+    "with unlabeled, mixup, from round 4, top 64": [
+        "--training.pseudo_labels.mixup=0.75",
+        "--training.pseudo_labels.start_round=4",
+        "--training.pseudo_labels.top_k=64",
+    ],
 }
 """Each setting's extra recipe overrides (``labeled alone`` also leaves the unlabeled clients out)."""
 
@@ -104,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--guard-limit", type=int, default=500, help="examples per never-seen set")
+    p.add_argument("--no-guard", action="store_true", help="skip the export and its forgetting guard")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--val-fraction", type=float, default=0.1, help="training data held out as validation data")
@@ -123,8 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
             results[setting][seed] = run(args.recipe, seed, setting, overrides, backbone, out, args.val_fraction)
             log.info("seed %d, %s: %s", seed, setting, results[setting][seed]["accuracy"])
         init = fit_parser().instantiate(cfg)
-        if "with unlabeled" in settings and any(
-            isinstance(f(backbone, ["x"]), BackboneProjections) for f in init.parts
+        if (
+            not args.no_guard
+            and "with unlabeled" in settings
+            and any(isinstance(f(backbone, ["x"]), BackboneProjections) for f in init.parts)
         ):
             run_dir = results["with unlabeled"][seed]["run"]
             _, path = export(run_dir, Path(run_dir) / "export.safetensors")

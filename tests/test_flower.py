@@ -350,8 +350,9 @@ def test_unlabeled_clients_pseudo_label_on_the_flower_simulation_engine(tmp_path
         "tasks:\n  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 2, labeled_fraction: 0.5,"
         " shots: 4, max_test_examples: 30}\n"
         "parts:\n  - class_path: mmfl.prompts.BackboneProjections\n"
-        "training: {accelerator: cpu, max_steps: 2, pseudo_labels: {top_k: 3, threshold: 0.0}}\n"
-        "federation: {rounds: 1}\n"
+        "training: {accelerator: cpu, max_steps: 2, pseudo_labels: {top_k: 3, threshold: 0.0, mixup: 0.5,"
+        " start_round: 2}}\n"
+        "federation: {rounds: 2}\n"
     )
     out = tmp_path / "flower-run"
     args = ["flower-app", "-c", str(recipe), "--app_dir", str(tmp_path / "app"), "--output_dir", str(out)]
@@ -363,7 +364,9 @@ def test_unlabeled_clients_pseudo_label_on_the_flower_simulation_engine(tmp_path
     finally:
         procs.stop_all()
     rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
-    assert {(r[4], r[5]) for r in rows if r[0] == "1" and r[1] == "client"} == {
+    # round 1: the unlabeled client waits (start_round 2); it is not asked, so nothing failed
+    assert {(r[4], r[5]) for r in rows if r[0] == "1" and r[1] in ("client", "node")} == {("digits/image/0", "fit")}
+    assert {(r[4], r[5]) for r in rows if r[0] == "2" and r[1] == "client"} == {
         ("digits/image/0", "fit"),
         ("digits/image/1", "fit_unlabeled"),
         ("digits/image/1", "pseudo_labels"),

@@ -8,12 +8,13 @@ import math
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmfl.backbone import Backbone
 from mmfl.data import SklearnDigits, Task, prepare_task
 from mmfl.data.feature_cache import example_digest
 from mmfl.data.sources import DataSource
-from mmfl.data.splits import LABEL
+from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated import Federation, LocalTraining, Simulation
 from mmfl.federated.pseudo_labels import PseudoLabels, pseudo_label_summary, select_pseudo_labels
 from mmfl.prompts import CoOp
@@ -48,6 +49,10 @@ def test_bad_settings_are_refused() -> None:
         PseudoLabels(top_k=0).check()
     with pytest.raises(ValueError, match="threshold must be in"):
         PseudoLabels(threshold=1.0).check()
+    with pytest.raises(ValueError, match="mixup must be >= 0"):
+        PseudoLabels(mixup=-0.5).check()
+    with pytest.raises(ValueError, match="start_round must be >= 1"):
+        PseudoLabels(start_round=0).check()
 
 
 class _Relabeled(DataSource):
@@ -147,6 +152,69 @@ def test_no_confident_prediction_sits_the_round_out(tiny_backbone: Backbone, cap
     failed = [r for r in sim.metrics.rows if r["split"] == "fit_failed"]
     assert len(failed) == 2 and all("NoPseudoLabels" in r["note"] and "threshold" in r["note"] for r in failed)
     assert {r["split"] for r in sim.metrics.rows if r["level"] == "client"} == {"fit", "fit_failed"}
+
+
+def test_mixup_mixes_each_feature_with_another_and_their_labels_alike(tiny_backbone: Backbone) -> None:
+    sim = _sim(tiny_backbone, prepare_task(_task(SklearnDigits())), top_k=3, threshold=0.0, mixup=0.75)
+    module = sim.clients[0].module
+    torch.manual_seed(1)
+    f = torch.randn(6, tiny_backbone.embed_dim)  # cached encodings of 6 inputs
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    batch = {ENCODED: f, LABEL: y}
+    module.train()
+    module.on_train_epoch_start()
+    module.mixup = 0.75
+    torch.manual_seed(7)
+    loss = module._step(batch, module.train_acc, "train")
+    # by hand: the same draws, λ folded to >= 0.5; features mixed, then the two labels' losses mixed alike
+    torch.manual_seed(7)
+    lam = torch.distributions.Beta(0.75, 0.75).sample((6,))
+    lam = torch.maximum(lam, 1 - lam)
+    perm = torch.randperm(6)
+    assert (lam >= 0.5).all() and (lam < 1).all() and not torch.equal(perm, torch.arange(6))
+    fn = F.normalize(f, dim=-1)
+    mixed = F.normalize(lam[:, None] * fn + (1 - lam[:, None]) * fn[perm], dim=-1)
+    with torch.no_grad():
+        f_t = module.class_text_features()  # [C, D]
+    scale = tiny_backbone.logit_scale.exp()
+    logits = scale * mixed @ f_t.t()
+    ce, ce_perm = (F.cross_entropy(logits, t, reduction="none") for t in (y, y[perm]))
+    assert torch.allclose(loss, (lam * ce + (1 - lam) * ce_perm).mean(), atol=1e-5)
+    # off: the plain cross-entropy; evaluation never mixes
+    module.mixup = 0.0
+    plain = module._step(batch, module.train_acc, "train")
+    assert torch.allclose(plain, F.cross_entropy(scale * fn @ f_t.t(), y), atol=1e-5)
+    assert not torch.allclose(plain, loss, atol=1e-3)
+    module.mixup = 0.75
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(module(None, f), scale * fn @ f_t.t(), atol=1e-5)
+
+
+def test_mixup_is_for_unlabeled_clients_only(tiny_backbone: Backbone) -> None:
+    sim = _sim(tiny_backbone, prepare_task(_task(SklearnDigits())), top_k=3, threshold=0.0, mixup=0.75)
+    sim.run_round(1)
+    assert [c.module.mixup for c in sim.clients] == [0.0 if c.data.labeled else 0.75 for c in sim.clients]
+    assert sorted(c.module.mixup for c in sim.clients) == [0.0, 0.0, 0.75, 0.75]
+
+
+def test_unlabeled_clients_wait_for_start_round(tiny_backbone: Backbone) -> None:
+    sim = _sim(tiny_backbone, prepare_task(_task(SklearnDigits())), top_k=3, threshold=0.0, start_round=2)
+    labeled = [i for i, c in enumerate(sim.clients) if c.data.labeled]
+    assert sim.sample(1) == labeled and sim.sample(2) == [0, 1, 2, 3]  # left out of the draw, not failed
+    sim.run()
+    splits = {(r["round"], r["split"]) for r in sim.metrics.rows if r["level"] == "client"}
+    assert splits == {(1, "fit"), (2, "fit"), (2, "fit_unlabeled"), (2, "pseudo_labels")}
+    # a draw of unlabeled clients only, before start_round: the round trains nobody and changes nothing
+    sim = _sim(tiny_backbone, prepare_task(_task(SklearnDigits())), top_k=3, threshold=0.0, start_round=40)
+    sim.federation.fraction = 0.25  # one client a round
+    rnd = next(r for r in range(1, 40) if not sim.sample(r))
+    before = {k: v.clone() for k, v in sim.global_state.items()}
+    assert sim.run_round(rnd) == {} and all(torch.equal(before[k], sim.global_state[k]) for k in before)
+    # nobody labeled: the rounds before start_round would train nothing
+    with pytest.raises(ValueError, match="start_round is 3 but no client holds labels"):
+        task = Task("digits", SklearnDigits(), clients=2, labeled_fraction=0.0, max_test_examples=20)
+        _sim(tiny_backbone, prepare_task(task), start_round=3)
 
 
 RESUMABLE = """\

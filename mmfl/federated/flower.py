@@ -162,6 +162,7 @@ class ScopedFedAvg(FlowerFedAvg):
         self.sim = sim
         self.output_dir = output_dir
         self.node_keys: dict[int, list[str]] = {}
+        self.node_client: dict[int, str] = {}  # the client each node said it runs
         self.failures: dict[int, int] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -174,9 +175,14 @@ class ScopedFedAvg(FlowerFedAvg):
         self._learn_keys(
             grid, [m.metadata.dst_node_id for m in sampled if m.metadata.dst_node_id not in self.node_keys]
         )
+        waiting = set()  # unlabeled clients before training.pseudo_labels.start_round are not asked
+        if server_round < self.sim.training.pseudo_labels.start_round:
+            waiting = {c.data.cid for c in self.sim.clients if not c.data.labeled}
         messages = []
         for msg in sampled:
             node = msg.metadata.dst_node_id
+            if self.node_client.get(node) in waiting:
+                continue
             keys = self.node_keys.get(node)
             mine = arrays if keys is None else ArrayRecord({k: state[k] for k in keys if k in state})
             record = RecordDict({"arrays": mine, "config": ConfigRecord(dict(msg.content["config"]))})
@@ -192,7 +198,9 @@ class ScopedFedAvg(FlowerFedAvg):
         asks = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(asks, timeout=600):
             if not reply.has_error():  # a node that cannot answer gets the whole state and is learned later
-                self.node_keys[reply.metadata.src_node_id] = keys[str(reply.content["client"]["cid"])]
+                cid = str(reply.content["client"]["cid"])
+                self.node_client[reply.metadata.src_node_id] = cid
+                self.node_keys[reply.metadata.src_node_id] = keys[cid]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Merge each key over the replies that hold it; record failed nodes in metrics.csv."""

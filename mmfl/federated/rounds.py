@@ -66,6 +66,9 @@ class Rounds:
             RoundFailed: fewer than ``min_clients`` clients succeeded after the retries.
         """
         sampled = [self.clients[i] for i in self.sample(rnd)]
+        if not sampled:  # only unlabeled clients were drawn, before training.pseudo_labels.start_round
+            log.info("round %d: no sampled client trains yet (unlabeled clients wait); the state is unchanged", rnd)
+            return {}
         replies: dict[str, tuple[Update, dict[str, float]]] = {}
         failed: dict[str, str] = {}
         needed = min(self.federation.min_clients, len(sampled))

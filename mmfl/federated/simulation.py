@@ -24,7 +24,7 @@ from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.mixing import MixRule, start_together
-from mmfl.federated.pseudo_labels import PseudoLabeling
+from mmfl.federated.pseudo_labels import NoPseudoLabels, PseudoLabeling
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.run_loggers import log_round
@@ -116,6 +116,11 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
                 self.clients.append(_Client(data, task, module))
         if not self.clients:
             raise ValueError("the federation has no clients: give at least one task")
+        if self.training.pseudo_labels.start_round > 1 and not any(c.data.labeled for c in self.clients):
+            raise ValueError(
+                f"training.pseudo_labels.start_round is {self.training.pseudo_labels.start_round} but no client holds "
+                "labels, so rounds before it would train nothing: set start_round: 1, or give a task labeled clients"
+            )
         for c in self.clients:
             if not any(p.requires_grad for p in c.module.parts.parameters()):
                 raise ValueError(
@@ -222,11 +227,15 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
 
     # ---------------------------------------------------------------- one round
     def sample(self, rnd: int) -> list[int]:
-        """Indices of the clients sampled in round ``rnd`` (deterministic in seed and round)."""
+        """Indices of the clients sampled in round ``rnd`` (deterministic in seed and round); before
+        ``training.pseudo_labels.start_round``, the unlabeled ones among them are left out."""
         n = len(self.clients)
         k = min(n, max(self.federation.min_clients, math.ceil(self.federation.fraction * n)))
         rng = np.random.default_rng([self.seed, rnd])
-        return sorted(rng.choice(n, size=k, replace=False).tolist())
+        chosen = sorted(rng.choice(n, size=k, replace=False).tolist())
+        if rnd < self.training.pseudo_labels.start_round:  # unlabeled clients wait for a model worth labelling with
+            chosen = [i for i in chosen if self.clients[i].data.labeled]
+        return chosen
 
     def fit_client(self, client: _Client, rnd: int) -> tuple[Update, dict[str, float]]:
         """Load the global tensors, train locally, and return the reply and training metrics."""
@@ -236,7 +245,10 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         seed_all(s)
         data, pseudo = client.data.train, None
         if not client.data.labeled:  # this round's training data: its own examples, labelled by the merged model
+            if rnd < self.training.pseudo_labels.start_round:  # a Flower node asked before the server knew its client
+                raise NoPseudoLabels(f"unlabeled clients join at round {self.training.pseudo_labels.start_round}")
             data, pseudo = self.pseudo_labeled(module, data)
+        module.mixup = self.training.pseudo_labels.mixup if pseudo is not None else 0.0
         loader = self._loader(module, data, train=True, seed=s)
         trainer = self._trainer(self.training.epochs, self.training.max_steps)
         if self.federation.client_timeout is not None:
