@@ -2,11 +2,12 @@
 
 ``python -m benchmarks.unlabeled --seeds 0 1 2 [--recipe recipes/unlabeled.yaml] [--json FILE] [overrides ...]``
 
-For each seed, the recipe's federation (tasks with ``labeled_fraction`` < 1) runs twice with the same partitions,
-shots and training budget:
+For each seed, the recipe's federation (tasks with ``labeled_fraction`` < 1) runs in each setting with the same
+partitions, shots and training budget (``--settings``; by default the first three):
 
     labeled alone:   only the labeled clients (the unlabeled ones are left out of the federation);
-    with unlabeled:  every client; the unlabeled ones train on pseudo-labels (``training.pseudo_labels``).
+    with unlabeled:  every client; the unlabeled ones train on pseudo-labels (the recipe's ``training.pseudo_labels``);
+    with unlabeled, …: the same with one of the recipe's pseudo-label settings changed (ablations: SETTINGS).
 
 Each task is scored on its test split with the final merged state. Then the second run's merged backbone projections
 (a ``BackboneProjections`` part of ``global`` scope, if the recipe has one) are exported as ``mmfl export`` does and
@@ -43,17 +44,14 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "unlabeled.yaml"
 SETTINGS: dict[str, list[str]] = {
     "labeled alone": [],
     "with unlabeled": [],
+    "with unlabeled, no mixup, no warm-up": [
+        "--training.pseudo_labels.mixup=0",
+        "--training.pseudo_labels.start_round=1",
+    ],
+    "with unlabeled, no warm-up": ["--training.pseudo_labels.start_round=1"],
+    "with unlabeled, top 64": ["--training.pseudo_labels.top_k=64"],
+    "with unlabeled, every confident one": ["--training.pseudo_labels.top_k=null"],
     "with unlabeled, no threshold": ["--training.pseudo_labels.threshold=0.0"],
-    "with unlabeled, mixup": ["--training.pseudo_labels.mixup=0.75"],
-    "with unlabeled, mixup, from round 4": [
-        "--training.pseudo_labels.mixup=0.75",
-        "--training.pseudo_labels.start_round=4",
-    ],
-    "with unlabeled, mixup, from round 4, top 64": [
-        "--training.pseudo_labels.mixup=0.75",
-        "--training.pseudo_labels.start_round=4",
-        "--training.pseudo_labels.top_k=64",
-    ],
 }
 """Each setting's extra recipe overrides (``labeled alone`` also leaves the unlabeled clients out)."""
 
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guard-limit", type=int, default=500, help="examples per never-seen set")
     p.add_argument("--no-guard", action="store_true", help="skip the export and its forgetting guard")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS)[:3], choices=list(SETTINGS))
     p.add_argument("--val-fraction", type=float, default=0.1, help="training data held out as validation data")
     args, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
