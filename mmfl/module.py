@@ -16,6 +16,7 @@ from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local, qualify
 from mmfl.knowledge import KnowledgeGuidance, anchor_features, prograd_project, total, zero_shot_kl
+from mmfl.mixup import mix_features, mixed_cross_entropy
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
 from mmfl.text_features import AdaptedTemplates, zero_shot_text_features
@@ -253,8 +254,9 @@ class ClientModule(L.LightningModule):
 
     def _features_and_logits_as_is(self, x: Tensor | None, encoded: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         f_x = self.input_features(x, encoded)  # [B, D]
-        if self.training and self.mixup > 0 and f_x.shape[0] > 1:
-            f_x = self._mixed(f_x)
+        if self.training and self.mixup > 0 and f_x.shape[0] > 1:  # the loss mixes the labels alike (_step)
+            f_x, lam, perm = mix_features(f_x, self.mixup)
+            self._mix = (lam, perm)
         if self._eval_text is not None and not self.training:  # weights do not move while evaluating
             f_t = self._eval_text.to(f_x.dtype)  # [C, D]
         else:
@@ -266,27 +268,11 @@ class ClientModule(L.LightningModule):
             return f_x, f_t, scale * torch.einsum("bd,bcd->bc", f_x, f_t)  # [B, C]
         return f_x, f_t, scale * f_x @ f_t.t()  # [B, C]
 
-    def _mixed(self, f_x: Tensor) -> Tensor:
-        """Each feature mixed with another of the batch: ``norm(λ f + (1 − λ) f[perm])``, λ ~ Beta(α, α) per
-        example, folded to λ ≥ 0.5 so each mix stays nearer its own example (MixMatch). [B, D]"""
-        b = f_x.shape[0]
-        lam = torch.distributions.Beta(self.mixup, self.mixup).sample((b,))  # [B], on the CPU generator
-        lam = torch.maximum(lam, 1 - lam).to(device=f_x.device, dtype=f_x.dtype)
-        perm = torch.randperm(b).to(f_x.device)  # [B]
-        self._mix = (lam, perm)
-        return F.normalize(lam[:, None] * f_x + (1 - lam[:, None]) * f_x[perm], dim=-1)
-
     def _step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> Tensor:
         x, y, encoded = batch.get(self.modality.input_key), batch[LABEL], batch.get(ENCODED)
         f_x, f_t, logits = self._features_and_logits(x, encoded)
         mix, self._mix = self._mix, None
-        if mix is None:
-            loss = F.cross_entropy(logits.float(), y)
-        else:  # mixed features: the loss mixes the two examples' labels with the same weights
-            lam, perm = mix
-            ce = F.cross_entropy(logits.float(), y, reduction="none")  # [B]
-            ce_perm = F.cross_entropy(logits.float(), y[perm], reduction="none")  # [B]
-            loss = (lam.float() * ce + (1 - lam.float()) * ce_perm).mean()
+        loss = F.cross_entropy(logits.float(), y) if mix is None else mixed_cross_entropy(logits, y, *mix)
         if stage == "train" and self.knowledge is not None:
             loss = loss + self._guidance(x, y, encoded, f_x, f_t, logits)
         if stage == "train":
