@@ -30,6 +30,7 @@ and training is exactly unguided.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +162,38 @@ def anchor_features(zs_t: Tensor, missing: Tensor, f_x: Tensor, labels: Tensor) 
     """
     gap = (f_x.detach() - zs_t[labels].to(f_x.dtype)).mean(dim=0)  # [D]
     return F.normalize(zs_t[missing].to(f_x.dtype) + gap, dim=-1)  # [M, D]
+
+
+def anchor_loss(
+    source: Tensor,
+    held: Sequence[int],
+    f_x: Tensor,
+    y: Tensor,
+    f_t: Tensor,
+    scale: Tensor,
+    conditioned: Callable[[Tensor], Tensor],
+) -> Tensor | float:
+    """Cross-entropy of the synthetic anchors (:func:`anchor_features`) of the classes a client does not hold.
+
+    Args:
+        source: the class features the anchors are made from [C, D].
+        held: the labels of the client's training data (the other classes get anchors; none missing: 0).
+        f_x, y: the batch's input features [B, D] and labels [B].
+        f_t: the class features the batch was scored with, [C, D] or input-conditioned [B, C, D].
+        scale: the logit scale.
+        conditioned: input features [M, D] → class features [M, C, D], used when ``f_t`` is input-conditioned (the
+            anchors are scored with class features conditioned on themselves).
+    """
+    missing = sorted(set(range(source.shape[0])) - set(held))
+    if not missing:
+        return 0.0
+    m = torch.tensor(missing, device=f_x.device)
+    a = anchor_features(source, m, f_x, y)  # [M, D]
+    if f_t.dim() == 3:
+        a_logits = scale * torch.einsum("md,mcd->mc", a, conditioned(a).to(a.dtype))
+    else:
+        a_logits = scale * a @ f_t.t()  # [M, C]
+    return F.cross_entropy(a_logits.float(), m)
 
 
 def total(terms: dict[str, Tensor]) -> Tensor | float:

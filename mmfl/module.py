@@ -15,7 +15,7 @@ from mmfl.backbone import Backbone
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local, qualify
-from mmfl.knowledge import KnowledgeGuidance, anchor_features, prograd_project, total, zero_shot_kl
+from mmfl.knowledge import KnowledgeGuidance, anchor_loss, prograd_project, total, zero_shot_kl
 from mmfl.mixup import mix_features, mixed_cross_entropy
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart
@@ -307,16 +307,9 @@ class ClientModule(L.LightningModule):
             ref = torch.autograd.grad(kl, params, retain_graph=True, allow_unused=True)
             self._prograd_ref = [(p, h) for p, h in zip(params, ref, strict=True) if h is not None]
         if k.anchors > 0 and self.held_classes is not None:
-            missing = sorted(set(range(len(self.class_names))) - set(self.held_classes))
-            if missing:
-                m = torch.tensor(missing, device=f_x.device)
-                source = self._anchor_source if self._anchor_source is not None else zs_t  # [C, D]
-                a = anchor_features(source, m, f_x, y)  # [M, D]
-                if f_t.dim() == 3:  # input-conditioned class features: conditioned on the anchors themselves
-                    a_logits = scale * torch.einsum("md,mcd->mc", a, self.class_text_features(a).to(a.dtype))
-                else:
-                    a_logits = scale * a @ f_t.t()  # [M, C]
-                extra = extra + k.anchors * F.cross_entropy(a_logits.float(), m)
+            source = self._anchor_source if self._anchor_source is not None else zs_t  # [C, D]
+            anchors = anchor_loss(source, self.held_classes, f_x, y, f_t, scale, self.class_text_features)
+            extra = extra + k.anchors * anchors
         return extra
 
     def on_after_backward(self) -> None:
