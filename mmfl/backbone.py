@@ -15,6 +15,7 @@ from mmfl.backbones.args import check_backbone_args
 from mmfl.backbones.blocks import encode_vit_prompted, prefix_layout
 from mmfl.backbones.projections import TOWERS, call_with_parameters, find_projections
 from mmfl.backbones.text_tower import encode_hf, encode_native, hf_layers
+from mmfl.hub import fetching
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,18 +59,24 @@ class Backbone:
         offline = resolve_offline(model_name, pretrained)
         if offline is not None:  # mmfl-mini: a checkpoint assembled from installed packages
             weights, extra = offline
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            model_name,
-            pretrained=weights,
-            device=device,
-            precision=precision,
-            cache_dir=cache_dir,
-            **extra,
+        what = f"backbone {model_name!r}" + (f" with weights {pretrained!r}" if pretrained else "")
+        mend = (
+            "give backbone.pretrained a local checkpoint file of that model (downloaded where there is network), "
+            "or use the offline backbone mmfl-mini"
         )
+        with fetching(what, mend):
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=weights,
+                device=device,
+                precision=precision,
+                cache_dir=cache_dir,
+                **extra,
+            )
+            self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         self.model: nn.Module = model
         self.preprocess_train: Callable[[Any], Tensor] = preprocess_train
         self.preprocess_val: Callable[[Any], Tensor] = preprocess_val
-        self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         self.model.requires_grad_(False)
         self.model.eval()
         self._hf = isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder)

@@ -14,7 +14,7 @@ from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 from mmfl import plots
 from mmfl.backbone import Backbone, check_backbone_args
 from mmfl.data.bundled import BUNDLED
-from mmfl.data.task import Task, check_task, prepare_task
+from mmfl.data.task import Task, check_task, load_split, prepare_task
 from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
 from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
@@ -24,6 +24,7 @@ from mmfl.federated.resume import CHECKPOINT
 from mmfl.federated.run_loggers import build_loggers
 from mmfl.federated.simulation import Simulation, seed_all
 from mmfl.federated.summary import run_summary
+from mmfl.hub import Unavailable
 from mmfl.modalities import ModalityError, available_modalities
 from mmfl.progress import progress_for
 from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_argv
@@ -64,6 +65,9 @@ def zeroshot_parser() -> ArgumentParser:
     p.add_argument("--label_column", type=str, default="label", help="label column of a hub data set")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--accelerator", type=str, default="auto")
+    p.add_argument(
+        "--skip_undecodable", action=ActionYesNo, default=False, help="leave out examples that cannot be read"
+    )
     p.add_argument("--json", action=ActionYesNo, default=False, help="print one JSON object instead of a sentence")
     return p
 
@@ -129,10 +133,12 @@ def run_zeroshot(cfg: Namespace) -> dict:
         cfg.backbone = checkpoint_model_name(cfg.pretrained) or "mmfl-mini"
     check_backbone_args(cfg.backbone, cfg.pretrained)
     source = resolve_data(cfg.data, cfg.input_column, cfg.label_column)
-    task = Task(name=Path(cfg.data).name or cfg.data, data=source, modality=cfg.modality)
+    name = Path(cfg.data).name or cfg.data
+    task = Task(name=name, data=source, modality=cfg.modality, skip_undecodable=cfg.skip_undecodable)
     if cfg.templates is not None:
         task.templates = list(cfg.templates)
     check_task(task)
+    loaded = load_split(task, cfg.split, cfg.limit)  # data first: a missing or unreadable set fails in seconds
     backbone = Backbone(cfg.backbone, pretrained=cfg.pretrained)
     result = zero_shot(
         backbone,
@@ -141,6 +147,7 @@ def run_zeroshot(cfg: Namespace) -> dict:
         limit=cfg.limit,
         batch_size=cfg.batch_size,
         accelerator=cfg.accelerator,
+        loaded=loaded,
     )
     result = {
         "backbone": cfg.backbone,
@@ -309,6 +316,8 @@ def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     import datasets
 
     datasets.disable_progress_bars()
+    # the Hub client's per-retry warnings (5 of them, twice each, when offline): mmfl reports the failure once
+    logging.getLogger("huggingface_hub.utils._http").setLevel(logging.NOTSET if verbose else logging.ERROR)
     if verbose:
         datasets.logging.set_verbosity_info()
     else:
@@ -357,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except RoundFailed as e:
         print(f"mmfl {cfg.subcommand}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, ModalityError) as e:
+    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, ModalityError, Unavailable) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"mmfl {cfg.subcommand}: error: {msg}", file=sys.stderr)
         return 2

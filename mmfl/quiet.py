@@ -25,6 +25,19 @@ def verbose() -> bool:
 
 
 @contextmanager
+def drop_root_messages(*fragments: str) -> Iterator[None]:
+    """Within the block, the root logger (where open_clip logs) drops records containing any of ``fragments``
+    (nothing is dropped with :func:`verbose`)."""
+    drop = _DropMessages(() if verbose() else fragments)
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+@contextmanager
 def quiet_third_party(*root_messages: str) -> Iterator[None]:
     """Within the block: transformers logs errors only and shows no progress bars, and the root logger (where
     open_clip logs) drops records containing any of ``root_messages``. Everything is restored afterwards; with
@@ -37,13 +50,10 @@ def quiet_third_party(*root_messages: str) -> Iterator[None]:
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    drop = _DropMessages(root_messages)
-    root = logging.getLogger()
-    root.addFilter(drop)
     try:
-        yield
+        with drop_root_messages(*root_messages):
+            yield
     finally:
-        root.removeFilter(drop)
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()

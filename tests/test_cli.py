@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets.config
+import huggingface_hub.constants
 import open_clip
 import pytest
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from mmfl import cli
@@ -192,9 +195,14 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
         ("no_folder", "does not exist or is not a folder"),
         ("scope", "parts.0 (mmfl.CoOp) scopes.ctx: scope 'mix(task, task_modality, own=0.5)': the groups of 'task'"),
         ("knowledge", "training.knowledge weights must be >= 0, got {'anchors': -1.0}"),
+        ("broken_image", "1 of 5 example(s) cannot be read as 'image' inputs: cannot decode image '"),
+        ("latin1_csv", "cannot read its files: UnicodeDecodeError"),
+        ("hub_offline", "cannot fetch data set 'owner/name': offline mode is on"),
     ],
 )
-def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_path, capsys, no_backbone) -> None:
+def test_bad_input_is_reported_before_any_model_or_output(
+    case, message, tmp_path, capsys, no_backbone, monkeypatch
+) -> None:
     if case == "modality":
         recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}, modality: smell}")
     elif case == "modality_args":
@@ -224,12 +232,35 @@ def test_bad_input_is_reported_before_any_model_or_output(case, message, tmp_pat
     elif case == "knowledge":
         recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}}")
         Path(recipe).write_text(Path(recipe).read_text() + "training: {knowledge: {anchors: -1}}\n")
+    elif case == "broken_image":
+        for i in range(4):
+            (tmp_path / "img" / "test" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / "img" / "test" / f"c{i % 2}" / f"{i}.png")
+        shutil.copytree(tmp_path / "img" / "test", tmp_path / "img" / "train")
+        (tmp_path / "img" / "test" / "c1" / "broken.png").write_bytes(b"not a png")
+        data = f"{{class_path: mmfl.data.ImageFolder, init_args: {{data_dir: {tmp_path / 'img'}}}}}"
+        recipe = _recipe(tmp_path, f"  - {{name: s, data: {data}}}")
+    elif case == "latin1_csv":
+        (tmp_path / "d.csv").write_bytes("text,label\ncaf\xe9,0\nna\xefve,1\n".encode("latin-1"))
+        data = f"{{class_path: mmfl.data.HubDataset, init_args: {{path: csv, data_files: {tmp_path / 'd.csv'}}}}}"
+        recipe = _recipe(tmp_path, f"  - {{name: s, data: {data}, modality: text}}")
+    elif case == "hub_offline":  # as on a machine without network (HF_HUB_OFFLINE=1, read when they are imported)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        recipe = _recipe(
+            tmp_path, "  - {name: s, data: {class_path: mmfl.data.HubDataset, init_args: {path: owner/name}}}"
+        )
     else:
         recipe = str(tmp_path / "empty.yaml")
         Path(recipe).write_text("backbone: {model_name: mmfl-tiny}\ntasks: []\n")
     assert _run("-c", recipe, "--output_dir", str(tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert message in err, err
+    assert err.startswith("mmfl fit: error: ") and "Traceback" not in err
+    if case == "broken_image":  # the file, and both ways to mend it
+        assert "broken.png" in err and "Mend or remove them" in err and "skip_undecodable: true" in err
+    if case == "latin1_csv":
+        assert "d.csv" in err and "load_kwargs: {encoding: <their encoding>}" in err
     if case == "modality":
         assert "image" in err
     if case == "modality_args":

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import datasets.exceptions
+
+from mmfl.hub import Unavailable, fetching
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +99,36 @@ class HubDataset(DataSource):
             raise FileNotFoundError(f"data_dir {data_dir!r} does not exist or is not a folder")
 
     def describe(self) -> str:
-        """The path (and data_dir) of the data set."""
-        return f"{self.path}" + (f" ({self.data_dir})" if self.data_dir else "")
+        """The path (and data_dir or data_files) of the data set."""
+        where = self.data_dir or (self.data_files if isinstance(self.data_files, str | list) else None)
+        return f"{self.path}" + (f" ({where})" if where else "")
 
     def load(self) -> datasets.DatasetDict:
         """Open the data set and return its train and test splits."""
-        dd = datasets.load_dataset(
-            self.path,
-            self.name,
-            data_dir=self.data_dir,
-            data_files=self.data_files,
-            revision=self.revision,
-            **self.load_kwargs,
+        local = (
+            "use a local copy: `class_path: mmfl.data.ImageFolder` with `data_dir`, or `mmfl.data.HubDataset` with "
+            "path csv/json/parquet/audiofolder and `data_files` or `data_dir`"
         )
+        try:
+            with fetching(f"data set {self.describe()!r}", local):
+                dd = datasets.load_dataset(
+                    self.path,
+                    self.name,
+                    data_dir=self.data_dir,
+                    data_files=self.data_files,
+                    revision=self.revision,
+                    **self.load_kwargs,
+                )
+        except datasets.exceptions.DatasetGenerationError as e:  # a local or fetched file that cannot be parsed
+            cause = e.__cause__ or e
+            mend = (
+                "save the file(s) as UTF-8, or pass `load_kwargs: {encoding: <their encoding>}`"
+                if isinstance(cause, UnicodeDecodeError)
+                else "mend or remove the file(s), or check the builder's options (load_kwargs)"
+            )
+            raise Unavailable(
+                f"data set {self.describe()!r}: cannot read its files: {type(cause).__name__}: {cause}; {mend}"
+            ) from e
         if self.train_split not in dd:
             raise KeyError(f"{self.describe()}: no split {self.train_split!r}; it has {list(dd)}")
         if self.test_split is not None and self.test_split in dd:

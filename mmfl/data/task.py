@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 from flwr_datasets.partitioner import IidPartitioner, Partitioner
 
+from mmfl.data.decode_check import decodable
 from mmfl.data.sources import DataSource
 from mmfl.data.splits import DOMAIN, LABEL, drop_domains, hold_out, keep_labels, split_classes
 from mmfl.federated.scopes import check_name
@@ -56,6 +57,8 @@ class Task:
             ``round(labeled_fraction × clients)`` of them); the others hold their partition without its label column
             and train on pseudo-labels (``training.pseudo_labels``); ``shots`` and ``local_test_fraction`` apply to the
             labeled ones only. 1: every client is labeled; 0: none is.
+        skip_undecodable: leave out examples whose input cannot be read (a broken image or audio file), with a
+            warning giving their count and first names; by default they are an error before training starts.
     """
 
     name: str
@@ -72,6 +75,7 @@ class Task:
     domain_column: str | None = None
     holdout_domains: list[str] | None = None
     labeled_fraction: float = 1.0
+    skip_undecodable: bool = False
 
     def __post_init__(self) -> None:
         if self.modality is None:  # the data source's own modality (image unless it says otherwise)
@@ -251,20 +255,7 @@ def load_split(task: Task, split: str = "test", limit: int | None = None) -> tup
     class_names = _class_names(task, dd[split], task.data.label_column)
     if limit is not None and len(ds) > limit:
         ds = ds.shuffle(seed=0).select(range(limit)).flatten_indices()
-    return ds, class_names
-
-
-def _validate_first(task: Task, modality, where: str, ds: datasets.Dataset, input_key: str) -> None:
-    """Let the modality check the first example of ``ds``, naming the task, data, column and holder if it fails."""
-    if len(ds) == 0:
-        return
-    try:
-        modality.validate(ds[0][input_key])
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"task {task.name!r} ({where}): column {task.data.input_column!r} of {task.data.describe()} does not "
-            f"fit the {task.modality!r} modality: {e}"
-        ) from e
+    return decodable(task, task.build_modality(), ds, input_key, f"{split} split"), class_names
 
 
 def labeled_clients(task: Task, trained: int) -> int:
@@ -308,8 +299,9 @@ def prepare_task(
     for split in ("train", "test"):
         if split not in dd:
             raise ValueError(f"task {task.name!r}: {task.data.describe()} has no {split!r} split")
-    train = _normalise(task, "train", dd["train"], input_key)
-    test = _normalise(task, "test", dd["test"], input_key)
+    modality = task.build_modality()
+    train = decodable(task, modality, _normalise(task, "train", dd["train"], input_key), input_key, "train split")
+    test = decodable(task, modality, _normalise(task, "test", dd["test"], input_key), input_key, "test split")
     class_names = _class_names(task, dd["train"], task.data.label_column)
     _class_names(task, dd["test"], task.data.label_column)
     if task.max_test_examples is not None and len(test) > task.max_test_examples:
@@ -335,7 +327,6 @@ def prepare_task(
     if val is not None and task.max_test_examples is not None and len(val) > task.max_test_examples:
         val = val.select(range(task.max_test_examples))  # the rest stays held out (never trained on)
 
-    stored = train  # in its stored order: its first example is checked below
     partitioner = (task.partitioner or IidPartitioner)(task.clients)
     if isinstance(partitioner, IidPartitioner):
         # IidPartitioner cuts contiguous shards (FederatedDataset shuffles first): on data stored in label order
@@ -367,9 +358,6 @@ def prepare_task(
                 "use fewer clients or a less skewed partitioner"
             )
         clients.append(ClientData(cid, task.name, task.modality, part, local_test, labeled))
-    modality = task.build_modality()
-    for where, ds in [("train split", stored), ("test split", test)] + [(f"client {c.cid}", c.train) for c in clients]:
-        _validate_first(task, modality, where, ds, input_key)
     log.info(
         "task %s (%s, %d classes%s): %d train examples over %d clients (%s)%s%s, %d test",
         task.name,

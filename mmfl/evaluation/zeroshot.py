@@ -6,6 +6,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import datasets
+
 from mmfl.backbone import Backbone
 from mmfl.data.bundled import BUNDLED
 from mmfl.data.loader import make_loader
@@ -41,6 +43,7 @@ def zero_shot(
     limit: int | None = None,
     batch_size: int = 32,
     accelerator: str = "auto",
+    loaded: tuple[datasets.Dataset, list[str]] | None = None,
 ) -> dict[str, float | int]:
     """Top-1 of the backbone with template-ensembled class prompts on one split.
 
@@ -52,11 +55,12 @@ def zero_shot(
         limit: score a fixed random subset of at most this many examples.
         batch_size: evaluation batch size.
         accelerator: Lightning accelerator.
+        loaded: the split and class names from ``load_split(task, split, limit)`` when already loaded.
 
     Returns:
         ``{"top1", "chance", "n", "classes", "loss"}`` — fractions in [0, 1].
     """
-    ds, class_names = load_split(task, split, limit)
+    ds, class_names = loaded or load_split(task, split, limit)
     if len(ds) == 0:
         raise ValueError(f"task {task.name!r}: the {split!r} split is empty")
     modality = task.build_modality()

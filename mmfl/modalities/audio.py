@@ -27,6 +27,16 @@ def decode_audio(value: Any, sample_rate: int) -> np.ndarray:
         ValueError: the value cannot be decoded (naming the file) or has an unusable sample rate.
     """
     import librosa
+
+    wave, rate = read_audio(value, sample_rate)
+    if rate != sample_rate:
+        wave = librosa.resample(wave, orig_sr=rate, target_sr=sample_rate)
+    return wave.astype(np.float32)
+
+
+def read_audio(value: Any, sample_rate: int) -> tuple[np.ndarray, int]:
+    """One audio example → (mono float32 waveform [T], its sample rate), not resampled; see :func:`decode_audio`
+    (a plain array is taken to be at ``sample_rate``)."""
     import soundfile
 
     rate: int | None = None
@@ -58,9 +68,7 @@ def decode_audio(value: Any, sample_rate: int) -> np.ndarray:
         raise ValueError(f"audio must be a 1-d waveform (or [T, channels]); got shape {wave.shape}")
     if not 1000 <= int(rate) <= 384_000:
         raise ValueError(f"audio sample rate {rate} Hz is not plausible (expected 1 kHz – 384 kHz)")
-    if int(rate) != sample_rate:
-        wave = librosa.resample(wave, orig_sr=int(rate), target_sr=sample_rate)
-    return wave.astype(np.float32)
+    return wave, int(rate)
 
 
 class AudioModality(Modality):
@@ -129,8 +137,8 @@ class AudioModality(Modality):
         return apply
 
     def validate(self, value: Any) -> None:
-        """Decode one example (raises ValueError naming the file when it cannot be)."""
-        decode_audio(value, self.sample_rate)
+        """Decode one example, without resampling (raises ValueError naming the file when it cannot be)."""
+        read_audio(value, self.sample_rate)
 
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
         """Spectrogram images [B, 3, H, W] → joint-space features [B, D] (with the parts' VPT tokens, if any)."""

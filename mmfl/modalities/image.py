@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,20 @@ class ImageModality(Modality):
             return preprocess(image)
 
         return apply
+
+    def validate(self, value: Any) -> None:
+        """An undecoded ``datasets.Image`` value (``{"bytes", "path"}``) must decode as an image (raises ValueError
+        naming the file when it cannot be); other values (PIL images, arrays) are taken as they are."""
+        if not isinstance(value, dict) or not (value.get("bytes") or value.get("path")):
+            return
+        from PIL import Image
+
+        name = value.get("path") or f"<{len(value['bytes'])} bytes>"
+        try:
+            with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
+                image.load()
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+            raise ValueError(f"cannot decode image {name!r}: {type(e).__name__}: {e}") from e
 
     def encode(self, backbone: Backbone, x: Tensor, parts: Sequence[TrainablePart]) -> Tensor:
         """Images [B, 3, H, W] → joint-space features [B, D] (with the parts' VPT tokens, if any)."""
