@@ -3,15 +3,10 @@ virtual clients, and a SuperNode killed mid-run. Every process started here is s
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,139 +16,32 @@ from mmfl import cli
 
 pytest.importorskip("flwr", reason="the Flower engine needs flwr: pip install 'mmfl[flower]'")
 
-BIN = Path(sys.executable).parent
-RECIPE = """
-backbone: {model_name: mmfl-tiny}
-tasks:
-  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: CLIENTS, shots: 4, max_test_examples: 30}
-  - {name: animals, data: {class_path: mmfl.data.AnimalSilhouettes}, clients: CLIENTS, shots: 4, max_test_examples: 30}
-parts:  # a context shared by all plus a per-task one from zero; an adapter per task, half mixed with all tasks'
-  - class_path: mmfl.prompts.CoOp
-    init_args: {n_ctx: 2, scope: global+task}
-  - class_path: mmfl.prompts.ClipAdapter
-    init_args: {scope: "mix(task, global, own=0.5)"}
-training: {accelerator: cpu, max_steps: 2}
-federation: {rounds: ROUNDS}
-"""
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_HOME=str(home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(_port()),
-        PYTHONUNBUFFERED="1",
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink starts flower-superexec by name
-    )
-    return env
-
-
-def _local_engine(tmp_path: Path, nodes: int) -> dict[str, str]:
-    """The environment of a Flower home whose default SuperLink is the simulation engine with ``nodes`` virtual
-    SuperNodes (one CPU each, two for the backend)."""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
-        f"options.num-supernodes = {nodes}\noptions.backend.client-resources.num-cpus = 1\n"
-        "options.backend.init-args.num-cpus = 2\n"
-    )
-    return _env(home)
-
-
-def _kill_by_home(home: Path) -> None:
-    """SIGKILL every process started with this FLWR_HOME: Flower detaches some of its children (SuperExec,
-    ServerApp, ClientApp processes) into sessions of their own, out of reach of a process-group kill."""
-    mark = f"FLWR_HOME={home}".encode() + b"\0"
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if mark in (proc / "environ").read_bytes() + b"\0":
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
-class Processes:
-    """Starts processes in their own process groups and stops every one of them."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs, self.procs = env, logs, []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("w")
-        p = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        _kill_by_home(Path(self.env["FLWR_HOME"]))
-        for p in self.procs:
-            p.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def processes(env: dict[str, str], logs: Path) -> Iterator[Processes]:
-    """Processes that are all killed (with their children) on the way out."""
-    procs = Processes(env, logs)
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
-
-
-def _app(tmp_path: Path, clients: int, rounds: int, out: Path, min_nodes: int = 0) -> Path:
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.replace("CLIENTS", str(clients)).replace("ROUNDS", str(rounds)))
-    app = tmp_path / "app"
-    args = ["flower-app", "-c", str(recipe), "--app_dir", str(app), "--output_dir", str(out)]
-    assert cli.main([*args, f"--min_nodes={min_nodes}"]) == 0
-    return recipe
-
-
-def _flwr(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=env["FLWR_HOME"]
-    )
-
-
-def _status(env: dict[str, str], connection: str) -> list[str]:
-    """The status of every run the SuperLink knows (``flwr ls``), e.g. ``finished:completed``."""
-    done = _flwr(env, "ls", connection, "--format", "json", timeout=60)
-    runs = json.loads(done.stdout)["runs"]
-    return [r["status"] for r in runs]
-
-
-def _in_process(recipe: Path, out: Path) -> dict:
-    assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(out)]) == 0
-    return load_file(out / "global.safetensors")
+from flower_procs import (
+    BIN,
+    RECIPE,
+    Processes,
+    flwr,
+    flwr_env,
+    in_process,
+    local_engine,
+    port,
+    processes,
+    status,
+    write_app,
+)
 
 
 @pytest.mark.slow
 def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: Path) -> None:
     home = tmp_path / "flwr-home"
     home.mkdir()
-    env = _env(home)
-    link = _port()  # Flower 1.42 serves the Fleet, Control and runtime APIs on one HTTP port
+    env = flwr_env(home)
+    link = port()  # Flower 1.42 serves the Fleet, Control and runtime APIs on one HTTP port
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
     )
     out = tmp_path / "flower-run"
-    recipe = _app(tmp_path, clients=1, rounds=2, out=out)
+    recipe = write_app(tmp_path, clients=1, rounds=2, out=out)
     with processes(env, tmp_path) as procs:
         procs.start(
             "superlink",
@@ -170,15 +58,15 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
                 "--insecure",
                 f"--superlink=127.0.0.1:{link}",
                 "--host=127.0.0.1",
-                f"--port={_port()}",
+                f"--port={port()}",
                 f'--node-config=client="{cid}"',
             )
         time.sleep(4)
-        done = _flwr(env, "run", str(tmp_path / "app"), "deploy", "--stream")
+        done = flwr(env, "run", str(tmp_path / "app"), "deploy", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert _status(env, "deploy") == ["finished:completed"]
+        assert status(env, "deploy") == ["finished:completed"]
     flower = load_file(out / "global.safetensors")
-    local = _in_process(recipe, tmp_path / "in-process")
+    local = in_process(recipe, tmp_path / "in-process")
     assert flower.keys() == local.keys() and {"global/coop.ctx", "task/digits/coop.ctx"} <= set(flower)
     assert any(k.startswith("task/animals/adapter.") for k in flower)  # the mixed adapter: one tensor per task
     for k in flower:
@@ -187,14 +75,14 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
 
 @pytest.mark.slow
 def test_simulation_engine_with_twenty_virtual_clients(tmp_path: Path) -> None:
-    env = _local_engine(tmp_path, nodes=20)
+    env = local_engine(tmp_path, nodes=20)
     out = tmp_path / "flower-run"
-    _app(tmp_path, clients=10, rounds=1, out=out)  # 2 tasks × 10 clients, one per virtual SuperNode
+    write_app(tmp_path, clients=10, rounds=1, out=out)  # 2 tasks × 10 clients, one per virtual SuperNode
     procs = Processes(env, tmp_path)
     try:
-        done = _flwr(env, "run", str(tmp_path / "app"), "local", "--stream")
+        done = flwr(env, "run", str(tmp_path / "app"), "local", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert _status(env, "local") == ["finished:completed"]
+        assert status(env, "local") == ["finished:completed"]
     finally:
         procs.stop_all()  # the local SuperLink `flwr run` started, and its children
     rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
@@ -209,13 +97,13 @@ def test_simulation_engine_with_twenty_virtual_clients(tmp_path: Path) -> None:
 def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
     home = tmp_path / "flwr-home"
     home.mkdir()
-    env = _env(home)
-    link = _port()
+    env = flwr_env(home)
+    link = port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
     )
     out = tmp_path / "flower-run"
-    _app(tmp_path, clients=2, rounds=3, out=out, min_nodes=2)
+    write_app(tmp_path, clients=2, rounds=3, out=out, min_nodes=2)
     with processes(env, tmp_path) as procs:
         procs.start("superlink", "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={link}")
         nodes = {}
@@ -226,7 +114,7 @@ def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> N
                 "--insecure",
                 f"--superlink=127.0.0.1:{link}",
                 "--host=127.0.0.1",
-                f"--port={_port()}",
+                f"--port={port()}",
                 f'--node-config=client="{cid}"',
             )
         time.sleep(4)
@@ -248,7 +136,7 @@ def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> N
             pytest.fail("round 1 did not finish")
         os.killpg(nodes["digits/image/1"].pid, signal.SIGKILL)
         assert run.wait(timeout=500) == 0
-        assert _status(env, "deploy") == ["finished:completed"]
+        assert status(env, "deploy") == ["finished:completed"]
     rows = [line.split(",") for line in metrics.read_text().splitlines()[1:]]
     assert {r[4] for r in rows if r[0] == "1" and r[5] == "fit"} == {
         "digits/image/0",
@@ -270,7 +158,7 @@ def test_the_app_flower_reads_and_the_node_config(tmp_path: Path, tiny_backbone)
     from mmfl.federated.flower import client_index, federation_from_config
 
     out = tmp_path / "run"
-    _app(tmp_path, clients=2, rounds=1, out=out, min_nodes=3)
+    write_app(tmp_path, clients=2, rounds=1, out=out, min_nodes=3)
     cfg = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(cfg, check_module=True, project_dir=tmp_path / "app")
     assert ok, errors
@@ -299,7 +187,7 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
     """SecAgg+ on the simulation engine (4 virtual nodes, 2 tasks): the server decodes per-key means from sums
     only, and the result equals the in-process engine's FedAvg up to SecAgg+'s quantization. (One round: over
     more, AdamW's normalised steps amplify the quantization error of earlier rounds.)"""
-    env = _local_engine(tmp_path, nodes=4)
+    env = local_engine(tmp_path, nodes=4)
     out = tmp_path / "flower-run"
     recipe = tmp_path / "recipe.yaml"
     adamw = "max_steps: 2, optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.05}}"
@@ -310,13 +198,13 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
     assert "flower_secagg:secure_server_app" in (app / "pyproject.toml").read_text()
     procs = Processes(env, tmp_path)
     try:
-        done = _flwr(env, "run", str(app), "local", "--stream")
+        done = flwr(env, "run", str(app), "local", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert _status(env, "local") == ["finished:completed"]
+        assert status(env, "local") == ["finished:completed"]
     finally:
         procs.stop_all()
     flower = load_file(out / "global.safetensors")
-    local = _in_process(recipe, tmp_path / "in-process")
+    local = in_process(recipe, tmp_path / "in-process")
     adapter = {k for k in local if "/adapter." in k}  # mixed over the tasks: one copy per task
     assert {k.split("/")[1] for k in adapter} == {"digits", "animals"}
     assert (
@@ -343,7 +231,7 @@ def test_secure_aggregation_refuses_rules_that_need_individual_updates(tmp_path:
 
 @pytest.mark.slow
 def test_unlabeled_clients_pseudo_label_on_the_flower_simulation_engine(tmp_path: Path) -> None:
-    env = _local_engine(tmp_path, nodes=2)
+    env = local_engine(tmp_path, nodes=2)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "backbone: {model_name: mmfl-tiny}\n"
@@ -359,7 +247,7 @@ def test_unlabeled_clients_pseudo_label_on_the_flower_simulation_engine(tmp_path
     assert cli.main(args) == 0
     procs = Processes(env, tmp_path)
     try:
-        done = _flwr(env, "run", str(tmp_path / "app"), "local", "--stream")
+        done = flwr(env, "run", str(tmp_path / "app"), "local", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
         procs.stop_all()
@@ -373,7 +261,7 @@ def test_unlabeled_clients_pseudo_label_on_the_flower_simulation_engine(tmp_path
     }
     pseudo = next(r for r in rows if r[5] == "pseudo_labels")
     assert 0 < int(pseudo[8]) <= 30 and 0 < float(pseudo[9]) <= 1  # kept at most top_k × 10 classes
-    local = _in_process(recipe, tmp_path / "in-process")
+    local = in_process(recipe, tmp_path / "in-process")
     flower = load_file(out / "global.safetensors")
     assert sorted(flower) == sorted(local) == ["global/align.delta.text_projection", "global/align.delta.visual_proj"]
     for k in flower:

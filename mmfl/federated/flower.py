@@ -8,7 +8,9 @@ exactly the code of the in-process engine, so both engines give the same tensors
 Run config (``[tool.flwr.app.config]`` of the app that ``mmfl flower-app`` writes, or ``flwr run --run-config``):
     ``recipe-yaml``: the resolved recipe itself (so every machine reads the same one); ``overrides``: recipe
     overrides (``--federation.rounds=2 ...``); ``output-dir``: where the ServerApp writes metrics.csv and the
-    state; ``min-nodes``: nodes to wait for before a round; ``round-timeout``: seconds to wait for replies.
+    state; ``min-nodes``: nodes to wait for before a round; ``round-timeout``: seconds to wait for replies;
+    ``resume``: continue the run in ``output-dir`` after its last complete round (its ``checkpoint.safetensors``,
+    the same file ``mmfl fit`` writes), e.g. ``flwr run APP --run-config resume=true``.
 
 Node config (``flower-supernode --node-config``): ``client="digits/image/0"`` (a client id of the recipe:
 task/modality/index), or ``partition-id=N`` (the recipe's N-th client; the simulation engine sets it).
@@ -20,18 +22,14 @@ import logging
 import math
 import shlex
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from torch import Tensor
 
-from mmfl.federated.aggregate import Update
-from mmfl.federated.checkpoint import save_state
-from mmfl.federated.faults import validate_update
+from mmfl.federated.faults import RoundFailed
+from mmfl.federated.flower_strategy import ScopedFedAvg, as_flag, check_output, resume_server
 from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)
@@ -143,139 +141,12 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"client": ConfigRecord({"cid": cid})}), reply_to=msg)
 
 
-# ---------------------------------------------------------------- ServerApp
-class ScopedFedAvg(FlowerFedAvg):
-    """Flower's FedAvg sampling and messaging, merged per scope group with mmfl's own aggregator.
-
-    Plain FedAvg requires every reply to carry the same keys; clients of different tasks and modalities do
-    not. Each node is sent only the tensors of its own keys (learned by a query before its first round), and each key is
-    merged over exactly the clients that returned it, by the recipe's aggregator.
-
-    Args:
-        sim: the server's federation (global state, aggregator, evaluation, metrics).
-        output_dir: where metrics.csv and global.safetensors go (None: nowhere).
-        kwargs: Flower FedAvg's sampling arguments.
-    """
-
-    def __init__(self, sim: Simulation, output_dir: Path | None = None, **kwargs) -> None:
-        super().__init__(fraction_evaluate=0.0, **kwargs)
-        self.sim = sim
-        self.output_dir = output_dir
-        self.node_keys: dict[int, list[str]] = {}
-        self.node_client: dict[int, str] = {}  # the client each node said it runs
-        self.failures: dict[int, int] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """FedAvg's sampling; one message per node holding only its node's tensors once its keys are known.
-
-        (FedAvg's own messages share one RecordDict, so each node gets a record of its own.)
-        """
-        state = self.sim.global_state
-        sampled = list(super().configure_train(server_round, arrays, config, grid))
-        self._learn_keys(
-            grid, [m.metadata.dst_node_id for m in sampled if m.metadata.dst_node_id not in self.node_keys]
-        )
-        waiting = set()  # unlabeled clients before training.pseudo_labels.start_round are not asked
-        if server_round < self.sim.training.pseudo_labels.start_round:
-            waiting = {c.data.cid for c in self.sim.clients if not c.data.labeled}
-        messages = []
-        for msg in sampled:
-            node = msg.metadata.dst_node_id
-            if self.node_client.get(node) in waiting:
-                continue
-            keys = self.node_keys.get(node)
-            mine = arrays if keys is None else ArrayRecord({k: state[k] for k in keys if k in state})
-            record = RecordDict({"arrays": mine, "config": ConfigRecord(dict(msg.content["config"]))})
-            messages.append(Message(record, dst_node_id=node, message_type=MessageType.TRAIN))
-        return messages
-
-    def _learn_keys(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask new nodes which client they run (one query round trip) and note that client's non-local keys."""
-        if not nodes:
-            return
-        keys = {c.data.cid: c.module.trainable_keys(include_local=False) for c in self.sim.clients}
-        record = RecordDict({"config": ConfigRecord({"ask": "client"})})
-        asks = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        for reply in grid.send_and_receive(asks, timeout=600):
-            if not reply.has_error():  # a node that cannot answer gets the whole state and is learned later
-                cid = str(reply.content["client"]["cid"])
-                self.node_client[reply.metadata.src_node_id] = cid
-                self.node_keys[reply.metadata.src_node_id] = keys[cid]
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """Merge each key over the replies that hold it; record failed nodes in metrics.csv."""
-        replies = list(replies)
-        updates, losses = [], []
-        failed = [m for m in replies if m.has_error()]
-        invalid: list[tuple[Message, str]] = []
-        for msg in replies:
-            if msg.has_error():
-                continue
-            try:
-                state: dict[str, Tensor] = msg.content["arrays"].to_torch_state_dict()
-                metrics = msg.content["metrics"]
-                cid = str(msg.content["client"]["cid"])
-                n = int(metrics["num-examples"])
-            except (KeyError, TypeError, ValueError) as e:
-                invalid.append((msg, f"malformed reply: {type(e).__name__}: {e}"))
-                continue
-            problem = (
-                validate_update(Update(cid, state, n), self.sim.specs[cid])
-                if cid in self.sim.specs
-                else (f"unknown client {cid!r}")
-            )
-            if problem:
-                invalid.append((msg, f"InvalidUpdate: {problem}"))
-                continue
-            self.node_keys[msg.metadata.src_node_id] = sorted(state)
-            updates.append(Update(cid, state, n))
-            c = next(c for c in self.sim.clients if c.data.cid == cid)
-            loss, acc = float(metrics.get("train-loss", math.nan)), float(metrics.get("train-accuracy", math.nan))
-            pseudo = {k: float(v) for k, v in metrics.items() if k.startswith("pseudo_")}
-            self.sim.record_fit(server_round, c, {"loss": loss, "accuracy": acc, **pseudo}, n)
-            if "local-test-accuracy" in metrics:
-                ev = {"loss": math.nan, "accuracy": float(metrics["local-test-accuracy"])}
-                self.sim._record_client(server_round, c, "local_test", ev, int(metrics["local-test-examples"]))
-            losses.append((loss, n))
-        for msg, why in [(m, f"error: {m.error.reason}") for m in failed] + invalid:
-            node = msg.metadata.src_node_id
-            self.failures[server_round] = self.failures.get(server_round, 0) + 1
-            self.sim.metrics.add(server_round, "node", "", "", str(node), "fit_failed", math.nan, math.nan, 0, note=why)
-            log.warning("round %d: node %d left out: %s", server_round, node, why)
-        failed = failed + [m for m, _ in invalid]
-        if not updates:
-            log.warning("round %d: no client replied; the global state is unchanged", server_round)
-            return None, MetricRecord({"failures": float(len(failed))})
-        order = {c.data.cid: i for i, c in enumerate(self.sim.clients)}
-        updates.sort(key=lambda u: order[u.cid])  # the in-process engine's order (it fixes float sums)
-        self.sim.merge(server_round, updates, len(replies))
-        total = sum(n for _, n in losses)
-        loss = sum(v * n for v, n in losses) / total if total else math.nan
-        return ArrayRecord(self.sim.global_state), MetricRecord(
-            {"train-loss": loss, "clients": float(len(updates)), "failures": float(len(failed))}
-        )
-
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Server-side evaluation (``evaluate_fn``): every task's test split, metrics.csv, the checkpoint."""
-        sim = self.sim
-        sim.global_state.update(arrays.to_torch_state_dict())
-        rounds = sim.federation.rounds
-        out: dict[str, float] = {}
-        if server_round == 0 or server_round % sim.federation.eval_every == 0 or server_round == rounds:
-            out = {k: float(v) for k, v in sim.evaluate_tasks(server_round).items()}
-            log.info("round %d: test accuracy %s", server_round, out)
-        sim.metrics.flush()
-        if self.output_dir is not None and server_round > 0:
-            meta = {"round": str(server_round), "rounds": str(rounds), "backbone": sim.backbone.model_name}
-            save_state(self.output_dir / "global.safetensors", sim.global_state, meta)
-        return MetricRecord(out)
-
-
 def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     """The ServerApp's federation (writing to ``output-dir``), the nodes to wait for (``min-nodes``, default one
     per client) and the nodes to train each round (the recipe's fraction and ``min_clients``)."""
     sim = federation_from_config(cfg)
     out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
+    check_output(sim, out, as_flag(cfg.get("resume", False)))  # before anything there is touched
     if out is not None:
         sim.attach_output(out)
     min_nodes = int(cfg.get("min-nodes", len(sim.clients)))
@@ -284,6 +155,7 @@ def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     return sim, out, min_nodes, min_train
 
 
+# ---------------------------------------------------------------- ServerApp
 server_app = ServerApp()
 
 
@@ -294,17 +166,32 @@ def main(grid: Grid, context: Context) -> None:
 
     cfg = dict(context.run_config)
     sim, out, min_nodes, min_train = server_setup(cfg)
+    done = resume_server(sim, out) if as_flag(cfg.get("resume", False)) else 0
+    rounds, timeout = sim.federation.rounds, float(cfg.get("round-timeout", 3600))
+    if done >= rounds:
+        log.info("the run in %s already completed its %d rounds; nothing to do", out, rounds)
+        return
     strategy = ScopedFedAvg(
-        sim, out, fraction_train=sim.federation.fraction, min_train_nodes=min_train, min_available_nodes=min_nodes
+        sim,
+        out,
+        offset=done,
+        timeout=timeout,
+        fraction_train=sim.federation.fraction,
+        min_train_nodes=min_train,
+        min_available_nodes=min_nodes,
     )
-    with quiet_lightning():
-        strategy.start(
-            grid,
-            ArrayRecord({k: v.clone() for k, v in sim.global_state.items()}),
-            num_rounds=sim.federation.rounds,
-            timeout=float(cfg.get("round-timeout", 3600)),
-            evaluate_fn=strategy.evaluate,
-        )
+    try:
+        with quiet_lightning():
+            strategy.start(
+                grid,
+                ArrayRecord({k: v.clone() for k, v in sim.global_state.items()}),
+                num_rounds=rounds - done,
+                timeout=timeout,
+                evaluate_fn=strategy.evaluate,
+            )
+    except RoundFailed as e:
+        log.error("%s", e)
+        raise
 
 
 def write_app(
@@ -332,7 +219,7 @@ def write_app(
     import json
 
     app_dir.mkdir(parents=True, exist_ok=True)
-    config = {"recipe-yaml": recipe_yaml, "overrides": overrides, "output-dir": str(output_dir or "")}
+    config = {"recipe-yaml": recipe_yaml, "overrides": overrides, "output-dir": str(output_dir or ""), "resume": False}
     if min_nodes:
         config["min-nodes"] = min_nodes
     apps = ("mmfl.federated.flower:server_app", "mmfl.federated.flower:client_app")

@@ -38,6 +38,7 @@ from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates, 
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import validate_update
 from mmfl.federated.flower import LOCAL_STATE, client_index, federation_from_config, server_setup
+from mmfl.federated.flower_strategy import as_flag
 from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ def secure_main(grid: Grid, context: Context) -> None:
     from mmfl.module import quiet_lightning
 
     cfg = {**DEFAULTS, **dict(context.run_config)}
+    if as_flag(cfg.get("resume", False)):
+        raise ValueError("resume=true is not built for SecAgg+ apps (they write no round checkpoint); start it anew")
     sim, out, min_nodes, min_train = server_setup(cfg)
     check_secure(sim.federation.aggregator, len(sim.clients))
     strategy = SecureScopedFedAvg(

@@ -1,0 +1,139 @@
+"""Flower processes on 127.0.0.1 for the Flower tests: a Flower home, a SuperLink (deployment or the simulation
+engine), SuperNodes, `flwr run`, and stopping every process started."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from mmfl import cli
+
+BIN = Path(sys.executable).parent
+RECIPE = """
+backbone: {model_name: mmfl-tiny}
+tasks:
+  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: CLIENTS, shots: 4, max_test_examples: 30}
+  - {name: animals, data: {class_path: mmfl.data.AnimalSilhouettes}, clients: CLIENTS, shots: 4, max_test_examples: 30}
+parts:  # a context shared by all plus a per-task one from zero; an adapter per task, half mixed with all tasks'
+  - class_path: mmfl.prompts.CoOp
+    init_args: {n_ctx: 2, scope: global+task}
+  - class_path: mmfl.prompts.ClipAdapter
+    init_args: {scope: "mix(task, global, own=0.5)"}
+training: {accelerator: cpu, max_steps: 2}
+federation: {rounds: ROUNDS}
+"""
+
+
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(port()),
+        PYTHONUNBUFFERED="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink starts flower-superexec by name
+    )
+    return env
+
+
+def local_engine(tmp_path: Path, nodes: int) -> dict[str, str]:
+    """The environment of a Flower home whose default SuperLink is the simulation engine with ``nodes`` virtual
+    SuperNodes (one CPU each, two for the backend)."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
+        f"options.num-supernodes = {nodes}\noptions.backend.client-resources.num-cpus = 1\n"
+        "options.backend.init-args.num-cpus = 2\n"
+    )
+    return flwr_env(home)
+
+
+def kill_by_home(home: Path) -> None:
+    """SIGKILL every process started with this FLWR_HOME: Flower detaches some of its children (SuperExec,
+    ServerApp, ClientApp processes) into sessions of their own, out of reach of a process-group kill."""
+    mark = f"FLWR_HOME={home}".encode() + b"\0"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if mark in (proc / "environ").read_bytes() + b"\0":
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+class Processes:
+    """Starts processes in their own process groups and stops every one of them."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.procs = env, logs, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("w")
+        p = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        kill_by_home(Path(self.env["FLWR_HOME"]))
+        for p in self.procs:
+            p.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def processes(env: dict[str, str], logs: Path) -> Iterator[Processes]:
+    """Processes that are all killed (with their children) on the way out."""
+    procs = Processes(env, logs)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def write_app(tmp_path: Path, clients: int, rounds: int, out: Path, min_nodes: int = 0) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("CLIENTS", str(clients)).replace("ROUNDS", str(rounds)))
+    app = tmp_path / "app"
+    args = ["flower-app", "-c", str(recipe), "--app_dir", str(app), "--output_dir", str(out)]
+    assert cli.main([*args, f"--min_nodes={min_nodes}"]) == 0
+    return recipe
+
+
+def flwr(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=env["FLWR_HOME"]
+    )
+
+
+def status(env: dict[str, str], connection: str) -> list[str]:
+    """The status of every run the SuperLink knows (``flwr ls``), e.g. ``finished:completed``."""
+    done = flwr(env, "ls", connection, "--format", "json", timeout=60)
+    runs = json.loads(done.stdout)["runs"]
+    return [r["status"] for r in runs]
+
+
+def in_process(recipe: Path, out: Path) -> dict:
+    assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(out)]) == 0
+    return load_file(out / "global.safetensors")
