@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,47 @@ def test_benchmark_run_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert r["bytes_per_client_round"] == 2 * 4 * 64 * 4
     bb = Backbone("mmfl-tiny")
     assert r["full_model_bytes"] == 2 * sum(t.numel() * t.element_size() for t in bb.model.state_dict().values())
+
+
+def test_fuzz_judges_what_a_user_would_see(tmp_path: Path) -> None:
+    import sys
+
+    from benchmarks import fuzz
+
+    console = fuzz.Console()
+    try:
+
+        def crash() -> int:
+            raise SystemExit(2)
+
+        def report(code: int, text: str):
+            def run() -> int:
+                print(text, file=sys.stderr)
+                return code
+
+            return run
+
+        assert fuzz.judge_command(report(0, ""), console) == ("runs", "")
+        assert fuzz.judge_command(report(2, "mmfl fit: error: bad"), console) == ("clean_errors", "")
+        assert fuzz.judge_command(report(1, "mmfl fit: error: round 1 failed"), console) == ("clean_errors", "")
+        assert fuzz.judge_command(report(2, "Traceback (most recent call last):"), console)[0] == "tracebacks"
+        assert fuzz.judge_command(crash, console)[0] == "tracebacks"  # exit 2 and not a word
+        assert fuzz.judge_command(report(3, "error: odd"), console)[0] == "tracebacks"
+    finally:
+        console.close()
+    with pytest.raises(fuzz.CaseTimeout), fuzz.time_limit(0.05):
+        while True:
+            pass
+
+
+def test_fuzz_benchmark_counts_every_input(tmp_path: Path) -> None:
+    from benchmarks import fuzz
+
+    out = tmp_path / "fuzz.json"
+    mix = '{"reply": 1, "checkpoint": 1, "command": 1, "recipe": 1}'
+    result = fuzz.main(["--n", "24", "--mix", mix, "--json", str(out)])
+    assert result["tried"] == 24 == sum(result[o] for o in fuzz.OUTCOMES)
+    assert result["tracebacks"] == 0 and result["timeouts"] == 0, result["examples"]
+    assert result["clean_errors"] > 0 and result["runs"] > 0
+    assert all(v["tried"] > 0 for v in result["per_kind"].values())
+    assert json.loads(out.read_text())["tried"] == 24

@@ -189,6 +189,7 @@ BENCH_TESTS = {
     "benchmarks.sharing_cost": "test_sharing_cost_counts_the_bytes_of_each_setting",
     "benchmarks.robust": "test_robust_benchmark_attackers_send_what_they_claim",
     "benchmarks.run": "test_benchmark_run_smoke_writes_every_figure",
+    "benchmarks.fuzz": "test_fuzz_benchmark_counts_every_input",
 }
 BENCH_TINY = {
     "benchmarks.part_sizes": [],

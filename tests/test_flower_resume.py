@@ -48,10 +48,6 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_tensors(tmp_path: Path
         procs.stop_all()  # the SuperLink, the ServerApp and the ClientApps, at once
         killed_after = load_checkpoint(out / CHECKPOINT).round
         assert 1 <= killed_after < 3
-        again = flwr(env, "run", app, "local", "--stream")  # a new run into the folder is refused
-        assert "already holds a run" in again.stdout + again.stderr
-        assert load_checkpoint(out / CHECKPOINT).round == killed_after  # and left as it was
-        procs.stop_all()
         done = flwr(env, "run", app, "local", "--run-config", "resume=true", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
     finally:

@@ -187,7 +187,7 @@ def _digest(run: Path) -> dict[str, str]:
     return {str(f.relative_to(run)): hashlib.sha256(f.read_bytes()).hexdigest() for f in run.rglob("*") if f.is_file()}
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign", "metadata", "rng"])
 def test_a_damaged_checkpoint_is_a_clear_error_and_the_run_is_left_intact(tmp_path: Path, capsys, damage) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.replace("rounds: 6", "rounds: 1"))
@@ -199,13 +199,24 @@ def test_a_damaged_checkpoint_is_a_clear_error_and_the_run_is_left_intact(tmp_pa
         ckpt.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
         ckpt.write_bytes(b"\x00" * 64)
-    else:
+    elif damage == "foreign":
         (run / "global.safetensors").replace(ckpt)  # a valid safetensors file, but not a checkpoint
+    else:  # a well-formed file whose content mmfl did not write: edited metadata, an impossible RNG state
+        with safe_open(ckpt, "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(ckpt)
+        if damage == "metadata":
+            meta["rng"] = '{"python": 1}'
+        else:
+            tensors["rng::python"][3] = -7
+        save_state(ckpt, tensors, meta)
     before = _digest(run)
     assert cli.main(["fit", "-c", str(recipe), "--resume", str(run), "--federation.rounds=2"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint.safetensors" in err
-    assert ("truncated or corrupt" in err) if damage != "foreign" else ("not an mmfl round checkpoint" in err)
+    expected = {"foreign": "not an mmfl round checkpoint", "metadata": "damaged checkpoint: its rng entry"}
+    expected["rng"] = "damaged checkpoint: its rng tensors entry"
+    assert expected.get(damage, "truncated or corrupt") in err, err
     assert _digest(run) == before
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from mmfl.federated.checkpoint import load_state, save_state
+from mmfl.federated.metrics import COLUMNS
 
 if TYPE_CHECKING:
     from mmfl.federated.simulation import Simulation
@@ -123,12 +124,68 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{str(path)!r}: damaged checkpoint metadata ({e})") from e
 
 
+def _is_row(r: object) -> bool:
+    """A metrics row as :class:`~mmfl.federated.metrics.MetricsWriter` keeps it."""
+    if not (isinstance(r, dict) and set(r) == set(COLUMNS)):
+        return False
+    ints = all(isinstance(r[k], int) and not isinstance(r[k], bool) for k in ("round", "examples"))
+    floats = all(isinstance(r[k], int | float) and not isinstance(r[k], bool) for k in ("loss", "accuracy", "value"))
+    return ints and floats and all(isinstance(r[k], str) for k in ("level", "task", "modality", "client", "split"))
+
+
+def _is_rows(rows: object) -> bool:
+    return isinstance(rows, list) and all(_is_row(r) for r in rows)
+
+
+def _check_structure(ckpt: Checkpoint) -> None:
+    """Every metadata entry and RNG tensor has the form :func:`save_checkpoint` writes (the file is input: it may
+    have been damaged or edited); raises ValueError naming the first that does not."""
+    meta, rng = ckpt.meta, ckpt.section("rng")
+    extra = meta["rng"]
+    problems = {
+        "metrics": not _is_rows(meta["metrics"]),
+        "clients": not (isinstance(meta["clients"], list) and all(isinstance(c, str) for c in meta["clients"])),
+        "best": not (
+            isinstance(meta["best"], list)
+            and len(meta["best"]) == 2
+            and (meta["best"][0] is None or isinstance(meta["best"][0], int))
+            and (meta["best"][1] is None or isinstance(meta["best"][1], int | float))
+        ),
+        "rng": not (
+            isinstance(extra, dict)
+            and isinstance(extra.get("python"), list)
+            and len(extra["python"]) == 2
+            and isinstance(extra["python"][0], int)
+            and isinstance(extra.get("numpy"), list)
+            and len(extra["numpy"]) == 4
+            and extra["numpy"][0] == "MT19937"
+            and all(isinstance(v, int | float) for v in extra["numpy"][1:])
+            and isinstance(extra["numpy"][1], int)
+            and 0 <= extra["numpy"][1] <= 624
+        ),
+        "rng tensors": not (
+            set(rng) == {"torch", "python", "numpy"}
+            and rng["torch"].dtype == torch.uint8
+            and rng["python"].shape == (625,)
+            and rng["numpy"].shape == (624,)
+            and bool(((rng["python"][:-1] >= 0) & (rng["python"][:-1] < 2**32)).all())
+            and 0 <= int(rng["python"][-1]) <= 624
+            and bool(((rng["numpy"] >= 0) & (rng["numpy"] < 2**32)).all())
+        ),
+    }
+    bad = [name for name, wrong in problems.items() if wrong]
+    if bad:
+        raise ValueError(f"damaged checkpoint: its {bad[0]} entry is not what mmfl writes")
+
+
 def restore(sim: Simulation, ckpt: Checkpoint) -> int:
-    """Put ``sim`` back into the state it had after round ``ckpt.round``; returns that round.
+    """Put ``sim`` back into the state it had after round ``ckpt.round``; returns that round. Everything is checked
+    before anything of ``sim`` changes.
 
     Raises:
-        ValueError: the checkpoint was written by another recipe or seed (keys, shapes or clients differ).
+        ValueError: a damaged checkpoint, or one written by another recipe or seed (keys, shapes or clients differ).
     """
+    _check_structure(ckpt)
     where = "the checkpoint was written by a different recipe"
     if ckpt.seed != sim.seed:
         raise ValueError(f"{where}: seed {ckpt.seed}, this run has --seed {sim.seed}")
@@ -143,6 +200,11 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
         ref = sim.global_state[k]
         if v.shape != ref.shape or v.dtype != ref.dtype:
             raise ValueError(f"{where}: {k} is {tuple(v.shape)} {v.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
+    sim.federation.aggregator.load_state_dict(ckpt.section("aggregator"))  # raises before anything else changes
+    try:
+        set_rng_state(ckpt.section("rng"), ckpt.meta["rng"])
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise ValueError(f"damaged checkpoint: its RNG state cannot be restored ({type(e).__name__}: {e})") from e
     sim.global_state = dict(glob)
     local = ckpt.clients("client")
     for c in sim.clients:
@@ -153,8 +215,6 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
     sim.best_local = {cid: best_local.get(cid, {}) for cid in cids} if best_round is not None else {}
     sim.best_round = best_round
     sim.best_score = best_score if best_score is not None else float("-inf")
-    sim.federation.aggregator.load_state_dict(ckpt.section("aggregator"))
     sim.metrics.restore(ckpt.meta["metrics"])
-    set_rng_state(ckpt.section("rng"), ckpt.meta["rng"])
     sim.completed = ckpt.round
     return ckpt.round

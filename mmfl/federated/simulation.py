@@ -313,7 +313,11 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         path = Path(run_dir) / CHECKPOINT
         if not path.exists():
             return None
-        return restore(self, load_checkpoint(path))
+        ckpt = load_checkpoint(path)  # its errors name the file
+        try:
+            return restore(self, ckpt)
+        except ValueError as e:
+            raise ValueError(f"{str(path)!r}: {e}") from e
 
     def _end_round(self, rnd: int, started: float, msg: str, eta: str = "") -> None:
         self.metrics.flush()
