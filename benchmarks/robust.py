@@ -9,11 +9,15 @@ tensors):
     none:      no attack (the cost of each rule when nobody attacks);
     scaled:    λ = 10 (a boosted update);
     sign flip: λ = −4 (the update reversed and boosted);
-    backdoor:  trained to call everything the target class, λ = n/f (model replacement).
+    backdoor:  trained to call everything the target class, λ = n/f (model replacement);
+    adaptive:  the backdoor update scaled to the norm of the attacker's own honest update, so that it stays under
+               any clipping bound an honest client meets (the norm-bounded backdoor of Sun et al., 2019).
 
-"FedAvg + clip" clips every update to the median honest update norm of the unattacked FedAvg run. The table
-gives the test accuracy after the last round and, for the backdoor, the share of test inputs of
-other classes that are classified as the target class (attack success). ``DIR/robust.json`` holds the figures.
+"FedAvg + clip" clips every update to the median honest update norm of the seed's unattacked FedAvg run (a
+hand-set bound, measured); FLAME sets its own bound each round. ``--seeds 0 1 2`` repeats everything per seed
+(data partition, clients, training) and reports mean ± std. The table gives the test accuracy after the last
+round and, for the backdoors, the share of test inputs of other classes that are classified as the target class
+(attack success). ``DIR/robust.json`` holds every figure.
 """
 
 from __future__ import annotations
@@ -34,14 +38,14 @@ from flwr_datasets.partitioner import DirichletPartitioner
 from mmfl.backbone import Backbone
 from mmfl.data import SklearnDigits, Task, prepare_task
 from mmfl.evaluation.runner import predict
-from mmfl.federated import FedAvg, Federation, Krum, LocalTraining, Median, Simulation, TrimmedMean, Update
+from mmfl.federated import FedAvg, Federation, Flame, Krum, LocalTraining, Median, Simulation, TrimmedMean, Update
 from mmfl.federated.simulation import _Client, seed_all
 from mmfl.module import quiet_lightning
 from mmfl.prompts import CoOp
 
 log = logging.getLogger(__name__)
 
-ATTACKS = {"none": None, "scaled": 10.0, "sign flip": -4.0, "backdoor": "n/f"}
+ATTACKS = {"none": None, "scaled": 10.0, "sign flip": -4.0, "backdoor": "n/f", "adaptive": "honest norm"}
 TARGET = 0
 
 
@@ -54,6 +58,7 @@ def rules(f: int) -> dict[str, dict]:
         "TrimmedMean": {"aggregator": TrimmedMean(beta=0.25)},
         "Krum": {"aggregator": Krum(f=f, m=1)},
         "Multi-Krum": {"aggregator": Krum(f=f, m=max(1, 2 * f))},
+        "FLAME": {"aggregator": Flame()},
     }
 
 
@@ -67,30 +72,39 @@ class Attacked(Simulation):
         """Honest training, then the attack's reply for a malicious client."""
         if self.attack == "none" or client.data.cid not in self.malicious:
             return super().fit_client(client, rnd)
-        if self.attack == "backdoor":
+        g = self.global_state
+        if self.attack in ("backdoor", "adaptive"):
+            honest_norm = None
+            if self.attack == "adaptive":  # its honest update's norm: what a clipping bound lets through
+                before = client.module.trainable_state_dict()
+                honest, _ = super().fit_client(client, rnd)
+                honest_norm = sum(float((v - g[k]).pow(2).sum()) for k, v in honest.state.items()) ** 0.5
+                client.module.load_trainable_state_dict(before)
             relabelled = client.data.train.map(lambda b: {"label": [TARGET] * len(b["label"])}, batched=True)
             client = _Client(dataclasses.replace(client.data, train=relabelled), client.task, client.module)
-            boost = len(self.clients) / len(self.malicious)
+            update, m = super().fit_client(client, rnd)
+            norm = sum(float((v - g[k]).pow(2).sum()) for k, v in update.state.items()) ** 0.5
+            boost = len(self.clients) / len(self.malicious) if honest_norm is None else honest_norm / max(norm, 1e-12)
         else:
             boost = float(ATTACKS[self.attack])
-        update, m = super().fit_client(client, rnd)
-        g = self.global_state
+            update, m = super().fit_client(client, rnd)
         state = {k: g[k] + boost * (v - g[k]) for k, v in update.state.items()}  # θ + λ·Δ
         return Update(update.cid, state, update.num_examples), m
 
 
-def run(backbone: Backbone, task, attack: str, rule: dict, args: argparse.Namespace) -> dict[str, float]:
-    """One federation under ``attack`` with merge ``rule``; its final accuracy and backdoor success."""
-    seed_all(0)
+def run(backbone: Backbone, task, attack: str, rule: dict, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """One federation under ``attack`` with merge ``rule``; its final accuracy, backdoor success and the median
+    honest update norm."""
+    seed_all(seed)
     rule = dict(rule)
     if rule.get("clip_norm") == "median":  # the honest clients' median update norm (measured without attack)
-        rule["clip_norm"] = args.clip_norm
+        rule["clip_norm"] = args.clip[seed]
     training = LocalTraining(
         epochs=1, batch_size=32, accelerator="cpu", optimizer=lambda p: torch.optim.AdamW(p, lr=0.01)
     )
     fed = Federation(rounds=args.rounds, eval_every=args.rounds, **rule)
     parts = [lambda bb, names: CoOp(bb, names, ctx_init="a photo of a", class_specific=True, scope="task")]
-    sim = Attacked(backbone, [task], parts, training, fed, seed=0)
+    sim = Attacked(backbone, [task], parts, training, fed, seed=seed)
     sim.attack = attack
     sim.malicious = frozenset(c.data.cid for c in sim.clients[: args.f])
     t0 = time.perf_counter()
@@ -101,18 +115,45 @@ def run(backbone: Backbone, task, attack: str, rule: dict, args: argparse.Namesp
     pred = logits.argmax(dim=1)
     others = labels != TARGET
     norms = [float(r["value"]) for r in sim.metrics.rows if r["split"] == "fit"]
-    if attack == "none" and args.clip_norm is None:
-        args.clip_norm = statistics.median(norms)
-        log.warning("clip norm for 'FedAvg + clip': %.4f (the median honest update norm)", args.clip_norm)
     return {
         "accuracy": float((pred == labels).float().mean()),
         "target_rate": float((pred[others] == TARGET).float().mean()),
+        "median_norm": statistics.median(norms),
         "seconds": time.perf_counter() - t0,
     }
 
 
+def _task(args: argparse.Namespace, seed: int):
+    partitioner = functools.partial(
+        DirichletPartitioner, partition_by="label", alpha=1.0, min_partition_size=5, seed=seed
+    )
+    data = Task("digits", SklearnDigits(), clients=args.clients, shots=args.shots, max_test_examples=args.test)
+    data.partitioner = partitioner
+    return prepare_task(data, seed=seed)
+
+
+def _summary(runs: list[dict[str, float]], clean: list[dict[str, float]]) -> dict:
+    """Mean and std over seeds, and the accuracy lost against the same rule's unattacked run (paired by seed)."""
+
+    def spread(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    acc, acc_std = spread([r["accuracy"] for r in runs])
+    target, target_std = spread([r["target_rate"] for r in runs])
+    drop, drop_std = spread([c["accuracy"] - r["accuracy"] for r, c in zip(runs, clean, strict=True)])
+    return {
+        "accuracy": acc,
+        "accuracy_std": acc_std,
+        "target_rate": target,
+        "target_rate_std": target_std,
+        "drop": drop,
+        "drop_std": drop_std,
+        "per_seed": runs,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run every (attack, rule) pair and print the table."""
+    """Run every (seed, attack, rule) and print the table of means ± std over seeds."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer clients, shots and rounds")
     ap.add_argument("--backbone", default="mmfl-mini")
@@ -124,53 +165,60 @@ def main(argv: list[str] | None = None) -> dict:
         "--clip_norm", type=float, default=None, help="default: the median update norm of the unattacked FedAvg run"
     )
     ap.add_argument("--test", type=int, default=300, help="test examples")
-    ap.add_argument("--attacks", nargs="*", default=list(ATTACKS))
+    ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
+    ap.add_argument("--rules", nargs="*", default=None, help=f"rules to compare (default: all of {list(rules(1))})")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default=None, help="folder for robust.json")
     args = ap.parse_args(argv)
     args.clients = args.clients or (6 if args.quick else 10)
     args.f = args.f if args.f is not None else (1 if args.quick else 2)
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.shots = args.shots or (4 if args.quick else 8)
+    names = args.rules or list(rules(args.f))
+    unknown = sorted(set(names) - set(rules(args.f)))
+    if unknown:
+        ap.error(f"unknown rules {unknown}; choose from {list(rules(args.f))}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     datasets.disable_progress_bars()
     seed_all(0)
     backbone = Backbone(args.backbone)
-    task = prepare_task(
-        Task(
-            "digits",
-            SklearnDigits(),
-            clients=args.clients,
-            shots=args.shots,
-            max_test_examples=args.test,
-            partitioner=functools.partial(
-                DirichletPartitioner, partition_by="label", alpha=1.0, min_partition_size=5, seed=0
-            ),
-        )
-    )
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    attacks = ["none", *[a for a in args.attacks if a != "none"]]  # "none" first: it measures the clip norm
-    for attack in attacks:
-        for name, rule in rules(args.f).items():
-            r = run(backbone, task, attack, rule, args)
-            results.setdefault(attack, {})[name] = r
-            log.warning(
-                "%-9s %-12s accuracy %5.1f%%  target %5.1f%%  (%.0f s)",
-                attack,
-                name,
-                100 * r["accuracy"],
-                100 * r["target_rate"],
-                r["seconds"],
-            )
-    names = list(rules(args.f))
+    attacks = ["none", *[a for a in args.attacks if a != "none"]]  # "none" first: it is each rule's reference
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {a: {n: [] for n in names} for a in attacks}
+    args.clip = {}
+    for seed in args.seeds:
+        task = _task(args, seed)
+        if args.clip_norm is not None:
+            args.clip[seed] = args.clip_norm
+        else:  # the median honest update norm of the unattacked FedAvg run of this seed
+            args.clip[seed] = run(backbone, task, "none", rules(args.f)["FedAvg"], args, seed)["median_norm"]
+            log.warning("seed %d: clip norm for 'FedAvg + clip': %.4f", seed, args.clip[seed])
+        for attack in attacks:
+            for name in names:
+                r = run(backbone, task, attack, rules(args.f)[name], args, seed)
+                runs[attack][name].append(r)
+                log.warning(
+                    "seed %d %-9s %-12s accuracy %5.1f%%  target %5.1f%%  (%.0f s)",
+                    seed,
+                    attack,
+                    name,
+                    100 * r["accuracy"],
+                    100 * r["target_rate"],
+                    r["seconds"],
+                )
+    results = {a: {n: _summary(runs[a][n], runs["none"][n]) for n in names} for a in attacks}
     lines = ["| attack | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for attack, row in results.items():
-        cells = [f"{100 * row[n]['accuracy']:.1f}%" for n in names]
-        if attack == "backdoor":
-            cells = [f"{c} (target {100 * row[n]['target_rate']:.0f}%)" for c, n in zip(cells, names, strict=True)]
+        cells = []
+        for n in names:
+            cell = f"{100 * row[n]['accuracy']:.1f} ± {100 * row[n]['accuracy_std']:.1f}%"
+            if attack in ("backdoor", "adaptive"):
+                cell += f" (target {100 * row[n]['target_rate']:.0f} ± {100 * row[n]['target_rate_std']:.0f}%)"
+            cells.append(cell)
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    clips = ", ".join(f"{v:.3g}" for v in args.clip.values())
     setting = (
         f"{args.backbone}, digits, {args.clients} clients ({args.f} malicious), Dirichlet α=1, {args.shots} shots, "
-        f"{args.rounds} rounds, clip norm {args.clip_norm:.3g}, {args.test} test examples"
+        f"{args.rounds} rounds, seeds {args.seeds}, clip norm {clips}, {args.test} test examples"
     )
     print(setting + "\n" + "\n".join(lines))  # the benchmark's output
     if args.out:

@@ -173,6 +173,27 @@ def test_robust_benchmark_attackers_send_what_they_claim(tiny_backbone: Backbone
         s.run_round(1)
         off[name] = (s.global_state[key] - honest_mean).norm().item()
     assert off["median"] < off["fedavg"] / 2  # the median stays near the honest clients; FedAvg is dragged away
+    s = sim("adaptive", FedAvg())  # the backdoor's update, at the norm of the attacker's honest one
+    g = s.global_state[key].clone()
+    honest, _ = Simulation.fit_client(s, s.clients[0], 1)
+    doctored, _ = s.fit_client(s.clients[0], 1)
+    assert torch.isclose((doctored.state[key] - g).norm(), (honest.state[key] - g).norm(), rtol=1e-4)
+    assert not torch.allclose(doctored.state[key], honest.state[key], atol=1e-4)
+
+
+def test_robust_benchmark_reports_means_and_spreads_over_seeds(tmp_path: Path) -> None:
+    from benchmarks import robust
+
+    args = ["--backbone", "mmfl-tiny", "--clients", "4", "--f", "1", "--rounds", "1", "--shots", "2", "--test", "12"]
+    args += ["--seeds", "0", "1", "--rules", "FedAvg", "FLAME", "--attacks", "adaptive", "--out", str(tmp_path)]
+    results = robust.main(args)
+    assert set(results) == {"none", "adaptive"} and set(results["none"]) == {"FedAvg", "FLAME"}
+    for row in results["adaptive"].values():
+        accs = [r["accuracy"] for r in row["per_seed"]]
+        assert len(accs) == 2 and row["accuracy"] == pytest.approx(sum(accs) / 2)
+        assert row["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    assert results["none"]["FLAME"]["drop"] == 0.0  # against itself
+    assert json.loads((tmp_path / "robust.json").read_text())["results"]["adaptive"]["FLAME"]["per_seed"]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mmfl.federated import FedAvg, FedAvgM, Krum, Median, TrimmedMean, Update, aggregate, clip_updates
+from mmfl.federated import FedAvg, FedAvgM, Flame, Krum, Median, TrimmedMean, Update, aggregate, clip_updates
 
 W = torch.ones(5, dtype=torch.float64)
 
@@ -95,3 +95,45 @@ def test_robust_rules_work_within_scope_groups() -> None:
     avg = aggregate(ups, FedAvg())
     assert avg["task/a/p"].item() > 1e5  # FedAvg is moved by the attacker (and its claimed example count)
     assert math.isclose(avg["task/b/p"].item(), 10.5)
+
+
+def test_flame_drops_the_minority_direction_and_clips_to_the_median_norm() -> None:
+    current = _t([1.0, 1.0])[0]
+    # updates: three honest along +x (norms 1, 2, 3), two sign-flipped attackers along −x (norm 10)
+    deltas = _t([1, 0], [2, 0], [3, 0], [-10, 0], [-10, 0])
+    flame = Flame(noise=0.0)
+    out = flame.merge("k", current + deltas, W, current)
+    assert flame.last_admitted["k"] == [0, 1, 2]  # the minority cluster is left out
+    # S = median(1, 2, 3, 10, 10) = 3: no admitted update is above it; mean of 1, 2, 3 = 2
+    assert torch.allclose(out, current + _t([2.0, 0.0])[0])
+    # one boosted update in the honest direction stays in the cluster but is clipped to S
+    deltas = _t([1, 0.1], [2, -0.1], [3, 0], [100, 0], [2, 0.05])
+    flame = Flame(noise=0.0)
+    out = flame.merge("k", current + deltas, W, current)
+    keep = flame.last_admitted["k"]
+    assert 3 in keep and len(keep) >= 3  # a majority cluster (HDBSCAN's), holding the boosted update
+    norms = deltas.norm(dim=1)
+    s = float(norms.median())  # the third largest of five norms: ‖(2, -0.1)‖
+    clipped = deltas[keep] * torch.clamp(s / norms[keep], max=1.0)[:, None]
+    assert torch.allclose(out, current + clipped.mean(dim=0))
+    assert float(out[0] - current[0]) < s + 1e-9  # the boost (×50) is gone
+
+
+def test_flame_noise_is_its_level_times_the_bound_and_replays_after_a_resume() -> None:
+    current = torch.zeros(20000, dtype=torch.float64)
+    copies = torch.stack([current + 0.01 * (i + 1) for i in range(3)])  # norms √20000 · (0.01, 0.02, 0.03)
+    flame = Flame(noise=0.5, seed=3)
+    first = flame.merge("task/a/k", copies, W[:3], current)
+    bound = 0.02 * math.sqrt(20000)
+    clipped_mean = (0.01 + 0.02 + 0.02) / 3  # S is the median norm: the third update is scaled down to it
+    noise = first - clipped_mean
+    assert abs(float(noise.std()) - 0.5 * bound) < 0.02 * 0.5 * bound
+    state = flame.state_dict()
+    assert {k: int(v) for k, v in state.items()} == {"calls/task/a/k": 1}
+    second = flame.merge("task/a/k", copies, W[:3], current)
+    assert not torch.equal(first, second)  # a new draw each round
+    resumed = Flame(noise=0.5, seed=3)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.merge("task/a/k", copies, W[:3], current), second)
+    with pytest.raises(ValueError, match="unexpected entries"):
+        resumed.load_state_dict({"momentum/x": torch.zeros(1)})

@@ -10,7 +10,7 @@ from typing import Any
 from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, Update, aggregate, clip_updates
 from mmfl.federated.checkpoint import load_state, save_state
 from mmfl.federated.privacy import DifferentialPrivacy
-from mmfl.federated.robust import Krum, Median, TrimmedMean
+from mmfl.federated.robust import Flame, Krum, Median, TrimmedMean
 from mmfl.federated.scopes import SCOPES, qualify, scope_prefix
 
 _LAZY = {"Federation", "LocalTraining", "Simulation"}
@@ -22,6 +22,7 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "Federation",
+    "Flame",
     "Krum",
     "LocalTraining",
     "Median",
