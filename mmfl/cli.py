@@ -20,11 +20,12 @@ from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
 from mmfl.export import checkpoint_model_name, export_parser, run_export
 from mmfl.federated.faults import RoundFailed
-from mmfl.federated.resume import CHECKPOINT
+from mmfl.federated.resume import CHECKPOINT, completed_round
 from mmfl.federated.run_loggers import build_loggers
 from mmfl.federated.simulation import Simulation, seed_all
 from mmfl.federated.summary import run_summary
 from mmfl.hub import Unavailable
+from mmfl.interrupt import Interrupted, flush_streams, interrupted_message, stop_on_signals
 from mmfl.modalities import ModalityError, available_modalities
 from mmfl.progress import progress_for
 from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_argv
@@ -240,6 +241,15 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
         out = _output_dir(cfg)
         _check_output_dir(out, cfg.overwrite)
 
+    try:
+        return _fit(parser, cfg, init, tasks, federation, protocol, out)
+    except Interrupted as e:  # say where the run is (a folder with a config.yaml resumes) and how far it got
+        e.run = str(out) if (out / "config.yaml").is_file() else None
+        e.completed = completed_round(out) if e.run else None
+        raise
+
+
+def _fit(parser, cfg: Namespace, init, tasks, federation, protocol: Protocol, out: Path) -> Simulation:
     loggers = build_loggers(cfg.loggers, out)  # a bad entry is reported now, before any data or model
     prepared = [prepare_task(t, seed=cfg.seed, **protocol.split_args()) for t in tasks]
     seed_all(cfg.seed)  # random-weight backbones must come out the same for the same seed
@@ -318,6 +328,10 @@ def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     datasets.disable_progress_bars()
     # the Hub client's per-retry warnings (5 of them, twice each, when offline): mmfl reports the failure once
     logging.getLogger("huggingface_hub.utils._http").setLevel(logging.NOTSET if verbose else logging.ERROR)
+    # Lightning's "Received SIGTERM" notice: mmfl says what was interrupted and how to continue (mmfl.interrupt)
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(
+        logging.NOTSET if verbose else logging.WARNING
+    )
     if verbose:
         datasets.logging.set_verbosity_info()
     else:
@@ -347,22 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sub = parser._subcommands_action._name_parser_map
     try:
-        if cfg.subcommand == "zeroshot":
-            run_zeroshot(cfg.zeroshot)
-            return 0
-        if cfg.subcommand == "export":
-            run_export(cfg.export)
-            return 0
-        if cfg.subcommand == "plot":
-            log.info("wrote %s", plots.plot_run(cfg.plot.run))
-            return 0
-        if cfg.subcommand == "flower-app":
-            write_flower_app(sub["flower-app"], cfg["flower-app"])
-            return 0
-        if cfg.subcommand == "evaluate":
-            evaluate_command(sub["evaluate"], cfg.evaluate)
-            return 0
-        run_fit(sub["fit"], cfg.fit)
+        with stop_on_signals():
+            return _dispatch(cfg, sub)
+    except Interrupted as e:
+        print(interrupted_message(cfg.subcommand, e, e.run, e.completed), file=sys.stderr)
+        flush_streams()
+        return e.status
     except RoundFailed as e:
         print(f"mmfl {cfg.subcommand}: error: {e}", file=sys.stderr)
         return 1
@@ -370,6 +374,22 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"mmfl {cfg.subcommand}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _dispatch(cfg: Namespace, sub: dict) -> int:
+    """Run the parsed subcommand."""
+    if cfg.subcommand == "zeroshot":
+        run_zeroshot(cfg.zeroshot)
+    elif cfg.subcommand == "export":
+        run_export(cfg.export)
+    elif cfg.subcommand == "plot":
+        log.info("wrote %s", plots.plot_run(cfg.plot.run))
+    elif cfg.subcommand == "flower-app":
+        write_flower_app(sub["flower-app"], cfg["flower-app"])
+    elif cfg.subcommand == "evaluate":
+        evaluate_command(sub["evaluate"], cfg.evaluate)
+    else:
+        run_fit(sub["fit"], cfg.fit)
     return 0
 
 

@@ -227,7 +227,9 @@ def check_resume(parser: ArgumentParser, cfg: Namespace) -> Path:
 
 
 def resume_argv(argv: list[str]) -> list[str]:
-    """``mmfl fit --resume RUN`` without ``-c``: read the recipe from ``RUN/config.yaml``."""
+    """``mmfl fit --resume RUN`` without ``-c``: read the recipe from ``RUN/config.yaml``, writing to ``RUN``
+    wherever it is now (the output folder recorded there is where the run was: a moved or copied run resumes in
+    its new place)."""
     if not argv or argv[0] != "fit" or any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
         return argv
     for i, a in enumerate(argv):
@@ -239,5 +241,5 @@ def resume_argv(argv: list[str]) -> list[str]:
             else None
         )
         if run:
-            return ["fit", "-c", str(Path(run) / "config.yaml"), *argv[1:]]
+            return ["fit", "-c", str(Path(run) / "config.yaml"), f"--output_dir={run}", *argv[1:]]
     return argv

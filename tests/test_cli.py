@@ -195,6 +195,8 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
         ("no_folder", "does not exist or is not a folder"),
         ("scope", "parts.0 (mmfl.CoOp) scopes.ctx: scope 'mix(task, task_modality, own=0.5)': the groups of 'task'"),
         ("knowledge", "training.knowledge weights must be >= 0, got {'anchors': -1.0}"),
+        ("endless", "training.epochs must be >= 1, or -1 (no limit) together with training.max_steps >= 1"),
+        ("no_steps", "training.max_steps must be >= 1, or -1 (no limit: the epochs decide); got 0"),
         ("broken_image", "1 of 5 example(s) cannot be read as 'image' inputs: cannot decode image '"),
         ("latin1_csv", "cannot read its files: UnicodeDecodeError"),
         ("hub_offline", "cannot fetch data set 'owner/name': offline mode is on"),
@@ -232,6 +234,10 @@ def test_bad_input_is_reported_before_any_model_or_output(
     elif case == "knowledge":
         recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}}")
         Path(recipe).write_text(Path(recipe).read_text() + "training: {knowledge: {anchors: -1}}\n")
+    elif case in ("endless", "no_steps"):  # Lightning reads epochs -1 as "no limit": a client would never stop
+        recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}}")
+        section = "{epochs: -1}" if case == "endless" else "{max_steps: 0}"
+        Path(recipe).write_text(Path(recipe).read_text() + f"training: {section}\n")
     elif case == "broken_image":
         for i in range(4):
             (tmp_path / "img" / "test" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,11 @@ def test_resume_in_process_extends_and_refuses_another_recipe(tmp_path: Path, ca
     assert cli.main(["fit", "-c", str(recipe), "--resume", str(tmp_path / "a"), "--seed=4"]) == 2
     assert "seed" in capsys.readouterr().err
     _same(before, _outputs(tmp_path / "a"))
+    # a copy elsewhere (its config.yaml names the old folder) resumes in its new place
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    assert cli.main(["fit", "--resume", str(tmp_path / "elsewhere" / "b"), "--federation.rounds=4"]) == 0
+    _same(_outputs(tmp_path / "ref"), _outputs(tmp_path / "elsewhere" / "b"))
+    _same(before, _outputs(tmp_path / "a"))  # the original is left as it was
     # extended by two rounds, it equals a 4-round run
     assert cli.main(["fit", "-c", str(recipe), "--resume", str(tmp_path / "a"), "--federation.rounds=4"]) == 0
     _same(_outputs(tmp_path / "ref"), _outputs(tmp_path / "a"))

@@ -124,6 +124,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{str(path)!r}: damaged checkpoint metadata ({e})") from e
 
 
+def completed_round(run_dir: str | Path) -> int | None:
+    """The round of a run folder's checkpoint (None: it has none, or it cannot be read)."""
+    try:
+        return load_checkpoint(Path(run_dir) / CHECKPOINT).round
+    except (OSError, ValueError):
+        return None
+
+
 def _is_row(r: object) -> bool:
     """A metrics row as :class:`~mmfl.federated.metrics.MetricsWriter` keeps it."""
     if not (isinstance(r, dict) and set(r) == set(COLUMNS)):

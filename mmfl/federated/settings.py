@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from mmfl.federated.privacy import DifferentialPrivacy
 from mmfl.federated.pseudo_labels import PseudoLabels
 from mmfl.knowledge import KnowledgeGuidance
 from mmfl.module import OptimizerFactory, default_optimizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,8 +72,8 @@ class LocalTraining:
     """How each client trains in a round (and how evaluation batches are formed).
 
     Args:
-        epochs: local epochs per round.
-        max_steps: stop local training after this many optimizer steps (-1: no limit).
+        epochs: local epochs per round (-1: no limit on epochs, only with a ``max_steps`` limit).
+        max_steps: stop local training after this many optimizer steps (-1: no limit, only with an ``epochs`` limit).
         batch_size: training batch size.
         eval_batch_size: evaluation batch size.
         optimizer: builds the optimizer over the trainable parameters (``class_path`` in recipes,
@@ -101,7 +104,24 @@ class LocalTraining:
     pseudo_labels: PseudoLabels = field(default_factory=PseudoLabels)
 
     def check(self) -> None:
-        """Raise a clear error for impossible settings (before any data or model is loaded)."""
+        """Raise a clear error for impossible or endless settings (before any data or model is loaded)."""
+        if not (self.epochs >= 1 or (self.epochs == -1 and self.max_steps >= 1)):
+            raise ValueError(
+                f"training.epochs must be >= 1, or -1 (no limit) together with training.max_steps >= 1; got "
+                f"epochs={self.epochs}, max_steps={self.max_steps}: a client would "
+                + ("never stop training" if self.epochs == -1 else "train on nothing")
+            )
+        if not (self.max_steps >= 1 or self.max_steps == -1):
+            raise ValueError(
+                f"training.max_steps must be >= 1, or -1 (no limit: the epochs decide); got {self.max_steps}"
+            )
+        if self.epochs == -1:
+            log.info("training.epochs -1: no epoch limit; each client stops after %d steps a round", self.max_steps)
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"training.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ValueError(f"training.num_workers must be >= 0, got {self.num_workers}")
         self.knowledge.check()
         self.pseudo_labels.check()
 

@@ -1,0 +1,102 @@
+"""SIGTERM and SIGINT stop a run cleanly (exit 143 / 130, one line saying how to continue), at several phases, and
+``--resume`` then ends with the tensors of an uninterrupted run; a second signal stops at once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmfl import cli
+from mmfl.federated.resume import completed_round
+from tests.test_resume import _env, _outputs, _same
+
+BIN = Path(sys.executable).parent
+RECIPE = """
+seed: 0
+backbone: {model_name: mmfl-tiny}
+tasks:
+  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 2, shots: 8, max_test_examples: 50}
+parts:
+  - {class_path: mmfl.prompts.CoOp, init_args: {n_ctx: 2}}
+training: {max_steps: 20, batch_size: 4, accelerator: cpu, feature_cache: "off"}
+federation: {rounds: 3}
+"""
+# a round 0 long enough to be interrupted in (1,000 animal silhouettes to score), then one short round
+ROUND0 = """
+seed: 0
+backbone: {model_name: mmfl-tiny}
+tasks:
+  - {name: animals, data: {class_path: mmfl.data.AnimalSilhouettes}, clients: 2, shots: 4, max_test_examples: 1000}
+parts:
+  - {class_path: mmfl.prompts.CoOp, init_args: {n_ctx: 2}}
+training: {max_steps: 2, batch_size: 4, accelerator: cpu, feature_cache: "off"}
+federation: {rounds: 1}
+"""
+
+
+def _start(recipe: Path, out: Path, log: Path) -> subprocess.Popen:
+    cmd = [str(BIN / "mmfl"), "fit", "-c", str(recipe), "--output_dir", str(out)]
+    return subprocess.Popen(cmd, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("phase", ["round 0 evaluation", "a client's fit"])
+def test_a_signal_stops_the_run_and_resume_ends_as_an_uninterrupted_run(tmp_path: Path, phase: str) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(ROUND0 if phase == "round 0 evaluation" else RECIPE)
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _start(recipe, run, log)
+    if phase == "round 0 evaluation":
+        sig, status = signal.SIGINT, 130
+        _wait_for(lambda: "writing to" in log.read_text(), proc, log)
+    else:  # round 1 is complete: the clients are training round 2
+        sig, status = signal.SIGTERM, 143
+        _wait_for(lambda: completed_round(run) == 1, proc, log)
+        time.sleep(0.3)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == status
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    done = completed_round(run)
+    expected = "no round is complete yet" if done is None else f"the last complete round is {done}"
+    assert last == (f"mmfl fit: interrupted by {sig.name}; {expected}: continue with `mmfl fit --resume {run}`"), text
+    assert "Traceback" not in text and "Received SIGTERM" not in text
+    if phase == "round 0 evaluation":
+        assert done is None
+    else:
+        assert done == 1 and not (run / "best.safetensors").exists()
+    assert cli.main(["fit", "--resume", str(run)]) == 0
+    assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp_path / "ref")]) == 0
+    _same(_outputs(tmp_path / "ref"), _outputs(run))
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, time\n"
+        "from mmfl.interrupt import Interrupted, stop_on_signals\n"
+        "with stop_on_signals():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(5)\n"
+        "    except Interrupted as e:\n"
+        "        print('first:', e, e.status, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # while cleaning up\n"
+        "        time.sleep(5)\n"
+        "        print('not reached')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130  # the second signal's own status, at once
+    assert p.stdout == "first: interrupted by SIGTERM 143\n"
+    assert "SIGINT again: stopping at once" in p.stderr
