@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from mmfl import cli
 
 pytest.importorskip("flwr", reason="the Flower engine needs flwr: pip install 'mmfl[flower]'")
 
-from flower_procs import BIN, Processes, flwr, in_process, local_engine, write_app
+from flower_procs import BIN, RECIPE, Processes, flwr, in_process, local_engine
 
+from mmfl.federated.node_state import load_local, state_folder
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint
 
 
@@ -28,8 +30,16 @@ def _fits(out: Path) -> list[tuple[str, str]]:
 def test_a_killed_flower_run_resumes_to_the_uninterrupted_tensors(tmp_path: Path) -> None:
     env = local_engine(tmp_path, nodes=2)
     out = tmp_path / "flower-run"
-    recipe = write_app(tmp_path, clients=1, rounds=3, out=out)
+    recipe = tmp_path / "recipe.yaml"  # a context each node keeps to itself, and an adapter per task, merged
+    recipe.write_text(
+        RECIPE.replace("CLIENTS", "1")
+        .replace("ROUNDS", "5")
+        .replace("scope: global+task", "scope: local")
+        .replace('"mix(task, global, own=0.5)"', "task")
+        .replace("max_steps: 2", "max_steps: 12")  # rounds long enough to be killed in
+    )
     app = str(tmp_path / "app")
+    assert cli.main(["flower-app", "-c", str(recipe), "--app_dir", app, "--output_dir", str(out)]) == 0
     procs = Processes(env, tmp_path)
     try:
         run = subprocess.Popen(
@@ -44,21 +54,28 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_tensors(tmp_path: Path
         while not ((out / CHECKPOINT).is_file() and load_checkpoint(out / CHECKPOINT).round >= 1):
             assert time.monotonic() < deadline, "round 1 did not finish"
             assert run.poll() is None, (tmp_path / "run1.log").read_text()
-            time.sleep(0.5)
+            time.sleep(0.1)
         procs.stop_all()  # the SuperLink, the ServerApp and the ClientApps, at once
         killed_after = load_checkpoint(out / CHECKPOINT).round
-        assert 1 <= killed_after < 3
+        assert 1 <= killed_after < 5
         done = flwr(env, "run", app, "local", "--run-config", "resume=true", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
         procs.stop_all()
-    assert load_checkpoint(out / CHECKPOINT).round == 3
+    assert load_checkpoint(out / CHECKPOINT).round == 5
     clients = ["animals/image/0", "digits/image/0"]
-    assert _fits(out) == [(str(r), c) for r in (1, 2, 3) for c in clients]  # every round once, none twice
+    assert _fits(out) == [(str(r), c) for r in range(1, 6) for c in clients]  # every round once, none twice
     flower, local = load_file(out / "global.safetensors"), in_process(recipe, tmp_path / "in-process")
     assert flower.keys() == local.keys()
-    for k in flower:
+    for k in flower:  # the merged contexts trained beside each node's own adapter: equal only if it was continued
         assert (flower[k] - local[k]).abs().max() < 1e-5, k
+    run_config = tomllib.loads((Path(app) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    for cid in clients:  # and the adapters the nodes kept equal the in-process clients' own
+        node = load_local(state_folder(run_config, {}, cid), 5)
+        own = load_file(tmp_path / "in-process" / "local" / f"{cid}.safetensors")
+        assert node is not None and node.keys() == own.keys() and any(k.startswith("local/") for k in node)
+        for k in node:
+            assert (node[k] - own[k]).abs().max() < 1e-5, k
 
 
 FLAKY = '''
@@ -118,20 +135,30 @@ def test_a_failed_node_is_retried_per_federation_retries(tmp_path: Path, monkeyp
 
 
 def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path: Path) -> None:
-    from mmfl.federated.flower import federation_from_config
     from mmfl.federated.flower_strategy import check_output
 
-    text = (
-        "backbone: {model_name: mmfl-tiny}\ntasks:\n  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}}\n"
-        "parts:\n  - {class_path: mmfl.prompts.CoOp, init_args: {n_ctx: 2, scope: local}}\n"
-    )
-    sim = federation_from_config({"recipe-yaml": text})
-    with pytest.raises(ValueError, match=r"local tensors \(.*coop.ctx\), which stay on the nodes.*start it anew"):
-        check_output(sim, tmp_path, resume=True)
     with pytest.raises(ValueError, match="resume=true needs the app's output-dir"):
-        check_output(sim, None, resume=True)
-    check_output(sim, tmp_path, resume=False)  # an empty folder: a new run may start
+        check_output(None, resume=True)
+    check_output(tmp_path, resume=False)  # an empty folder: a new run may start
     (tmp_path / CHECKPOINT).write_bytes(b"a run's state")
     with pytest.raises(ValueError, match=r"already holds a run .* --run-config resume=true"):
-        check_output(sim, tmp_path, resume=False)
+        check_output(tmp_path, resume=False)
     assert (tmp_path / CHECKPOINT).read_bytes() == b"a run's state"
+
+
+def test_a_node_keeps_its_local_tensors_per_round_and_reads_none_newer_than_asked(tmp_path: Path) -> None:
+    import torch
+
+    from mmfl.federated.node_state import load_local, save_local, state_folder
+
+    run = {"recipe-yaml": "r", "overrides": "", "output-dir": "/runs/a", "resume": False}
+    folder = state_folder(run, {"state-dir": str(tmp_path)}, "digits/image/0")
+    assert folder == state_folder({**run, "resume": True}, {"state-dir": str(tmp_path)}, "digits/image/0")
+    assert folder != state_folder({**run, "output-dir": "/runs/b"}, {"state-dir": str(tmp_path)}, "digits/image/0")
+    assert load_local(folder, 5) is None
+    for rnd in (1, 2, 4):
+        save_local(folder, rnd, {"local/x": torch.full((2,), float(rnd))})
+    assert sorted(f.name for f in folder.iterdir()) == ["round-2.safetensors", "round-4.safetensors"]  # 2 kept
+    assert load_local(folder, 0) is None  # a new run (resumed after round 0) reads nothing stale
+    assert torch.equal(load_local(folder, 3)["local/x"], torch.full((2,), 2.0))  # round 4 was lost: not read
+    assert torch.equal(load_local(folder, 4)["local/x"], torch.full((2,), 4.0))

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.flower_strategy import ScopedFedAvg, as_flag, check_output, resume_server
+from mmfl.federated.node_state import load_local, save_local, state_folder
 from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)
@@ -108,16 +109,23 @@ def train(msg: Message, context: Context) -> Message:
     The client's ``local`` tensors stay on the node, in ``context.state``, across rounds. Evaluation is folded
     into this reply (its local test split, when it has one), saving a round trip.
     """
-    sim = federation_from_config(dict(context.run_config))
-    client = sim.clients[client_index(sim, dict(context.node_config))]
+    run_config, node_config = dict(context.run_config), dict(context.node_config)
+    sim = federation_from_config(run_config)
+    client = sim.clients[client_index(sim, node_config)]
+    rnd = int(msg.content["config"]["server-round"])
+    folder = state_folder(run_config, node_config, client.data.cid)
     if LOCAL_STATE in context.state.array_records:
         client.module.load_trainable_state_dict(context.state.array_records[LOCAL_STATE].to_torch_state_dict())
-    rnd = int(msg.content["config"]["server-round"])
+    elif client.module.trainable_state_dict(local_only=True):  # the first round of this Flower run on this node
+        saved = load_local(folder, min(rnd - 1, int(msg.content["config"].get("resumed-from", 0))))
+        if saved is not None:  # a resumed run: the local tensors as they were after the last complete round
+            client.module.load_trainable_state_dict(saved)
     sim.global_state.update(msg.content["arrays"].to_torch_state_dict())
     update, m = sim.fit_client(client, rnd)
     local = client.module.trainable_state_dict(local_only=True)
     if local:
         context.state.array_records[LOCAL_STATE] = ArrayRecord(local)
+        save_local(folder, rnd, local)
     metrics = {"num-examples": update.num_examples, "train-loss": m["loss"], "train-accuracy": m["accuracy"]}
     metrics.update({k: v for k, v in m.items() if k.startswith("pseudo_")})  # an unlabeled client's choice
     if client.data.test is not None and len(client.data.test):
@@ -146,7 +154,7 @@ def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     per client) and the nodes to train each round (the recipe's fraction and ``min_clients``)."""
     sim = federation_from_config(cfg)
     out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
-    check_output(sim, out, as_flag(cfg.get("resume", False)))  # before anything there is touched
+    check_output(out, as_flag(cfg.get("resume", False)))  # before anything there is touched
     if out is not None:
         sim.attach_output(out)
     min_nodes = int(cfg.get("min-nodes", len(sim.clients)))

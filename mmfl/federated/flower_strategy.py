@@ -72,7 +72,12 @@ class ScopedFedAvg(FlowerFedAvg):
             keys = self.node_keys.get(node)
             mine = arrays if keys is None else ArrayRecord({k: state[k] for k in keys if k in state})
             record = RecordDict(
-                {"arrays": mine, "config": ConfigRecord({**dict(msg.content["config"]), "server-round": rnd})}
+                {
+                    "arrays": mine,
+                    "config": ConfigRecord(
+                        {**dict(msg.content["config"]), "server-round": rnd, "resumed-from": self.offset}
+                    ),
+                }
             )
             self._sent[node] = record
             messages.append(Message(record, dst_node_id=node, message_type=MessageType.TRAIN))
@@ -211,13 +216,12 @@ def as_flag(value: object) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_output(sim: Simulation, out: Path | None, resume: bool) -> None:
+def check_output(out: Path | None, resume: bool) -> None:
     """Check a ServerApp's output folder before anything in it is touched.
 
     Raises:
         ValueError: a new run into a folder that holds one (it would be overwritten); ``resume`` without an output
-            folder; a resumed recipe with ``local`` tensors (they stay on the nodes, which a new Flower run starts
-            afresh, so the continuation would not be exact).
+            folder.
     """
     ckpt = out / CHECKPOINT if out is not None else None
     if not resume:
@@ -229,13 +233,6 @@ def check_output(sim: Simulation, out: Path | None, resume: bool) -> None:
         return
     if ckpt is None:
         raise ValueError("resume=true needs the app's output-dir (where the run's checkpoint is)")
-    local = sorted({k for c in sim.clients for k in c.module.trainable_keys()} - set(sim.global_state))
-    if local:
-        raise ValueError(
-            f"this recipe has local tensors ({', '.join(local[:3])}), which stay on the nodes; a new Flower run starts "
-            "them afresh, so it cannot continue the run exactly: start it anew in another output folder (the "
-            "in-process engine, `mmfl fit`, resumes such recipes exactly)"
-        )
 
 
 def resume_server(sim: Simulation, out: Path) -> int:
