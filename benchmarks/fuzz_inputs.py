@@ -179,14 +179,15 @@ def mutate_command(rng: random.Random, recipe: Path, run_dir: Path, out: Path) -
     return argv
 
 
-def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+def paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a nested dict/list document (its leaves and inner nodes)."""
     out = [prefix] if prefix else []
     if isinstance(doc, dict):
         for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
+            out += paths(v, (*prefix, k))
     elif isinstance(doc, list):
         for i, v in enumerate(doc):
-            out += _paths(v, (*prefix, i))
+            out += paths(v, (*prefix, i))
     return out
 
 
@@ -194,10 +195,10 @@ def mutate_recipe(rng: random.Random) -> str:
     """The base recipe's YAML with 1–3 values replaced, deleted or added, or (one in ten) its text damaged."""
     doc = copy.deepcopy(BASE_RECIPE)
     for _ in range(rng.randint(1, 3)):
-        paths = _paths(doc)
-        if not paths:
+        found = paths(doc)
+        if not found:
             break
-        path = rng.choice(paths)
+        path = rng.choice(found)
         parent = doc
         for k in path[:-1]:
             parent = parent[k]

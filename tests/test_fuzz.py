@@ -14,6 +14,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.fuzz_inputs import BASE_RECIPE as BASE
+from benchmarks.fuzz_inputs import paths as all_paths
 from mmfl import cli
 from mmfl.federated import FedAvg, Update, aggregate
 from mmfl.federated.faults import validate_update
@@ -77,23 +79,6 @@ def test_the_validator_accepts_exactly_the_mergeable_replies(reply) -> None:
         assert isinstance(problem, str) and problem
 
 
-BASE = {
-    "seed": 0,
-    "backbone": {"model_name": "mmfl-tiny"},
-    "tasks": [
-        {
-            "name": "digits",
-            "data": {"class_path": "mmfl.data.SklearnDigits"},
-            "clients": 2,
-            "shots": 2,
-            "max_test_examples": 10,
-        }
-    ],
-    "parts": [{"class_path": "mmfl.prompts.CoOp", "init_args": {"n_ctx": 2}}],
-    "training": {"max_steps": 1, "batch_size": 4, "accelerator": "cpu"},
-    "federation": {"rounds": 1, "fraction": 1.0, "min_clients": 1},
-}
-
 JUNK = st.one_of(
     st.none(),
     st.booleans(),
@@ -106,22 +91,11 @@ JUNK = st.one_of(
 )
 
 
-def _paths(d: object, prefix: tuple = ()) -> list[tuple]:
-    out = [prefix] if prefix else []
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 @st.composite
 def recipes(draw) -> dict:
     doc = copy.deepcopy(BASE)
     for _ in range(draw(st.integers(1, 3))):
-        paths = _paths(doc)
+        paths = all_paths(doc)
         if not paths:
             break
         path = draw(st.sampled_from(paths))
