@@ -88,3 +88,24 @@ def fetching(what: str, mend: str) -> Iterator[None]:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise Unavailable(f"cannot fetch {what}: {_reason(e)}; or {mend}. ({type(e).__name__}: {first:.200})") from e
+
+
+@contextmanager
+def held_back(logger: str) -> Iterator[list[str]]:
+    """Within the block, the records of ``logger`` (and its children) are collected into the yielded list instead
+    of being shown: a library's own error line that mmfl's one message repeats (and may quote)."""
+    collected: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            collected.append(record.getMessage())
+
+    target, handler = logging.getLogger(logger), Collect()
+    propagate = target.propagate
+    target.addHandler(handler)
+    target.propagate = False
+    try:
+        yield collected
+    finally:
+        target.removeHandler(handler)
+        target.propagate = propagate

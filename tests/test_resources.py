@@ -89,7 +89,7 @@ def test_a_text_file_in_another_encoding(tmp_path: Path) -> None:
     path = tmp_path / "notes.csv"
     path.write_bytes("text,label\ncafé au lait,0\nnaïve,1\n".encode("latin-1"))
     source = HubDataset("csv", data_files=str(path), test_split=None, test_fraction=0.5, input_column="text")
-    with pytest.raises(Unavailable, match=r"'csv \(.*notes.csv\)': cannot read its files: UnicodeDecodeError.*UTF-8"):
+    with pytest.raises(Unavailable, match=r"cannot read its files: file '.*notes.csv': UnicodeDecodeError.*UTF-8"):
         source.load()
     source.load_kwargs = {"encoding": "latin-1"}  # the mend the message gives
     dd = source.load()

@@ -11,7 +11,7 @@ from typing import Any
 import datasets
 import datasets.exceptions
 
-from mmfl.hub import Unavailable, fetching
+from mmfl.hub import Unavailable, fetching, held_back
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class HubDataset(DataSource):
             "path csv/json/parquet/audiofolder and `data_files` or `data_dir`"
         )
         try:
-            with fetching(f"data set {self.describe()!r}", local):
+            with fetching(f"data set {self.describe()!r}", local), held_back("datasets.packaged_modules") as notes:
                 dd = datasets.load_dataset(
                     self.path,
                     self.name,
@@ -126,8 +126,10 @@ class HubDataset(DataSource):
                 if isinstance(cause, UnicodeDecodeError)
                 else "mend or remove the file(s), or check the builder's options (load_kwargs)"
             )
+            where = next((n for n in notes if "Failed to read file" in n), "")  # the builder names the file
+            where = where.split(" with error")[0].replace("Failed to read file", "file") + ": " if where else ""
             raise Unavailable(
-                f"data set {self.describe()!r}: cannot read its files: {type(cause).__name__}: {cause}; {mend}"
+                f"data set {self.describe()!r}: cannot read its files: {where}{type(cause).__name__}: {cause}; {mend}"
             ) from e
         if self.train_split not in dd:
             raise KeyError(f"{self.describe()}: no split {self.train_split!r}; it has {list(dd)}")
