@@ -22,12 +22,14 @@ from mmfl.export import checkpoint_model_name, export_parser, run_export
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT, completed_round
 from mmfl.federated.run_loggers import build_loggers
+from mmfl.federated.settings import Federation
 from mmfl.federated.simulation import Simulation, seed_all
 from mmfl.federated.summary import run_summary
 from mmfl.hub import Unavailable
 from mmfl.interrupt import Interrupted, flush_streams, interrupted_message, stop_on_signals
 from mmfl.modalities import ModalityError, available_modalities
 from mmfl.progress import progress_for
+from mmfl.quiet import setup_logging
 from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_argv
 
 log = logging.getLogger("mmfl")
@@ -249,7 +251,16 @@ def run_fit(parser: ArgumentParser, cfg: Namespace) -> Simulation:
         raise
 
 
-def _fit(parser, cfg: Namespace, init, tasks, federation, protocol: Protocol, out: Path) -> Simulation:
+def _fit(
+    parser: ArgumentParser,
+    cfg: Namespace,
+    init: Namespace,
+    tasks: list[Task],
+    federation: Federation,
+    protocol: Protocol,
+    out: Path,
+) -> Simulation:
+    """:func:`run_fit` after the cheap checks: data, backbone, the rounds, the outputs."""
     loggers = build_loggers(cfg.loggers, out)  # a bad entry is reported now, before any data or model
     prepared = [prepare_task(t, seed=cfg.seed, **protocol.split_args()) for t in tasks]
     seed_all(cfg.seed)  # random-weight backbones must come out the same for the same seed
@@ -317,27 +328,6 @@ def evaluate_command(parser: ArgumentParser, cfg: Namespace) -> dict:
 VERBOSITY_FLAGS = ("-v", "--verbose", "-q", "--quiet")
 
 
-def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """mmfl's own progress at INFO, other libraries (open_clip logs on the root logger) at WARNING; ``verbose``:
-    mmfl at DEBUG, the others at INFO, nothing hidden (:mod:`mmfl.quiet`); ``quiet``: warnings and errors only."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("mmfl").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    import datasets
-
-    datasets.disable_progress_bars()
-    # the Hub client's per-retry warnings (5 of them, twice each, when offline): mmfl reports the failure once
-    logging.getLogger("huggingface_hub.utils._http").setLevel(logging.NOTSET if verbose else logging.ERROR)
-    # Lightning's "Received SIGTERM" notice: mmfl says what was interrupted and how to continue (mmfl.interrupt)
-    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(
-        logging.NOTSET if verbose else logging.WARNING
-    )
-    if verbose:
-        datasets.logging.set_verbosity_info()
-    else:
-        datasets.logging.set_verbosity_warning()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmfl`` command. Returns the exit status."""
     parser = build_parser()
@@ -348,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if verbose and quiet:
         print("mmfl: error: give -v (show everything) or -q (warnings only), not both", file=sys.stderr)
         return 2
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     resumed = resume_argv(argv)
     if resumed is not argv and not Path(resumed[2]).is_file():
         run = Path(resumed[2]).parent

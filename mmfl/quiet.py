@@ -57,3 +57,25 @@ def quiet_third_party(*root_messages: str) -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """mmfl's own progress at INFO, other libraries (open_clip logs on the root logger) at WARNING; ``verbose``:
+    mmfl at DEBUG, the others at INFO, nothing hidden (:func:`quiet_third_party`); ``quiet``: warnings and errors
+    only."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("mmfl").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    import datasets
+
+    datasets.disable_progress_bars()
+    # the Hub client's per-retry warnings (5 of them, twice each, when offline): mmfl reports the failure once
+    logging.getLogger("huggingface_hub.utils._http").setLevel(logging.NOTSET if verbose else logging.ERROR)
+    # Lightning's "Received SIGTERM" notice: mmfl says what was interrupted and how to continue (mmfl.interrupt)
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(
+        logging.NOTSET if verbose else logging.WARNING
+    )
+    if verbose:
+        datasets.logging.set_verbosity_info()
+    else:
+        datasets.logging.set_verbosity_warning()
