@@ -31,7 +31,9 @@ class ScopedFedAvg(FlowerFedAvg):
 
     Args:
         sim: the server's federation (global state, aggregator, evaluation, metrics).
-        output_dir: where metrics.csv and global.safetensors go (None: nowhere).
+        output_dir: where metrics.csv, global.safetensors and checkpoint.safetensors go (None: nowhere).
+        offset: rounds the run completed before this Flower run started (a resumed run); Flower counts from 1.
+        timeout: seconds to wait for the replies of a retry.
         kwargs: Flower FedAvg's sampling arguments.
     """
 
@@ -41,7 +43,7 @@ class ScopedFedAvg(FlowerFedAvg):
         super().__init__(fraction_evaluate=0.0, **kwargs)
         self.sim = sim
         self.output_dir = output_dir
-        self.offset = offset  # rounds completed before this run started (a resumed run); Flower counts from 1
+        self.offset = offset
         self.timeout = timeout
         self.node_keys: dict[int, list[str]] = {}
         self.node_client: dict[int, str] = {}  # the client each node said it runs
@@ -137,8 +139,9 @@ class ScopedFedAvg(FlowerFedAvg):
                 needed,
             )
             again = [Message(self._sent[n], dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-            more, bad = self._check(list(self._grid.send_and_receive(again, timeout=self.timeout)))
+            more, still = self._check(list(self._grid.send_and_receive(again, timeout=self.timeout)))
             good += more
+            bad = [(m, why) for m, why in bad if m.metadata.src_node_id not in nodes] + still  # the rest stay failed
         return good, bad
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
