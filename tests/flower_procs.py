@@ -67,16 +67,24 @@ def local_engine(tmp_path: Path, nodes: int) -> dict[str, str]:
     return flwr_env(home)
 
 
-def kill_by_home(home: Path) -> None:
-    """SIGKILL every process started with this FLWR_HOME: Flower detaches some of its children (SuperExec,
-    ServerApp, ClientApp processes) into sessions of their own, out of reach of a process-group kill."""
-    mark = f"FLWR_HOME={home}".encode() + b"\0"
+def pids_by_home(home: Path, command: str = "") -> list[int]:
+    """The processes started with this FLWR_HOME (whose command line holds ``command``): Flower detaches some of
+    its children (SuperExec, ServerApp, ClientApp processes) into sessions of their own."""
+    mark, found = f"FLWR_HOME={home}".encode() + b"\0", []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if mark in (proc / "environ").read_bytes() + b"\0":
-                os.kill(int(proc.name), signal.SIGKILL)
+            if mark in (proc / "environ").read_bytes() + b"\0" and command.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
+
+
+def kill_by_home(home: Path) -> None:
+    """SIGKILL every process started with this FLWR_HOME, out of reach of a process-group kill."""
+    for pid in pids_by_home(home):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class Processes:

@@ -1,8 +1,10 @@
-"""Flower runs that resume and retry: a run killed mid-way (SuperLink, ServerApp and nodes) continues from its
-round checkpoint to the tensors of an uninterrupted run; a node that fails is sent its message again."""
+"""Flower runs that stop, resume and retry: a run stopped mid-way (`flwr stop`, then
+SIGKILL to the SuperLink and the nodes) continues from its round checkpoint to the tensors of an uninterrupted
+run; a node that fails is sent its message again; an app stopped inside a Flower process says how to continue."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import tomllib
@@ -15,7 +17,7 @@ from mmfl import cli
 
 pytest.importorskip("flwr", reason="the Flower engine needs flwr: pip install 'mmfl[flower]'")
 
-from flower_procs import BIN, RECIPE, Processes, flwr, in_process, local_engine
+from flower_procs import BIN, RECIPE, Processes, flwr, in_process, local_engine, status
 
 from mmfl.federated.node_state import load_local, state_folder
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint
@@ -26,17 +28,46 @@ def _fits(out: Path) -> list[tuple[str, str]]:
     return sorted((r[0], r[4]) for r in rows if r[5] == "fit")
 
 
+SLOW = '''
+import time
+from pathlib import Path
+
+from mmfl.prompts import CoOp
+
+
+class SlowCoOp(CoOp):
+    """CoOp whose training steps wait while the marker file exists (a round that is still running when stopped)."""
+
+    def __init__(self, backbone, class_names, marker: str = "", **kwargs):
+        super().__init__(backbone, class_names, **kwargs)
+        self.marker = marker
+
+    def regularization(self):
+        deadline = time.monotonic() + 120
+        while self.marker and Path(self.marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return super().regularization()
+'''
+
+
 @pytest.mark.slow
-def test_a_killed_flower_run_resumes_to_the_uninterrupted_tensors(tmp_path: Path) -> None:
+def test_a_stopped_flower_run_resumes_to_the_uninterrupted_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = local_engine(tmp_path, nodes=2)
+    (tmp_path / "slow.py").write_text(SLOW)
+    env["PYTHONPATH"] = str(tmp_path)  # the apps import the recipe's part from there; so does this process
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = tmp_path / "hold"  # made once round 1 is complete: round 2 is then still training when stopped
     out = tmp_path / "flower-run"
     recipe = tmp_path / "recipe.yaml"  # a context each node keeps to itself, and an adapter per task, merged
     recipe.write_text(
         RECIPE.replace("CLIENTS", "1")
         .replace("ROUNDS", "5")
-        .replace("scope: global+task", "scope: local")
+        .replace("mmfl.prompts.CoOp", "slow.SlowCoOp")
+        .replace("scope: global+task", f"scope: local, marker: {marker}")
         .replace('"mix(task, global, own=0.5)"', "task")
-        .replace("max_steps: 2", "max_steps: 12")  # rounds long enough to be killed in
+        .replace("max_steps: 2", "max_steps: 4")
     )
     app = str(tmp_path / "app")
     assert cli.main(["flower-app", "-c", str(recipe), "--app_dir", app, "--output_dir", str(out)]) == 0
@@ -54,10 +85,17 @@ def test_a_killed_flower_run_resumes_to_the_uninterrupted_tensors(tmp_path: Path
         while not ((out / CHECKPOINT).is_file() and load_checkpoint(out / CHECKPOINT).round >= 1):
             assert time.monotonic() < deadline, "round 1 did not finish"
             assert run.poll() is None, (tmp_path / "run1.log").read_text()
-            time.sleep(0.1)
-        procs.stop_all()  # the SuperLink, the ServerApp and the ClientApps, at once
-        killed_after = load_checkpoint(out / CHECKPOINT).round
-        assert 1 <= killed_after < 5
+            time.sleep(0.02)
+        marker.touch()
+        (run_id,) = [r["run-id"] for r in json.loads(flwr(env, "ls", "local", "--format", "json").stdout)["runs"]]
+        stopped = flwr(env, "stop", run_id, "local")  # as a user stops a run: Flower stops it, mmfl says how to go on
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert run.wait(timeout=120) == 0  # `flwr run --stream` ends with the run (its exit status is Flower's)
+        assert status(env, "local") == ["finished:stopped"]
+        assert load_checkpoint(out / CHECKPOINT).round == 1  # round 2 was still training: not committed
+        assert "Traceback" not in (tmp_path / "run1.log").read_text()
+        procs.stop_all()  # the SuperLink and the ClientApps, killed at once
+        marker.unlink()
         done = flwr(env, "run", app, "local", "--run-config", "resume=true", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
     finally:

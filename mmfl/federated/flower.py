@@ -22,6 +22,7 @@ import logging
 import math
 import shlex
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,9 +30,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from mmfl.federated.faults import RoundFailed
+from mmfl.federated.flower_stop import stop_line
 from mmfl.federated.flower_strategy import ScopedFedAvg, as_flag, check_output, resume_server
-from mmfl.federated.node_state import load_local, save_local, state_folder
-from mmfl.federated.simulation import Simulation
+from mmfl.federated.node_state import latest_round, load_local, save_local, state_folder
+from mmfl.federated.resume import CHECKPOINT, completed_round
+from mmfl.federated.simulation import Simulation, _Client
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,26 @@ def client_index(sim: Simulation, node_config: dict) -> int:
 
 # ---------------------------------------------------------------- ClientApp
 client_app = ClientApp()
+RESUME = "`flwr run APP CONNECTION --run-config resume=true`"
+
+
+def client_stop_line(cid: str, rnd: int, folder: Path, keeps_local: bool) -> Callable[[str], str]:
+    """The line a ClientApp stopped while training logs (:mod:`mmfl.federated.flower_stop`)."""
+
+    def describe(cause: str) -> str:
+        kept = latest_round(folder) if keeps_local else None
+        if not keeps_local:
+            own = "it keeps no tensors of its own"
+        elif kept is None:
+            own = "it has no round saved yet"
+        else:
+            own = f"its local tensors stay as of round {kept} ({folder})"
+        return (
+            f"mmfl ClientApp {cid}: stopped by {cause} while training round {rnd}, nothing sent; {own}; the ServerApp "
+            f"sends the round again (federation.retries) or stops the run, and a stopped run continues with {RESUME}"
+        )
+
+    return describe
 
 
 @client_app.train()
@@ -114,6 +137,13 @@ def train(msg: Message, context: Context) -> Message:
     client = sim.clients[client_index(sim, node_config)]
     rnd = int(msg.content["config"]["server-round"])
     folder = state_folder(run_config, node_config, client.data.cid)
+    keeps_local = bool(client.module.trainable_state_dict(local_only=True))
+    with stop_line(client_stop_line(client.data.cid, rnd, folder, keeps_local)):
+        return _train(msg, context, sim, client, rnd, folder)
+
+
+def _train(msg: Message, context: Context, sim: Simulation, client: _Client, rnd: int, folder: Path) -> Message:
+    """:func:`train`'s work for one client and round."""
     if LOCAL_STATE in context.state.array_records:
         client.module.load_trainable_state_dict(context.state.array_records[LOCAL_STATE].to_torch_state_dict())
     elif client.module.trainable_state_dict(local_only=True):  # the first round of this Flower run on this node
@@ -151,7 +181,16 @@ def query(msg: Message, context: Context) -> Message:
 
 def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     """The ServerApp's federation (writing to ``output-dir``), the nodes to wait for (``min-nodes``, default one
-    per client) and the nodes to train each round (the recipe's fraction and ``min_clients``)."""
+    per client) and the nodes to train each round (the recipe's fraction and ``min_clients``).
+
+    Raises:
+        ValueError: a setting that could make the run wait forever (``round-timeout``, ``min-nodes``), checked first.
+    """
+    timeout = float(cfg.get("round-timeout", 3600))
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"round-timeout must be a finite number of seconds > 0, got {cfg['round-timeout']!r}")
+    if "min-nodes" in cfg and int(cfg["min-nodes"]) < 1:
+        raise ValueError(f"min-nodes must be >= 1, got {cfg['min-nodes']!r}")
     sim = federation_from_config(cfg)
     out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
     check_output(out, as_flag(cfg.get("resume", False)))  # before anything there is touched
@@ -165,6 +204,19 @@ def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
 
 # ---------------------------------------------------------------- ServerApp
 server_app = ServerApp()
+
+
+def server_stop_line(out: Path | None) -> Callable[[str], str]:
+    """The line a ServerApp stopped mid-run logs (:mod:`mmfl.federated.flower_stop`)."""
+
+    def describe(cause: str) -> str:
+        if out is None:
+            return f"mmfl ServerApp: stopped by {cause}; the app has no output-dir, so nothing is kept: run it again"
+        done = completed_round(out)
+        state = f"the last complete round is {done} ({out / CHECKPOINT})" if done else "no round is complete yet"
+        return f"mmfl ServerApp: stopped by {cause}; {state}: continue with {RESUME}"
+
+    return describe
 
 
 @server_app.main()
@@ -189,7 +241,7 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=min_nodes,
     )
     try:
-        with quiet_lightning():
+        with quiet_lightning(), stop_line(server_stop_line(out)):
             strategy.start(
                 grid,
                 ArrayRecord({k: v.clone() for k, v in sim.global_state.items()}),

@@ -207,7 +207,7 @@ class ScopedFedAvg(FlowerFedAvg):
             log.info("round %d: test accuracy %s", rnd, out)
         sim.metrics.flush()
         if self.output_dir is not None:
-            if rnd > 0:
+            if rnd == rounds:  # the result, once there is one (a stopped run has none to mistake)
                 meta = {"round": str(rnd), "rounds": str(rounds), "backbone": sim.backbone.model_name}
                 save_state(self.output_dir / "global.safetensors", sim.global_state, meta)
             save_checkpoint(sim, rnd)

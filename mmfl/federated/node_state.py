@@ -47,6 +47,12 @@ def load_local(folder: Path, upto: int) -> dict[str, Tensor] | None:
     return load_state(folder / f"round-{max(rounds)}.safetensors") if rounds else None
 
 
+def latest_round(folder: Path) -> int | None:
+    """The latest round whose local tensors are written in ``folder`` (None: none is)."""
+    rounds = _rounds(folder)
+    return max(rounds) if rounds else None
+
+
 def _rounds(folder: Path) -> list[int]:
     if not folder.is_dir():
         return []

@@ -322,7 +322,7 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
     def _end_round(self, rnd: int, started: float, msg: str, eta: str = "") -> None:
         self.metrics.flush()
         if self.output_dir is not None:
-            if rnd > 0:
+            if rnd == self.federation.rounds:  # the result, once there is one (a stopped run has none to mistake)
                 save_state(
                     self.output_dir / "global.safetensors",
                     self.global_state,
