@@ -39,7 +39,8 @@ from mmfl.backbone import Backbone
 from mmfl.data import SklearnDigits, Task, prepare_task
 from mmfl.evaluation.runner import predict
 from mmfl.federated import FedAvg, Federation, Flame, Krum, LocalTraining, Median, Simulation, TrimmedMean, Update
-from mmfl.federated.simulation import _Client, seed_all
+from mmfl.federated.pool import Client
+from mmfl.federated.simulation import seed_all
 from mmfl.module import quiet_lightning
 from mmfl.prompts import CoOp
 
@@ -68,7 +69,7 @@ class Attacked(Simulation):
     attack: str = "none"
     malicious: frozenset[str] = frozenset()
 
-    def fit_client(self, client: _Client, rnd: int) -> tuple[Update, dict[str, float]]:
+    def fit_client(self, client: Client, rnd: int) -> tuple[Update, dict[str, float]]:
         """Honest training, then the attack's reply for a malicious client."""
         if self.attack == "none" or client.data.cid not in self.malicious:
             return super().fit_client(client, rnd)
@@ -76,13 +77,14 @@ class Attacked(Simulation):
         if self.attack in ("backdoor", "adaptive"):
             honest_norm = None
             if self.attack == "adaptive":  # its honest update's norm: what a clipping bound lets through
-                before = client.module.trainable_state_dict()
+                before = client.local_state()
                 honest, _ = super().fit_client(client, rnd)
                 honest_norm = sum(float((v - g[k]).pow(2).sum()) for k, v in honest.state.items()) ** 0.5
-                client.module.load_trainable_state_dict(before)
+                client.set_local(before)
             relabelled = client.data.train.map(lambda b: {"label": [TARGET] * len(b["label"])}, batched=True)
-            client = _Client(dataclasses.replace(client.data, train=relabelled), client.task, client.module)
-            update, m = super().fit_client(client, rnd)
+            poisoned = dataclasses.replace(client, data=dataclasses.replace(client.data, train=relabelled))
+            update, m = super().fit_client(poisoned, rnd)
+            client.set_local(poisoned.local_state())
             norm = sum(float((v - g[k]).pow(2).sum()) for k, v in update.state.items()) ** 0.5
             boost = len(self.clients) / len(self.malicious) if honest_norm is None else honest_norm / max(norm, 1e-12)
         else:

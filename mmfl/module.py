@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmfl.backbone import Backbone
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
-from mmfl.federated.scopes import is_local, qualify
+from mmfl.federated.scopes import is_local
 from mmfl.knowledge import KnowledgeGuidance, anchor_loss, prograd_project, total, zero_shot_kl
 from mmfl.mixup import mix_features, mixed_cross_entropy
 from mmfl.modalities.base import Modality
@@ -112,9 +112,8 @@ class ClientModule(L.LightningModule):
 
     # ---------------------------------------------------------------- trainable state
     def _qualified(self) -> Iterable[tuple[str, nn.Parameter]]:
-        for part_name, part in self.parts.items():
-            for scope, pname, param, _ in part.scoped_parameters():
-                yield qualify(scope, self.task, self.modality.name, f"{part_name}.{pname}"), param
+        for part in self.parts.values():
+            yield from part.qualified_parameters(self.task, self.modality.name)
 
     def mix_rules(self) -> dict[str, MixRule]:
         """How the server mixes this client's keys of mixed scopes (``mix(FINE, WIDE, ...)``), by key."""

@@ -61,12 +61,14 @@ def digits():
     return [prepare_task(Task("digits", SklearnDigits(), clients=3, shots=3, max_test_examples=30))]
 
 
-def _sim(bb: Backbone, tasks, faults: dict[int, str], **federation) -> Faulty:
+def _sim(bb: Backbone, tasks, faults: dict[int, str], per_client: bool = True, **federation) -> Faulty:
+    """(A module per client by default: the tests read each client's trained tensors from it.)"""
     training = LocalTraining(
         max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=0.5)
     )
     coop = federation.pop("coop", {})
-    sim = Faulty(bb, tasks, [functools.partial(CoOp, n_ctx=2, **coop)], training, Federation(rounds=1, **federation))
+    parts = [functools.partial(CoOp, n_ctx=2, **coop)]
+    sim = Faulty(bb, tasks, parts, training, Federation(rounds=1, **federation), per_client_modules=per_client)
     sim.faults = {sim.clients[i].data.cid: kind for i, kind in faults.items()}
     sim.calls = {}
     return sim
@@ -107,11 +109,12 @@ def test_a_faulty_client_is_left_out_and_recorded(tiny_backbone: Backbone, digit
     assert len(fits) == 2 and all(r["value"] > 0 for r in fits)  # update norms of the good clients
 
 
-def test_a_failed_client_gets_its_local_tensors_back(tiny_backbone: Backbone, digits) -> None:
-    sim = _sim(tiny_backbone, digits, {1: "raise_after"}, coop={"scopes": {"ctx": "local"}})
+@pytest.mark.parametrize("per_client", [True, False], ids=["own modules", "pooled"])
+def test_a_failed_client_gets_its_local_tensors_back(tiny_backbone: Backbone, digits, per_client: bool) -> None:
+    sim = _sim(tiny_backbone, digits, {1: "raise_after"}, per_client, coop={"scopes": {"ctx": "local"}})
     before = [c.module.parts["coop"].ctx.detach().clone() for c in sim.clients]
     sim.run_round(1)
-    after = [c.module.parts["coop"].ctx.detach() for c in sim.clients]
+    after = [c.module.parts["coop"].ctx.detach().clone() for c in sim.clients]
     assert torch.equal(after[1], before[1])  # trained, then failed: rolled back
     assert not torch.equal(after[0], before[0]) and not torch.equal(after[2], before[2])
 

@@ -99,7 +99,7 @@ def test_personal_tensors_stay_with_their_clients(tiny_backbone: Backbone, tmp_p
     sim.run()
     assert list(sim.global_state) == ["task/digits/folio.ctx"]
     assert list(load_state(tmp_path / "global.safetensors")) == ["task/digits/folio.ctx"]
-    a, b = (c.module.parts["folio"].ctx_local.detach() for c in sim.clients)
+    a, b = (c.module.parts["folio"].ctx_local.detach().clone() for c in sim.clients)  # (a pooled module is lent)
     assert not torch.equal(a, b)  # each client trained its own, and nobody averaged them
     for c, mine in zip(sim.clients, (a, b), strict=True):  # ... and each is saved with its client only
         saved = load_state(tmp_path / "local" / f"{c.data.cid}.safetensors")

@@ -25,12 +25,15 @@ def two_tasks() -> list:
     ]
 
 
-def _sim(bb: Backbone, tasks, rounds: int = 1, seed: int = 0, fraction: float = 1.0, **coop) -> Simulation:
+def _sim(
+    bb: Backbone, tasks, rounds: int = 1, seed: int = 0, fraction: float = 1.0, per_client: bool = False, **coop
+) -> Simulation:
     parts = [functools.partial(CoOp, n_ctx=2, **coop)]
     training = LocalTraining(
         max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=0.5)
     )
-    return Simulation(bb, tasks, parts, training, Federation(rounds=rounds, fraction=fraction), seed=seed)
+    fed = Federation(rounds=rounds, fraction=fraction)
+    return Simulation(bb, tasks, parts, training, fed, seed=seed, per_client_modules=per_client)
 
 
 def _weighted_mean(sim: Simulation, clients: list) -> torch.Tensor:
@@ -39,7 +42,7 @@ def _weighted_mean(sim: Simulation, clients: list) -> torch.Tensor:
 
 
 def test_task_tensors_merge_within_their_task_only(tiny_backbone: Backbone, two_tasks) -> None:
-    sim = _sim(tiny_backbone, two_tasks)
+    sim = _sim(tiny_backbone, two_tasks, per_client=True)  # each client's module keeps its trained tensors
     sim.run_round(1)
     assert sorted(sim.global_state) == ["task/left/coop.ctx", "task/right/coop.ctx"]
     for task in ("left", "right"):
@@ -50,7 +53,7 @@ def test_task_tensors_merge_within_their_task_only(tiny_backbone: Backbone, two_
 
 
 def test_global_scope_merges_across_tasks(tiny_backbone: Backbone, two_tasks) -> None:
-    sim = _sim(tiny_backbone, two_tasks, scope="global")
+    sim = _sim(tiny_backbone, two_tasks, scope="global", per_client=True)
     sim.run_round(1)
     assert list(sim.global_state) == ["global/coop.ctx"]
     assert torch.allclose(sim.global_state["global/coop.ctx"], _weighted_mean(sim, sim.clients).float(), atol=1e-7)
@@ -60,7 +63,7 @@ def test_local_scope_never_leaves_the_client(tiny_backbone: Backbone, two_tasks)
     sim = _sim(tiny_backbone, two_tasks, scopes={"ctx": "local"})
     sim.run_round(1)
     assert sim.global_state == {}
-    ctxs = [c.module.parts["coop"].ctx.detach() for c in sim.clients]
+    ctxs = [c.module.parts["coop"].ctx.detach().clone() for c in sim.clients]  # (a pooled module is lent)
     assert not torch.equal(ctxs[0], ctxs[1])  # each client kept its own
 
 

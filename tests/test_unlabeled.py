@@ -78,7 +78,7 @@ def _task(source: DataSource) -> Task:
     return Task("digits", source, clients=4, labeled_fraction=0.5, shots=4, max_test_examples=60)
 
 
-def _sim(bb: Backbone, task, **pseudo) -> Simulation:
+def _sim(bb: Backbone, task, per_client: bool = False, **pseudo) -> Simulation:
     training = LocalTraining(
         max_steps=3,
         batch_size=16,
@@ -88,7 +88,7 @@ def _sim(bb: Backbone, task, **pseudo) -> Simulation:
         pseudo_labels=PseudoLabels(**pseudo),
     )
     parts = [functools.partial(CoOp, n_ctx=2)]
-    return Simulation(bb, [task], parts, training, Federation(rounds=2), seed=0)
+    return Simulation(bb, [task], parts, training, Federation(rounds=2), seed=0, per_client_modules=per_client)
 
 
 def test_an_unlabeled_client_never_reads_the_labels_its_data_carry(tiny_backbone: Backbone) -> None:
@@ -192,7 +192,8 @@ def test_mixup_mixes_each_feature_with_another_and_their_labels_alike(tiny_backb
 
 
 def test_mixup_is_for_unlabeled_clients_only(tiny_backbone: Backbone) -> None:
-    sim = _sim(tiny_backbone, prepare_task(_task(SklearnDigits())), top_k=3, threshold=0.0, mixup=0.75)
+    task = prepare_task(_task(SklearnDigits()))
+    sim = _sim(tiny_backbone, task, per_client=True, top_k=3, threshold=0.0, mixup=0.75)  # each keeps its setting
     sim.run_round(1)
     assert [c.module.mixup for c in sim.clients] == [0.0 if c.data.labeled else 0.75 for c in sim.clients]
     assert sorted(c.module.mixup for c in sim.clients) == [0.0, 0.0, 0.75, 0.75]

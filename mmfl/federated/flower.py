@@ -33,8 +33,9 @@ from mmfl.federated.faults import RoundFailed
 from mmfl.federated.flower_stop import stop_line
 from mmfl.federated.flower_strategy import ScopedFedAvg, as_flag, check_output, resume_server
 from mmfl.federated.node_state import latest_round, load_local, save_local, state_folder
+from mmfl.federated.pool import Client
 from mmfl.federated.resume import CHECKPOINT, completed_round
-from mmfl.federated.simulation import Simulation, _Client
+from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +138,22 @@ def train(msg: Message, context: Context) -> Message:
     client = sim.clients[client_index(sim, node_config)]
     rnd = int(msg.content["config"]["server-round"])
     folder = state_folder(run_config, node_config, client.data.cid)
-    keeps_local = bool(client.module.trainable_state_dict(local_only=True))
+    keeps_local = bool(client.local_state())
     with stop_line(client_stop_line(client.data.cid, rnd, folder, keeps_local)):
         return _train(msg, context, sim, client, rnd, folder)
 
 
-def _train(msg: Message, context: Context, sim: Simulation, client: _Client, rnd: int, folder: Path) -> Message:
+def _train(msg: Message, context: Context, sim: Simulation, client: Client, rnd: int, folder: Path) -> Message:
     """:func:`train`'s work for one client and round."""
     if LOCAL_STATE in context.state.array_records:
-        client.module.load_trainable_state_dict(context.state.array_records[LOCAL_STATE].to_torch_state_dict())
-    elif client.module.trainable_state_dict(local_only=True):  # the first round of this Flower run on this node
+        client.set_local(context.state.array_records[LOCAL_STATE].to_torch_state_dict())
+    elif client.local_state():  # the first round of this Flower run on this node
         saved = load_local(folder, min(rnd - 1, int(msg.content["config"].get("resumed-from", 0))))
         if saved is not None:  # a resumed run: the local tensors as they were after the last complete round
-            client.module.load_trainable_state_dict(saved)
+            client.set_local(saved)
     sim.global_state.update(msg.content["arrays"].to_torch_state_dict())
     update, m = sim.fit_client(client, rnd)
-    local = client.module.trainable_state_dict(local_only=True)
+    local = client.local_state()
     if local:
         context.state.array_records[LOCAL_STATE] = ArrayRecord(local)
         save_local(folder, rnd, local)

@@ -98,7 +98,7 @@ class SecureClient(NumPyClient):
         }
         sim.global_state.update(glob)
         if LOCAL_STATE in ctx.state.array_records:
-            client.module.load_trainable_state_dict(ctx.state.array_records[LOCAL_STATE].to_torch_state_dict())
+            client.set_local(ctx.state.array_records[LOCAL_STATE].to_torch_state_dict())
         update, m = sim.fit_client(client, int(config["server-round"]))
         problem = validate_update(update, sim.specs[client.data.cid])  # the server cannot check: the client does
         if problem:
@@ -113,7 +113,7 @@ class SecureClient(NumPyClient):
                 f"client {client.data.cid}: a tensor value {worst:.3g} exceeds the SecAgg+ clipping range {bound:g}; "
                 "raise secagg-clipping-range (mmfl flower-app --secagg_clipping_range)"
             )
-        local = client.module.trainable_state_dict(local_only=True)
+        local = client.local_state()
         if local:
             ctx.state.array_records[LOCAL_STATE] = ArrayRecord(local)
         values = [

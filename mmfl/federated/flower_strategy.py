@@ -89,7 +89,7 @@ class ScopedFedAvg(FlowerFedAvg):
         """Ask new nodes which client they run (one query round trip) and note that client's non-local keys."""
         if not nodes:
             return
-        keys = {c.data.cid: c.module.trainable_keys(include_local=False) for c in self.sim.clients}
+        keys = {c.data.cid: c.shared.trainable_keys(include_local=False) for c in self.sim.clients}
         record = RecordDict({"config": ConfigRecord({"ask": "client"})})
         asks = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(asks, timeout=600):

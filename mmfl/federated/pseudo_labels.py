@@ -15,7 +15,7 @@ from torch import Tensor
 from mmfl.data.splits import LABEL
 
 if TYPE_CHECKING:
-    from mmfl.federated.simulation import _Client
+    from mmfl.federated.pool import Client
     from mmfl.module import ClientModule
 
 
@@ -138,7 +138,7 @@ class PseudoLabeling:
         chosen = ds.select(index.tolist()).add_column(LABEL, labels.tolist()).flatten_indices()
         return chosen, pseudo_label_summary(probs, index)
 
-    def record_fit(self, rnd: int, c: _Client, m: dict[str, float], examples: int, norm: float = math.nan) -> None:
+    def record_fit(self, rnd: int, c: Client, m: dict[str, float], examples: int, norm: float = math.nan) -> None:
         """A client's ``fit`` row (``fit_unlabeled`` for an unlabeled client: its loss and accuracy are against its
         own pseudo-labels) and, for an unlabeled client, a ``pseudo_labels`` row: ``examples`` kept, ``value`` their
         mean confidence, ``note`` how many were predicted and how many classes the kept ones cover."""

@@ -216,7 +216,7 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
     sim.global_state = dict(glob)
     local = ckpt.clients("client")
     for c in sim.clients:
-        c.module.load_trainable_state_dict({**glob, **local.get(c.data.cid, {})})
+        c.restore(glob, local.get(c.data.cid, {}))
     sim.best_state = ckpt.section("best")
     best_round, best_score = ckpt.meta["best"]
     best_local = ckpt.clients("best_client")

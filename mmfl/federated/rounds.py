@@ -17,7 +17,7 @@ from mmfl.federated.faults import ClientTimeout, InvalidUpdate, RoundFailed, val
 from mmfl.federated.pseudo_labels import NoPseudoLabels
 
 if TYPE_CHECKING:
-    from mmfl.federated.simulation import _Client
+    from mmfl.federated.pool import Client
 
 log = logging.getLogger("mmfl.federated.simulation")
 
@@ -26,7 +26,7 @@ class Rounds:
     """The round logic of :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the simulation's
     clients, federation settings, global state and metrics)."""
 
-    def try_client(self, client: _Client, rnd: int) -> tuple[Update | None, dict[str, float], str]:
+    def try_client(self, client: Client, rnd: int) -> tuple[Update | None, dict[str, float], str]:
         """Fit one client and check its reply. Returns (update, metrics, "") or (None, {}, why it failed).
 
         A client that raises, runs past ``client_timeout`` or returns an invalid reply (NaN/Inf, missing or extra
@@ -43,7 +43,7 @@ class Rounds:
             if problem:
                 raise InvalidUpdate(problem)
         except Exception as e:  # a faulty client must not stop the federation
-            client.module.load_trainable_state_dict(before)
+            client.set_local(before)
             why = f"{type(e).__name__}: {e}"
             log.log(
                 logging.INFO if isinstance(e, NoPseudoLabels) else logging.WARNING,  # expected while the model is weak
@@ -127,7 +127,7 @@ class Rounds:
             self.save_local_states(sampled, rnd)
         return merged
 
-    def _record_traffic(self, rnd: int, sampled: Sequence[_Client], replies: dict[str, tuple[Update, dict]]) -> None:
+    def _record_traffic(self, rnd: int, sampled: Sequence[Client], replies: dict[str, tuple[Update, dict]]) -> None:
         """One ``traffic`` row per (task, modality) that replied: how many clients sent, and the bytes of the tensors
         they sent (as held: fp32 unless a part keeps another dtype)."""
         sent: dict[tuple[str, str], list[int]] = {}

@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -18,16 +17,18 @@ from mmfl.backbone import Backbone
 from mmfl.data.feature_cache import encoded_loader, make_feature_cache
 from mmfl.data.loader import make_loader
 from mmfl.data.splits import LABEL
-from mmfl.data.task import ClientData, PreparedTask
+from mmfl.data.task import PreparedTask
 from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.mixing import MixRule, start_together
+from mmfl.federated.pool import Client
 from mmfl.federated.pseudo_labels import NoPseudoLabels, PseudoLabeling
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.run_loggers import log_round
+from mmfl.federated.scopes import is_local
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
 from mmfl.federated.summary import human_duration
 from mmfl.federated.task_eval import TaskEvaluation
@@ -39,13 +40,6 @@ log = logging.getLogger(__name__)
 
 PartFactory = Callable[[Backbone, list[str]], TrainablePart]
 """Builds one client's part from the backbone and the task's class names (a ``class_path`` in recipes)."""
-
-
-@dataclass
-class _Client:
-    data: ClientData
-    task: PreparedTask
-    module: ClientModule
 
 
 class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
@@ -67,6 +61,8 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         selection: ``last``, or ``best_val``: keep the global state of the evaluated round with the best mean
             validation accuracy over tasks (``best_state``, ``best.safetensors``). Needs tasks with ``val``
             data; test data never take part.
+        per_client_modules: give every client a module of its own instead of one per (task, modality) with each
+            client's own state swapped in (:mod:`mmfl.federated.pool`); the same results, more memory.
     """
 
     def __init__(
@@ -79,6 +75,7 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         seed: int = 0,
         output_dir: str | Path | None = None,
         selection: str = "last",
+        per_client_modules: bool = False,
     ) -> None:
         self.backbone = backbone
         self.training = training or LocalTraining()
@@ -107,13 +104,21 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
                     f"than on its other clients ({first}); a task's modalities must share one label set"
                 )
         seed_all(seed)
-        self.clients: list[_Client] = []
+        self.clients: list[Client] = []
+        anchors = self.training.knowledge.anchors > 0
         for task in self.tasks:
+            pool: ClientModule | None = None
             for data in task.clients:
-                module = self.build_module(task)
-                if self.training.knowledge.anchors > 0 and data.labeled:  # synthetic anchors for classes it lacks
-                    module.held_classes = data.classes()
-                self.clients.append(_Client(data, task, module))
+                if per_client_modules or pool is None:
+                    module = self.build_module(task)
+                    pool = pool or module
+                    c = Client(data, task, module, own=per_client_modules, anchors=anchors and data.labeled)
+                    c.local = {} if c.own else module.trainable_state_dict(local_only=True)
+                else:  # its parts are built all the same: its initial local tensors, and the same random draws
+                    c = Client(data, task, pool, local=self.initial_local(task), anchors=anchors and data.labeled)
+                if c.own and c.anchors:  # synthetic anchors for the classes it lacks
+                    c.shared.held_classes = c.held_classes()
+                self.clients.append(c)
         if not self.clients:
             raise ValueError("the federation has no clients: give at least one task")
         if self.training.pseudo_labels.start_round > 1 and not any(c.data.labeled for c in self.clients):
@@ -121,13 +126,14 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
                 f"training.pseudo_labels.start_round is {self.training.pseudo_labels.start_round} but no client holds "
                 "labels, so rounds before it would train nothing: set start_round: 1, or give a task labeled clients"
             )
-        for c in self.clients:
-            if not any(p.requires_grad for p in c.module.parts.parameters()):
+        firsts = list({id(c.task): c for c in reversed(self.clients)}.values())[::-1]  # each task's first client
+        for c in firsts:
+            if not any(p.requires_grad for p in c.shared.parts.parameters()):
                 raise ValueError(
                     f"clients of task {c.task.name!r} ({c.task.modality}) have nothing to train: add a part to "
                     "`parts` that works with that modality"
                 )
-        used = {name for c in self.clients for name in c.module.parts}
+        used = {name for c in firsts for name in c.shared.parts}
         for task in self.tasks:
             unused = [p.part_name for p in self._all_parts(task) if p.part_name not in used]
             if unused:
@@ -135,16 +141,20 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
                     f"part(s) {unused} work with none of the federation's modalities "
                     f"({sorted({t.modality for t in self.tasks})}); remove them or add clients they work with"
                 )
-        # The server's initial state: each key's tensor from the first client that holds it; the groups of a mixed
-        # key start from one tensor (the first group's), as a plain key of the wide scope would.
+        # The server's initial state: each key's tensor from the first client that holds it (a (task, modality)'s
+        # clients hold the same keys); the groups of a mixed key start from one tensor (the first group's), as a
+        # plain key of the wide scope would.
         self.global_state: dict[str, Tensor] = {}
         self.mixing: dict[str, MixRule] = {}
-        for c in self.clients:
-            for k, v in c.module.trainable_state_dict(include_local=False).items():
+        specs = {}
+        for c in firsts:
+            state = c.shared.trainable_state_dict(include_local=False)
+            for k, v in state.items():
                 self.global_state.setdefault(k, v)
-            self.mixing.update(c.module.mix_rules())
+            self.mixing.update(c.shared.mix_rules())
+            specs[id(c.task)] = spec_of(state)
         start_together(self.mixing, self.global_state)
-        self.specs = {c.data.cid: spec_of(c.module.trainable_state_dict(include_local=False)) for c in self.clients}
+        self.specs = {c.data.cid: specs[id(c.task)] for c in self.clients}
         self.completed: int | None = None  # the last completed round (0: the evaluation before training)
         self.progress: NoProgress = NoProgress()
         """Told of each round and client as they finish (:func:`mmfl.progress.progress_for`: a live display)."""
@@ -203,6 +213,19 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         module.log_train_metrics = False  # fit_client reads module.epoch_metrics
         return module
 
+    def initial_local(self, task: PreparedTask) -> dict[str, Tensor]:
+        """The initial ``local`` tensors of a new client of ``task``: its parts built as :meth:`build_module` builds
+        them (every part factory called, in order: the same random draws), without a module around them."""
+        built = [f(self.backbone, list(task.class_names)) for f in self.part_factories]
+        local = {}
+        for p in built:
+            if p.supports(task.modality):
+                p.split_components()
+                for k, v in p.qualified_parameters(task.name, task.modality):
+                    if is_local(k):
+                        local[k] = v.detach().clone()
+        return local
+
     def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
         return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
 
@@ -237,7 +260,7 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
             chosen = [i for i in chosen if self.clients[i].data.labeled]
         return chosen
 
-    def fit_client(self, client: _Client, rnd: int) -> tuple[Update, dict[str, float]]:
+    def fit_client(self, client: Client, rnd: int) -> tuple[Update, dict[str, float]]:
         """Load the global tensors, train locally, and return the reply and training metrics."""
         module = client.module
         module.load_trainable_state_dict(self.global_state)
@@ -258,6 +281,7 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
             trainer.fit(module, train_dataloaders=loader)
         finally:
             module.trainer = None  # else each client keeps its last Trainer, and with it its optimizer's state
+        client.keep_trained()
         m = {k: float(v) for k, v in module.epoch_metrics.items()}
         update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(data))
         metrics = {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
@@ -266,7 +290,7 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         return update, metrics
 
     def _record_client(
-        self, rnd: int, c: _Client, split: str, m: dict[str, float], examples: int, value: float = math.nan
+        self, rnd: int, c: Client, split: str, m: dict[str, float], examples: int, value: float = math.nan
     ) -> None:
         self.metrics.add(
             rnd, "client", c.task.name, c.task.modality, c.data.cid, split, m["loss"], m["accuracy"], examples, value
@@ -276,7 +300,7 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         """Snapshot the global state and every client's local tensors as the best so far (by validation)."""
         self.best_round, self.best_score = rnd, score
         self.best_state = {k: v.clone() for k, v in self.global_state.items()}
-        self.best_local = {c.data.cid: self.local_state(c) for c in self.clients}
+        self.best_local = {c.data.cid: c.local_snapshot() for c in self.clients}
         if self.output_dir is not None:
             meta = {"round": str(rnd), "val_accuracy": f"{score:.6f}", "backbone": self.backbone.model_name}
             save_state(self.output_dir / "best.safetensors", self.best_state, meta)
@@ -288,15 +312,15 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         return self.global_state, {c.data.cid: self.local_state(c) for c in self.clients}
 
     @staticmethod
-    def local_state(c: _Client) -> dict[str, Tensor]:
+    def local_state(c: Client) -> dict[str, Tensor]:
         """A copy of the client's ``local`` tensors (they never leave it)."""
-        return c.module.trainable_state_dict(local_only=True)
+        return c.local_state()
 
-    def save_local_states(self, clients: Sequence[_Client], rnd: int) -> None:
+    def save_local_states(self, clients: Sequence[Client], rnd: int) -> None:
         """Write each client's ``local`` tensors (never sent) to ``local/<task>/<modality>/<i>.safetensors``."""
         assert self.output_dir is not None
         for c in clients:
-            state = c.module.trainable_state_dict(local_only=True)
+            state = c.local_snapshot()
             if state:
                 save_state(self.output_dir / "local" / f"{c.data.cid}.safetensors", state, {"round": str(rnd)})
 

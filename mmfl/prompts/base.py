@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from mmfl.backbone import Backbone
-from mmfl.federated.scopes import Mix, check_scope, parse_scope
+from mmfl.federated.scopes import Mix, check_scope, parse_scope, qualify
 
 _COMPONENT = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.(?:original|0\.extra\.(\d+))$")
 """A parameter's name once split into components: ``[owner.]parametrizations.NAME.original`` (the first component)
@@ -142,6 +142,12 @@ class TrainablePart(nn.Module):
             if m is None and len(spec.components) > 1:
                 raise RuntimeError(f"part {self.part_name!r}: {name!r} has components; call split_components() first")
             yield spec.components[index], name, param, spec.mix
+
+    def qualified_parameters(self, task: str, modality: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every trainable tensor by its payload key for a client of ``task`` and ``modality``
+        (``task/digits/coop.ctx``; the part's name is the key's first component after the scope's prefix)."""
+        for scope, name, param, _ in self.scoped_parameters():
+            yield qualify(scope, task, modality, f"{self.part_name}.{name}"), param
 
     def check_scopes(self) -> None:
         """Raise if ``scopes`` names a parameter this part does not have."""
