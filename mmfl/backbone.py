@@ -18,6 +18,8 @@ from mmfl.backbones.text_tower import encode_hf, encode_native, hf_layers
 from mmfl.hub import fetching
 
 log = logging.getLogger(__name__)
+_TOKEN_CACHE_TEXTS = 64  # Backbone.tokenize keeps calls of at most this many texts ...
+_TOKEN_CACHE_ENTRIES = 256  # ... and at most this many calls (≤ 64 × 77 ids each)
 T = TypeVar("T")
 
 
@@ -74,6 +76,7 @@ class Backbone:
                 **extra,
             )
             self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+        self._tokens: dict[tuple[str, ...], Tensor] = {}  # tokenize()'s cache
         self.model: nn.Module = model
         self.preprocess_train: Callable[[Any], Tensor] = preprocess_train
         self.preprocess_val: Callable[[Any], Tensor] = preprocess_val
@@ -160,8 +163,20 @@ class Backbone:
         return self._text.token_embedding
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
-        """Tokenize texts into ids padded to the context length. Returns [N, L] long."""
-        return self.tokenizer(list(texts)).to(self.device)
+        """Tokenize texts into ids padded to the context length. Returns [N, L] long (a new tensor).
+
+        Short lists (class names, templates: what every client's parts tokenize when they are built) are kept,
+        so a federation of thousands of clients tokenizes them once.
+        """
+        key = tuple(texts)
+        tokens = self._tokens.get(key) if len(key) <= _TOKEN_CACHE_TEXTS else None
+        if tokens is None:
+            tokens = self.tokenizer(list(texts))
+            if len(key) <= _TOKEN_CACHE_TEXTS:
+                if len(self._tokens) >= _TOKEN_CACHE_ENTRIES:
+                    self._tokens.clear()
+                self._tokens[key] = tokens
+        return tokens.clone().to(self.device)
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """Token ids [N, L] → input token embeddings [N, L, W] (no positions added)."""

@@ -99,3 +99,15 @@ def test_learned_prompts_cut_to_their_longest_prompt_equal_the_full_context(whic
         if full_deep is not None:
             assert torch.allclose(bb.encode_text_embeds(embeds, tokens, deep_prompts=deep), full_deep, atol=1e-5)
         assert torch.allclose(full, bb.encode_text(tokens), atol=1e-5)  # and both equal open_clip's own path
+
+
+def test_tokenize_keeps_short_calls_and_returns_a_new_tensor_each_time(tiny_backbone: Backbone) -> None:
+    names = ["zero", "one", "two"]
+    first = tiny_backbone.tokenize(names)
+    assert torch.equal(first, tiny_backbone.tokenizer(names))  # the tokenizer's own ids
+    first[:, 1] = 0  # a caller that writes into its tokens changes nothing kept
+    again = tiny_backbone.tokenize(names)
+    assert torch.equal(again, tiny_backbone.tokenizer(names)) and again.data_ptr() != first.data_ptr()
+    many = [f"word {i}" for i in range(65)]  # a long list (e.g. glosses): tokenized, not kept
+    assert torch.equal(tiny_backbone.tokenize(many), tiny_backbone.tokenizer(many))
+    assert tuple(many) not in tiny_backbone._tokens and tuple(names) in tiny_backbone._tokens
