@@ -11,7 +11,9 @@ Every figure is a ratio of two measurements taken side by side in this run (thes
     bytes_per_client_round:  what one client sends + receives per round (its trainable tensors),
     full_model_bytes:        against a full-model FedAvg of the same backbone (all its tensors, both ways).
 
-``DIR/results.json`` holds every figure, the raw times and the machine. ``--quick`` (under 10 minutes on 2
+``DIR/results.json`` holds every figure, the raw times and the machine. ``--scale`` measures instead how the
+in-process engine scales from 10 to 10,000 clients (:mod:`benchmarks.scale`: ``rss_10000_over_10`` and
+``client_round_10000_over_10`` per part). ``--quick`` (under 10 minutes on 2
 cores) uses fewer clients and repeats; ``--backbone`` picks another backbone (e.g. ``ViT-B-16`` with random
 weights on a GPU); ``--no-flower`` skips the Flower comparison.
 """
@@ -123,7 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--no-flower", dest="flower", action="store_false", help="skip the Flower comparison")
     ap.add_argument("--sizes", default="1,10,100", help="client counts of the memory figure")
+    ap.add_argument("--scale", action="store_true", help="10 to 10,000 clients instead (benchmarks.scale)")
     args = ap.parse_args(argv)
+    if args.scale:
+        from benchmarks import scale
+
+        return scale.main(["--out", args.out, *(["--quick"] if args.quick else [])])
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("mmfl").setLevel(logging.WARNING)
     datasets.disable_progress_bars()

@@ -10,7 +10,7 @@ it). A process reports:
     build_s:                 preparing the task (loading, checking, partitioning) and building the federation;
     client_round_s:          wall seconds of a training round (sample, fit the sampled clients, merge) per sampled
                              client, best of ``rounds`` rounds after a warm-up round; no evaluation;
-    peak_rss_mib:            the process's peak resident memory.
+    peak_rss_mib, rss_mib:   the process's peak resident memory, and its resident memory after the rounds.
 
 ``DIR/results.json`` holds every process's figures and, per part, ``rss_10000_over_10`` and
 ``client_round_10000_over_10`` (targets ≤ 1.2); ``--quick`` stops at 1,000 clients and runs fewer rounds.
@@ -120,7 +120,13 @@ def measure(part: str, clients: int, sampled: int, rounds: int, copies: int) -> 
         "build_s": build_s,
         "client_round_s": min(times[1:]),  # after the warm-up round
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mib": _rss_now_mib(),
     }
+
+
+def _rss_now_mib() -> float:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(x.split()[1]) for x in status if x.startswith("VmRSS:")) / 1024
 
 
 def in_fresh_process(part: str, clients: int, sampled: int, rounds: int, copies: int) -> dict[str, float]:
@@ -154,20 +160,20 @@ def run(out: Path, parts: list[str], sizes: list[int], sampled: int, rounds: int
 
 def table(results: dict) -> str:
     """The results as a Markdown table."""
-    lines = ["| part | clients | sampled/round | build s | s per sampled client-round | peak RSS MiB |"]
-    lines.append("|---|---:|---:|---:|---:|---:|")
+    lines = ["| part | clients | sampled/round | build s | s per sampled client-round | peak RSS MiB | RSS after |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for part, r in results["parts"].items():
         for n, row in r["runs"].items():
             lines.append(
                 f"| {part} | {int(n):,} | {row['sampled_per_round']} | {row['build_s']:.1f} | "
-                f"{row['client_round_s']:.3f} | {row['peak_rss_mib']:.0f} |"
+                f"{row['client_round_s']:.3f} | {row['peak_rss_mib']:.0f} | {row['rss_mib']:.0f} |"
             )
         ratios = ", ".join(f"{k} = {v:.2f}" for k, v in r.items() if k != "runs")
-        lines.append(f"| {part} | ratios | {ratios} | | | |")
+        lines.append(f"| {part} | ratios | {ratios} | | | | |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     """Command line: see the module's docstring."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=None, help="client counts (default 10 1000 10000)")
     ap.add_argument("--sampled", type=int, default=10, help="clients per round at the smallest size")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up round")
-    ap.add_argument("--quick", action="store_true", help="10 and 1,000 clients, 2 timed rounds")
+    ap.add_argument("--quick", action="store_true", help="10 and 10,000 clients, 2 timed rounds")
     one = ("PART", "CLIENTS", "SAMPLED", "ROUNDS", "COPIES")
     ap.add_argument("--one", nargs=5, metavar=one, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -185,10 +191,11 @@ def main(argv: list[str] | None = None) -> None:
         logging.disable(logging.WARNING)
         part, *numbers = a.one
         sys.stdout.write(json.dumps(measure(part, *map(int, numbers))) + "\n")
-        return
-    sizes = a.sizes or ([10, 1000] if a.quick else [10, 1000, 10000])
+        return None
+    sizes = a.sizes or ([10, 10000] if a.quick else [10, 1000, 10000])
     results = run(a.out, a.parts, sizes, a.sampled, 2 if a.quick else a.rounds)
     log.info("%s\nwrote %s", table(results), a.out / "results.json")
+    return results
 
 
 if __name__ == "__main__":

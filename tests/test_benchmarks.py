@@ -267,3 +267,22 @@ def test_fuzz_benchmark_counts_every_input(tmp_path: Path) -> None:
     assert result["clean_errors"] > 0 and result["runs"] > 0
     assert all(v["tried"] > 0 for v in result["per_kind"].values())
     assert json.loads(out.read_text())["tried"] == 24
+
+
+@pytest.mark.slow
+def test_scale_benchmark_measures_each_size_in_its_own_process(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import scale
+
+    assert scale.fraction(10, 10) == 1.0 and scale.fraction(1000, 10) == 0.01 and scale.fraction(10000, 10) == 0.01
+    assert scale.copies_for(10000) == 50  # 8 training examples per client of the largest size
+    r = scale.main(["--out", str(tmp_path), "--parts", "coop", "--sizes", "2", "40", "--rounds", "1"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == r
+    coop = r["parts"]["coop"]
+    small, big = coop["runs"]["2"], coop["runs"]["40"]
+    assert (small["sampled_per_round"], big["sampled_per_round"]) == (2, 10)
+    assert small["train_examples"] == big["train_examples"] == 1617  # one data set for every size
+    assert coop["rss_40_over_2"] == big["peak_rss_mib"] / small["peak_rss_mib"]
+    assert coop["client_round_40_over_2"] == big["client_round_s"] / small["client_round_s"] > 0
