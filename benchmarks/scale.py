@@ -78,9 +78,9 @@ def copies_for(clients: int) -> int:
     return max(1, math.ceil(8 * clients / (0.9 * 1797)))
 
 
-def measure(part: str, clients: int, sampled: int, rounds: int, copies: int) -> dict[str, float]:
+def measure(part: str, clients: int, sampled: int, rounds: int, copies: int, per_client: int = 0) -> dict[str, float]:
     """Build a federation of ``clients`` clients with one ``part`` on ``copies`` copies of the digits and time its
-    training rounds (this process)."""
+    training rounds (this process); ``per_client``: a module per client (the engine before pooling)."""
     from flwr_datasets.partitioner import IidPartitioner
 
     from mmfl.backbone import Backbone
@@ -105,7 +105,7 @@ def measure(part: str, clients: int, sampled: int, rounds: int, copies: int) -> 
     prepared = prepare_task(task)
     training = LocalTraining(epochs=1, max_steps=2, batch_size=4, accelerator="cpu", feature_cache="off")
     federation = Federation(rounds=rounds + 1, fraction=fraction(clients, sampled), eval_every=10**6)
-    sim = Simulation(backbone, [prepared], [factory], training, federation, seed=0)
+    sim = Simulation(backbone, [prepared], [factory], training, federation, seed=0, per_client_modules=bool(per_client))
     build_s = time.perf_counter() - t0
     times = []
     with quiet_lightning():
@@ -129,9 +129,11 @@ def _rss_now_mib() -> float:
     return next(int(x.split()[1]) for x in status if x.startswith("VmRSS:")) / 1024
 
 
-def in_fresh_process(part: str, clients: int, sampled: int, rounds: int, copies: int) -> dict[str, float]:
+def in_fresh_process(
+    part: str, clients: int, sampled: int, rounds: int, copies: int, per_client: bool = False
+) -> dict[str, float]:
     """:func:`measure` in a fresh Python process (so each peak RSS is its own)."""
-    args = [part, str(clients), str(sampled), str(rounds), str(copies)]
+    args = [part, str(clients), str(sampled), str(rounds), str(copies), str(int(per_client))]
     cmd = [sys.executable, "-m", "benchmarks.scale", "--one", *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -139,13 +141,14 @@ def in_fresh_process(part: str, clients: int, sampled: int, rounds: int, copies:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out: Path, parts: list[str], sizes: list[int], sampled: int, rounds: int) -> dict:
+def run(out: Path, parts: list[str], sizes: list[int], sampled: int, rounds: int, per_client: bool = False) -> dict:
     """Measure every (part, size), write ``out/results.json``, and return the results."""
     results: dict = {"sizes": sizes, "sampled": sampled, "rounds": rounds, "torch": torch.__version__, "parts": {}}
+    results["per_client_modules"] = per_client
     for part in parts:
         rows = {}
         for n in sizes:
-            rows[str(n)] = in_fresh_process(part, n, sampled, rounds, copies_for(max(sizes)))
+            rows[str(n)] = in_fresh_process(part, n, sampled, rounds, copies_for(max(sizes)), per_client)
             log.info("%s, %d clients: %s", part, n, rows[str(n)])
         small, big = rows[str(sizes[0])], rows[str(sizes[-1])]
         results["parts"][part] = {
@@ -182,8 +185,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--sampled", type=int, default=10, help="clients per round at the smallest size")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up round")
     ap.add_argument("--quick", action="store_true", help="10 and 10,000 clients, 2 timed rounds")
-    one = ("PART", "CLIENTS", "SAMPLED", "ROUNDS", "COPIES")
-    ap.add_argument("--one", nargs=5, metavar=one, help=argparse.SUPPRESS)
+    ap.add_argument("--per-client-modules", action="store_true", help="a module per client (the former engine)")
+    one = ("PART", "CLIENTS", "SAMPLED", "ROUNDS", "COPIES", "PER_CLIENT")
+    ap.add_argument("--one", nargs=6, metavar=one, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     datasets.disable_progress_bars()
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         sys.stdout.write(json.dumps(measure(part, *map(int, numbers))) + "\n")
         return None
     sizes = a.sizes or ([10, 10000] if a.quick else [10, 1000, 10000])
-    results = run(a.out, a.parts, sizes, a.sampled, 2 if a.quick else a.rounds)
+    results = run(a.out, a.parts, sizes, a.sampled, 2 if a.quick else a.rounds, a.per_client_modules)
     log.info("%s\nwrote %s", table(results), a.out / "results.json")
     return results
 
