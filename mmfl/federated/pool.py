@@ -15,13 +15,16 @@ tensors and every random draw after them are what they were.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from mmfl.backbone import Backbone
 from mmfl.data.task import ClientData, PreparedTask
 from mmfl.federated.scopes import is_local
 from mmfl.module import ClientModule
+from mmfl.prompts.base import TrainablePart
 
 _UNREAD = object()
 
@@ -94,3 +97,19 @@ class Client:
             self.shared.load_trainable_state_dict({**global_state, **local})
         else:
             self.set_local(local)
+
+
+def initial_local(
+    factories: Sequence[Callable[[Backbone, list[str]], TrainablePart]], backbone: Backbone, task: PreparedTask
+) -> dict[str, Tensor]:
+    """The initial ``local`` tensors of a new client of ``task``: its parts built as a simulation builds a client's
+    module (every factory called, in order: the same random draws), without a module around them."""
+    built = [f(backbone, list(task.class_names)) for f in factories]
+    local = {}
+    for p in built:
+        if p.supports(task.modality):
+            p.split_components()
+            for k, v in p.qualified_parameters(task.name, task.modality):
+                if is_local(k):
+                    local[k] = v.detach().clone()
+    return local

@@ -23,12 +23,11 @@ from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import Deadline, spec_of
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.mixing import MixRule, start_together
-from mmfl.federated.pool import Client
+from mmfl.federated.pool import Client, initial_local
 from mmfl.federated.pseudo_labels import NoPseudoLabels, PseudoLabeling
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.run_loggers import log_round
-from mmfl.federated.scopes import is_local
 from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
 from mmfl.federated.summary import human_duration
 from mmfl.federated.task_eval import TaskEvaluation
@@ -214,17 +213,8 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         return module
 
     def initial_local(self, task: PreparedTask) -> dict[str, Tensor]:
-        """The initial ``local`` tensors of a new client of ``task``: its parts built as :meth:`build_module` builds
-        them (every part factory called, in order: the same random draws), without a module around them."""
-        built = [f(self.backbone, list(task.class_names)) for f in self.part_factories]
-        local = {}
-        for p in built:
-            if p.supports(task.modality):
-                p.split_components()
-                for k, v in p.qualified_parameters(task.name, task.modality):
-                    if is_local(k):
-                        local[k] = v.detach().clone()
-        return local
+        """The initial ``local`` tensors of a new client of ``task`` (:func:`~mmfl.federated.pool.initial_local`)."""
+        return initial_local(self.part_factories, self.backbone, task)
 
     def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
         return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
