@@ -190,6 +190,7 @@ BENCH_TESTS = {
     "benchmarks.robust": "test_robust_benchmark_attackers_send_what_they_claim",
     "benchmarks.run": "test_benchmark_run_smoke_writes_every_figure",
     "benchmarks.fuzz": "test_fuzz_benchmark_counts_every_input",
+    "benchmarks.scale": "test_scale_benchmark_measures_each_size_in_its_own_process",
 }
 BENCH_TINY = {
     "benchmarks.part_sizes": [],

@@ -13,6 +13,7 @@ import numpy as np
 from flwr_datasets.partitioner import IidPartitioner, Partitioner
 
 from mmfl.data.decode_check import decodable
+from mmfl.data.partitions import Partition, iid_shards, size
 from mmfl.data.sources import DataSource
 from mmfl.data.splits import DOMAIN, LABEL, drop_domains, hold_out, keep_labels, split_classes
 from mmfl.federated.scopes import check_name
@@ -111,15 +112,21 @@ class Task:
 
 @dataclass
 class ClientData:
-    """The data one client holds."""
+    """The data one client holds. ``train`` may be given as a :class:`~mmfl.data.partitions.Shard` (bounds in the
+    task's training split): it then reads as the shard's ``datasets.Dataset`` view, made when first used."""
 
     cid: str
     task: str
     modality: str
-    train: datasets.Dataset
+    train: datasets.Dataset = Partition()  # type: ignore[assignment]  # noqa: RUF009 (a descriptor, not a default)
     test: datasets.Dataset | None = None
     labeled: bool = True
     """False: ``train`` has no label column (it trains on pseudo-labels, :mod:`mmfl.federated.pseudo_labels`)."""
+
+    @property
+    def size(self) -> int:
+        """The number of training examples (without making a shard's view)."""
+        return size(self)
 
     def classes(self) -> list[int] | None:
         """The labels present in this client's training data (its "own" classes); None for an unlabeled client."""
@@ -335,9 +342,15 @@ def prepare_task(
     partitioner.dataset = train
     clients, unseen = [], []
     n_labeled = labeled_clients(task, task.clients - unseen_clients)
+    # a plain IID shard (labeled, all of it trained on) stays bounds until the client is used
+    shards = iid_shards(train, task.clients) if type(partitioner) is IidPartitioner else None
+    plain = task.shots is None and task.local_test_fraction == 0
     for i in range(task.clients):
-        part = partitioner.load_partition(i)
         cid = f"{task.name}/{task.modality}/{i}"
+        if shards is not None and plain and i < n_labeled and len(shards[i]):
+            clients.append(ClientData(cid, task.name, task.modality, shards[i]))  # type: ignore[arg-type]
+            continue
+        part = partitioner.load_partition(i)
         if i >= task.clients - unseen_clients:  # held out: its partition is evaluation data (capped like test)
             if task.max_test_examples is not None and len(part) > task.max_test_examples:
                 part = part.shuffle(seed=0).select(range(task.max_test_examples))
@@ -364,7 +377,7 @@ def prepare_task(
         task.modality,
         len(class_names),
         f" base + {len(novel_names)} novel" if base_to_novel else "",
-        sum(len(c.train) for c in clients),
+        sum(c.size for c in clients),
         len(clients),
         type(partitioner).__name__,
         f", {len(unseen)} unseen client(s)" if unseen else "",
