@@ -29,7 +29,7 @@ from mmfl.prompts.base import TrainablePart
 _UNREAD = object()
 
 
-@dataclass
+@dataclass(eq=False)  # a client is itself: compared by identity (its tensors are not compared)
 class Client:
     """One simulated client.
 
