@@ -140,14 +140,16 @@ def train(msg: Message, context: Context) -> Message:
     folder = state_folder(run_config, node_config, client.data.cid)
     keeps_local = bool(client.local_state())
     with stop_line(client_stop_line(client.data.cid, rnd, folder, keeps_local)):
-        return _train(msg, context, sim, client, rnd, folder)
+        return _train(msg, context, sim, client, rnd, folder, keeps_local)
 
 
-def _train(msg: Message, context: Context, sim: Simulation, client: Client, rnd: int, folder: Path) -> Message:
-    """:func:`train`'s work for one client and round."""
+def _train(
+    msg: Message, context: Context, sim: Simulation, client: Client, rnd: int, folder: Path, keeps_local: bool
+) -> Message:
+    """:func:`train`'s work for one client and round (``keeps_local``: the client has local tensors)."""
     if LOCAL_STATE in context.state.array_records:
         client.set_local(context.state.array_records[LOCAL_STATE].to_torch_state_dict())
-    elif client.local_state():  # the first round of this Flower run on this node
+    elif keeps_local:  # the first round of this Flower run on this node
         saved = load_local(folder, min(rnd - 1, int(msg.content["config"].get("resumed-from", 0))))
         if saved is not None:  # a resumed run: the local tensors as they were after the last complete round
             client.set_local(saved)
@@ -180,6 +182,18 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"client": ConfigRecord({"cid": cid})}), reply_to=msg)
 
 
+def round_timeout(cfg: dict) -> float:
+    """The run config's ``round-timeout`` (seconds to wait for a round's replies; default 3600).
+
+    Raises:
+        ValueError: it is not a finite number > 0 (the run could wait forever).
+    """
+    timeout = float(cfg.get("round-timeout", 3600))
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"round-timeout must be a finite number of seconds > 0, got {cfg['round-timeout']!r}")
+    return timeout
+
+
 def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     """The ServerApp's federation (writing to ``output-dir``), the nodes to wait for (``min-nodes``, default one
     per client) and the nodes to train each round (the recipe's fraction and ``min_clients``).
@@ -187,9 +201,7 @@ def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     Raises:
         ValueError: a setting that could make the run wait forever (``round-timeout``, ``min-nodes``), checked first.
     """
-    timeout = float(cfg.get("round-timeout", 3600))
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"round-timeout must be a finite number of seconds > 0, got {cfg['round-timeout']!r}")
+    round_timeout(cfg)
     if "min-nodes" in cfg and int(cfg["min-nodes"]) < 1:
         raise ValueError(f"min-nodes must be >= 1, got {cfg['min-nodes']!r}")
     sim = federation_from_config(cfg)
@@ -228,7 +240,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
     sim, out, min_nodes, min_train = server_setup(cfg)
     done = resume_server(sim, out) if as_flag(cfg.get("resume", False)) else 0
-    rounds, timeout = sim.federation.rounds, float(cfg.get("round-timeout", 3600))
+    rounds, timeout = sim.federation.rounds, round_timeout(cfg)
     if done >= rounds:
         log.info("the run in %s already completed its %d rounds; nothing to do", out, rounds)
         return
