@@ -1,9 +1,10 @@
 """The Flower engine: a recipe's federation as a Flower ClientApp and ServerApp (the only module importing ``flwr``).
 
-Both apps build the same in-process :class:`~mmfl.federated.simulation.Simulation` from the recipe (once per
-process, then reused across messages): the ServerApp uses it for the initial tensors, merging (mmfl's own
-aggregators, per scope group), evaluation and checkpoints; a ClientApp uses it to train its one client with
-exactly the code of the in-process engine, so both engines give the same tensors for the same seed.
+The ServerApp builds the recipe's in-process :class:`~mmfl.federated.simulation.Simulation` (once per process) for
+the initial tensors, merging (mmfl's own aggregators, per scope group), evaluation and checkpoints. A ClientApp
+builds only the clients it runs (:class:`~mmfl.federated.node.Node`: their tasks' data, one module per task, the
+federation's layout from the server's messages) and trains them with exactly the code of the in-process engine, so
+both engines give the same tensors for the same seed.
 
 Run config (``[tool.flwr.app.config]`` of the app that ``mmfl flower-app`` writes, or ``flwr run --run-config``):
     ``recipe-yaml``: the resolved recipe itself (so every machine reads the same one); ``overrides``: recipe
@@ -32,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.flower_stop import stop_line
 from mmfl.federated.flower_strategy import ScopedFedAvg, as_flag, check_output, resume_server
+from mmfl.federated.node import Node, node_client_id, read_layout
 from mmfl.federated.node_state import latest_round, load_local, save_local, state_folder
 from mmfl.federated.pool import Client
 from mmfl.federated.resume import CHECKPOINT, completed_round
@@ -41,6 +43,15 @@ log = logging.getLogger(__name__)
 
 LOCAL_STATE = "mmfl-local"
 _CACHE: dict[tuple, Simulation] = {}
+_NODES: dict[tuple, Node] = {}
+
+
+def node_from_config(run_config: dict) -> Node:
+    """This process's :class:`~mmfl.federated.node.Node` for the run config's recipe (built once, then reused)."""
+    key = (str(run_config.get("recipe-yaml", "")), str(run_config.get("overrides", "")))
+    if key not in _NODES:
+        _NODES[key] = Node(run_config)
+    return _NODES[key]
 
 
 def federation_from_config(run_config: dict) -> Simulation:
@@ -134,17 +145,18 @@ def train(msg: Message, context: Context) -> Message:
     into this reply (its local test split, when it has one), saving a round trip.
     """
     run_config, node_config = dict(context.run_config), dict(context.node_config)
-    sim = federation_from_config(run_config)
-    client = sim.clients[client_index(sim, node_config)]
+    node = node_from_config(run_config)
+    layout = read_layout(dict(msg.content["config"]))
+    client = node.client(node_client_id(node_config, layout), layout)
     rnd = int(msg.content["config"]["server-round"])
     folder = state_folder(run_config, node_config, client.data.cid)
-    keeps_local = bool(client.local_state())
+    keeps_local = bool(client.local_snapshot())
     with stop_line(client_stop_line(client.data.cid, rnd, folder, keeps_local)):
-        return _train(msg, context, sim, client, rnd, folder, keeps_local)
+        return _train(msg, context, node, client, rnd, folder, keeps_local)
 
 
 def _train(
-    msg: Message, context: Context, sim: Simulation, client: Client, rnd: int, folder: Path, keeps_local: bool
+    msg: Message, context: Context, node: Node, client: Client, rnd: int, folder: Path, keeps_local: bool
 ) -> Message:
     """:func:`train`'s work for one client and round (``keeps_local``: the client has local tensors)."""
     if LOCAL_STATE in context.state.array_records:
@@ -153,8 +165,8 @@ def _train(
         saved = load_local(folder, min(rnd - 1, int(msg.content["config"].get("resumed-from", 0))))
         if saved is not None:  # a resumed run: the local tensors as they were after the last complete round
             client.set_local(saved)
-    sim.global_state.update(msg.content["arrays"].to_torch_state_dict())
-    update, m = sim.fit_client(client, rnd)
+    node.global_state = msg.content["arrays"].to_torch_state_dict()  # this client's keys (or all of them)
+    update, m = node.fit_client(client, rnd)
     local = client.local_state()
     if local:
         context.state.array_records[LOCAL_STATE] = ArrayRecord(local)
@@ -162,7 +174,7 @@ def _train(
     metrics = {"num-examples": update.num_examples, "train-loss": m["loss"], "train-accuracy": m["accuracy"]}
     metrics.update({k: v for k, v in m.items() if k.startswith("pseudo_")})  # an unlabeled client's choice
     if client.data.test is not None and len(client.data.test):
-        ev = sim.evaluate(client.module, client.task, client.data.test)
+        ev = node.evaluate(client.module, client.task, client.data.test)
         metrics.update({"local-test-accuracy": ev["accuracy"], "local-test-examples": len(client.data.test)})
     content = RecordDict(
         {
@@ -176,9 +188,9 @@ def _train(
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Say which of the recipe's clients this node runs (the server then sends it only that client's tensors)."""
-    sim = federation_from_config(dict(context.run_config))
-    cid = sim.clients[client_index(sim, dict(context.node_config))].data.cid
+    """Say which of the recipe's clients this node runs (the server then sends it only that client's tensors); the
+    query carries the federation's layout, which maps a ``partition-id`` to a client."""
+    cid = node_client_id(dict(context.node_config), read_layout(dict(msg.content["config"])))
     return Message(RecordDict({"client": ConfigRecord({"cid": cid})}), reply_to=msg)
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import RoundFailed, validate_update
+from mmfl.federated.node import LAYOUT, layout_of
 from mmfl.federated.resume import CHECKPOINT, save_checkpoint
 from mmfl.federated.simulation import Simulation
 
@@ -50,6 +51,7 @@ class ScopedFedAvg(FlowerFedAvg):
         self.failures: dict[int, int] = {}
         self._grid: Grid | None = None
         self._sent: dict[int, RecordDict] = {}  # this round's message to each node, for retries
+        self.layout = layout_of(sim.tasks)  # what a lean node needs to build its client (mmfl.federated.node)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """FedAvg's sampling; one message per node holding only its node's tensors once its keys are known.
@@ -77,7 +79,12 @@ class ScopedFedAvg(FlowerFedAvg):
                 {
                     "arrays": mine,
                     "config": ConfigRecord(
-                        {**dict(msg.content["config"]), "server-round": rnd, "resumed-from": self.offset}
+                        {
+                            **dict(msg.content["config"]),
+                            "server-round": rnd,
+                            "resumed-from": self.offset,
+                            LAYOUT: self.layout,
+                        }
                     ),
                 }
             )
@@ -90,7 +97,7 @@ class ScopedFedAvg(FlowerFedAvg):
         if not nodes:
             return
         keys = {c.data.cid: c.shared.trainable_keys(include_local=False) for c in self.sim.clients}
-        record = RecordDict({"config": ConfigRecord({"ask": "client"})})
+        record = RecordDict({"config": ConfigRecord({"ask": "client", LAYOUT: self.layout})})
         asks = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(asks, timeout=600):
             if not reply.has_error():  # a node that cannot answer gets the whole state and is learned later

@@ -5,43 +5,34 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from mmfl.backbone import Backbone
-from mmfl.data.feature_cache import encoded_loader, make_feature_cache
-from mmfl.data.loader import make_loader
-from mmfl.data.splits import LABEL
 from mmfl.data.task import PreparedTask
-from mmfl.federated.aggregate import Update
 from mmfl.federated.checkpoint import save_state
-from mmfl.federated.faults import Deadline, spec_of
+from mmfl.federated.client_runner import ClientRunner, PartFactory
+from mmfl.federated.faults import spec_of
 from mmfl.federated.metrics import MetricsWriter
 from mmfl.federated.mixing import MixRule, start_together
-from mmfl.federated.pool import Client, initial_local
-from mmfl.federated.pseudo_labels import NoPseudoLabels, PseudoLabeling
+from mmfl.federated.pool import Client
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint, restore, save_checkpoint
 from mmfl.federated.rounds import Rounds
 from mmfl.federated.run_loggers import log_round
-from mmfl.federated.settings import Federation, LocalTraining, derived_seed, seed_all
+from mmfl.federated.settings import Federation, LocalTraining, seed_all
 from mmfl.federated.summary import human_duration
 from mmfl.federated.task_eval import TaskEvaluation
-from mmfl.module import ClientModule, make_trainer, quiet_lightning
+from mmfl.module import ClientModule, quiet_lightning
 from mmfl.progress import NoProgress
-from mmfl.prompts.base import TrainablePart
 
 log = logging.getLogger(__name__)
 
-PartFactory = Callable[[Backbone, list[str]], TrainablePart]
-"""Builds one client's part from the backbone and the task's class names (a ``class_path`` in recipes)."""
 
-
-class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
+class Simulation(ClientRunner, Rounds, TaskEvaluation):
     """Runs a federation in this process.
 
     Clients are (task, modality, data partition). Each round a fraction of them is sampled; each loads
@@ -76,14 +67,8 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         selection: str = "last",
         per_client_modules: bool = False,
     ) -> None:
-        self.backbone = backbone
-        self.training = training or LocalTraining()
-        t = self.training
-        self.features = make_feature_cache(backbone, t.feature_cache, t.accelerator, t.eval_batch_size)
+        super().__init__(backbone, parts, training, federation, seed)
         self.tasks = list(tasks)
-        self.part_factories = list(parts)
-        self.federation = federation or Federation()
-        self.seed = seed
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.federation.check()
         self.training.check()
@@ -180,64 +165,6 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         if rows:  # a resumed run: its rows so far, written again in full
             self.metrics.restore(rows)
 
-    # ---------------------------------------------------------------- building
-    def _all_parts(self, task: PreparedTask) -> list[TrainablePart]:
-        return [f(self.backbone, task.class_names) for f in self.part_factories]
-
-    def build_module(
-        self, task: PreparedTask, class_names: list[str] | None = None, templates: list[str] | None = None
-    ) -> ClientModule:
-        """A fresh ClientModule for a client of ``task``, sharing this simulation's backbone.
-
-        It gets the parts that work with the task's modality (``TrainablePart.supports``), so one recipe
-        can list image, text and audio parts for a multi-modal federation.
-
-        Args:
-            task: the task (its name is the scope key of ``task`` tensors).
-            class_names: other class names than the task's (novel classes, a transfer target).
-            templates: other hand-written templates than the task's.
-        """
-        names = list(class_names or task.class_names)
-        parts = [p for p in (f(self.backbone, names) for f in self.part_factories) if p.supports(task.modality)]
-        module = ClientModule(
-            self.backbone,
-            task.task.build_modality(),
-            task.name,
-            names,
-            parts,
-            optimizer=self.training.optimizer,
-            templates=templates or task.task.prompt_templates(),
-            knowledge=self.training.knowledge,
-        )
-        module.log_train_metrics = False  # fit_client reads module.epoch_metrics
-        return module
-
-    def initial_local(self, task: PreparedTask) -> dict[str, Tensor]:
-        """The initial ``local`` tensors of a new client of ``task`` (:func:`~mmfl.federated.pool.initial_local`)."""
-        return initial_local(self.part_factories, self.backbone, task)
-
-    def _trainer(self, max_epochs: int = 1, max_steps: int = -1) -> L.Trainer:
-        return make_trainer(max_epochs, max_steps, self.training.accelerator, self.training.precision)
-
-    def _loader(self, module: ClientModule, ds, train: bool, seed: int = 0):
-        """A loader of ``ds`` through the transform of the module's own modality, or of the inputs' cached
-        frozen encodings when the module's parts leave its encoder untouched (same batches, same order)."""
-        bs = self.training.batch_size if train else self.training.eval_batch_size
-        if self.features is not None and module.frozen_encoding():
-            encoded = self.features.encodings(module.modality, ds, train)  # [N, D] or None
-            if encoded is not None:
-                labels = self.features.labels(ds) if LABEL in ds.column_names else None
-                return encoded_loader(encoded, labels, bs, shuffle=train, seed=seed)
-        return make_loader(
-            ds,
-            module.modality.input_key,
-            module.modality.transform(self.backbone, train),
-            bs,
-            shuffle=train,
-            seed=seed,
-            num_workers=self.training.num_workers,
-        )
-
     # ---------------------------------------------------------------- one round
     def sample(self, rnd: int) -> list[int]:
         """Indices of the clients sampled in round ``rnd`` (deterministic in seed and round); before
@@ -249,35 +176,6 @@ class Simulation(Rounds, TaskEvaluation, PseudoLabeling):
         if rnd < self.training.pseudo_labels.start_round:  # unlabeled clients wait for a model worth labelling with
             chosen = [i for i in chosen if self.clients[i].data.labeled]
         return chosen
-
-    def fit_client(self, client: Client, rnd: int) -> tuple[Update, dict[str, float]]:
-        """Load the global tensors, train locally, and return the reply and training metrics."""
-        module = client.module
-        module.load_trainable_state_dict(self.global_state)
-        s = derived_seed(self.seed, rnd, client.data.cid)
-        seed_all(s)
-        data, pseudo = client.data.train, None
-        if not client.data.labeled:  # this round's training data: its own examples, labelled by the merged model
-            if rnd < self.training.pseudo_labels.start_round:  # a Flower node asked before the server knew its client
-                raise NoPseudoLabels(f"unlabeled clients join at round {self.training.pseudo_labels.start_round}")
-            data, pseudo = self.pseudo_labeled(module, data)
-        module.mixup = self.training.pseudo_labels.mixup if pseudo is not None else 0.0
-        loader = self._loader(module, data, train=True, seed=s)
-        trainer = self._trainer(self.training.epochs, self.training.max_steps)
-        if self.federation.client_timeout is not None:
-            trainer.callbacks.append(Deadline(self.federation.client_timeout))
-        module.epoch_metrics = {}
-        try:
-            trainer.fit(module, train_dataloaders=loader)
-        finally:
-            module.trainer = None  # else each client keeps its last Trainer, and with it its optimizer's state
-        client.keep_trained()
-        m = {k: float(v) for k, v in module.epoch_metrics.items()}
-        update = Update(client.data.cid, module.trainable_state_dict(include_local=False), len(data))
-        metrics = {"loss": m.get("train_loss", math.nan), "accuracy": m.get("train_acc", math.nan)}
-        if pseudo is not None:  # train_acc is agreement with its own pseudo-labels: reported, not as accuracy
-            metrics.update({"pseudo_" + k: v for k, v in pseudo.items()})
-        return update, metrics
 
     def _record_client(
         self, rnd: int, c: Client, split: str, m: dict[str, float], examples: int, value: float = math.nan

@@ -3,27 +3,14 @@ round, with one evaluator module per task, and the check that class-agnostic par
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mmfl.data.task import PreparedTask
 from mmfl.module import ClientModule
-
-if TYPE_CHECKING:
-    import datasets
 
 
 class TaskEvaluation:
     """The evaluation logic of :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the simulation's
-    tasks, clients, global state, module builder, Trainers, loaders and metrics)."""
-
-    def evaluate(self, module: ClientModule, task: PreparedTask, ds: datasets.Dataset) -> dict[str, float]:
-        """Test loss and accuracy of ``module`` on ``ds``."""
-        trainer = self._trainer()
-        try:
-            out = trainer.test(module, dataloaders=self._loader(module, ds, train=False), verbose=False)[0]
-        finally:
-            module.trainer = None
-        return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
+    tasks, clients, global state, module builder, :meth:`~mmfl.federated.client_runner.ClientRunner.evaluate` and
+    metrics)."""
 
     def class_dependent_keys(self, task: PreparedTask) -> list[str]:
         """Keys of the task's trainable tensors whose shape depends on the class list (class-specific parts):
