@@ -120,9 +120,12 @@ def processes(env: dict[str, str], logs: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
-def write_app(tmp_path: Path, clients: int, rounds: int, out: Path, min_nodes: int = 0) -> Path:
+def write_app(tmp_path: Path, clients: int, rounds: int, out: Path, min_nodes: int = 0, local_test: float = 0) -> Path:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.replace("CLIENTS", str(clients)).replace("ROUNDS", str(rounds)))
+    text = RECIPE.replace("CLIENTS", str(clients)).replace("ROUNDS", str(rounds))
+    if local_test:  # each client holds out this share of its examples as its local test split
+        text = text.replace("shots: 4,", f"shots: 4, local_test_fraction: {local_test},")
+    recipe.write_text(text)
     app = tmp_path / "app"
     args = ["flower-app", "-c", str(recipe), "--app_dir", str(app), "--output_dir", str(out)]
     assert cli.main([*args, f"--min_nodes={min_nodes}"]) == 0

@@ -77,7 +77,7 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
 def test_simulation_engine_with_twenty_virtual_clients(tmp_path: Path) -> None:
     env = local_engine(tmp_path, nodes=20)
     out = tmp_path / "flower-run"
-    write_app(tmp_path, clients=10, rounds=1, out=out)  # 2 tasks × 10 clients, one per virtual SuperNode
+    write_app(tmp_path, clients=10, rounds=1, out=out, local_test=0.5)  # 2 tasks × 10 clients, one per node
     procs = Processes(env, tmp_path)
     try:
         done = flwr(env, "run", str(tmp_path / "app"), "local", "--stream")
@@ -88,6 +88,8 @@ def test_simulation_engine_with_twenty_virtual_clients(tmp_path: Path) -> None:
     rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     fits = {r[4] for r in rows if r[0] == "1" and r[5] == "fit"}
     assert len(fits) == 20 and {c.rsplit("/", 1)[0] for c in fits} == {"digits/image", "animals/image"}
+    local_tests = [(r[0], r[4]) for r in rows if r[5] == "local_test"]  # scored by each node, once, after it trained
+    assert sorted(local_tests) == sorted(("1", c) for c in fits)
     assert {(r[2], r[5]) for r in rows if r[0] == "1" and r[1] == "task"} == {("digits", "test"), ("animals", "test")}
     state = load_file(out / "global.safetensors")
     assert {k.split("/")[0] for k in state} == {"task", "global"}
@@ -175,6 +177,13 @@ def test_the_app_flower_reads_and_the_node_config(tmp_path: Path, tiny_backbone)
         client_index(sim, {"partition-id": 4})
     with pytest.raises(ValueError, match="give the node a client"):
         client_index(sim, {})
+    # the ServerApp's own federation: the tasks' test splits, none of the clients' data (the nodes hold it)
+    from mmfl.federated.flower import server_setup
+
+    server, _, min_nodes, _ = server_setup(run_config)
+    assert server is not sim and min_nodes == 3 and [c.data.cid for c in server.clients] == cids
+    assert all(len(c.data.train) == 0 and c.data.test is None for c in server.clients)
+    assert all(len(t.test) == 30 for t in server.tasks) and len(sim.clients[0].data.train) == 40
     # a bad recipe is refused before an app is written
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.replace("CLIENTS", "0").replace("ROUNDS", "1"))

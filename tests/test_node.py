@@ -12,7 +12,7 @@ from mmfl.federated.node import Node, client_ids, layout_of, node_client_id, rea
 
 pytest.importorskip("flwr", reason="the Flower engine needs flwr: pip install 'mmfl[flower]'")
 
-from mmfl.federated.flower import federation_from_config  # noqa: E402
+from mmfl.federated.flower import federation_from_config
 
 RECIPE = """
 seed: 3

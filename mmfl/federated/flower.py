@@ -54,11 +54,12 @@ def node_from_config(run_config: dict) -> Node:
     return _NODES[key]
 
 
-def federation_from_config(run_config: dict) -> Simulation:
+def federation_from_config(run_config: dict, cache: bool = True) -> Simulation:
     """The recipe's federation (backbone, prepared tasks, clients), built once per process and reused.
 
     Args:
         run_config: the run config (``recipe-yaml``, ``overrides``).
+        cache: reuse (and keep) this process's one; False: a new one of the caller's own.
 
     Raises:
         ValueError: the recipe is missing or invalid (the message names what to fix).
@@ -72,7 +73,7 @@ def federation_from_config(run_config: dict) -> Simulation:
     text = str(run_config.get("recipe-yaml", ""))
     overrides = shlex.split(str(run_config.get("overrides", "")))
     key = (text, tuple(overrides))
-    if key in _CACHE:
+    if cache and key in _CACHE:
         return _CACHE[key]
     if not text.strip():
         raise ValueError("the run config has no recipe-yaml: write the app with `mmfl flower-app -c RECIPE`")
@@ -89,7 +90,8 @@ def federation_from_config(run_config: dict) -> Simulation:
     sim = Simulation(
         backbone, prepared, init.parts, init.training, federation, seed=cfg.seed, selection=protocol.selection
     )
-    _CACHE[key] = sim
+    if cache:
+        _CACHE[key] = sim
     return sim
 
 
@@ -207,8 +209,9 @@ def round_timeout(cfg: dict) -> float:
 
 
 def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
-    """The ServerApp's federation (writing to ``output-dir``), the nodes to wait for (``min-nodes``, default one
-    per client) and the nodes to train each round (the recipe's fraction and ``min_clients``).
+    """The ServerApp's federation (writing to ``output-dir``; without the clients' data), the nodes to wait for
+    (``min-nodes``, default one per client) and the nodes to train each round (the recipe's fraction and
+    ``min_clients``).
 
     Raises:
         ValueError: a setting that could make the run wait forever (``round-timeout``, ``min-nodes``), checked first.
@@ -216,7 +219,8 @@ def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     round_timeout(cfg)
     if "min-nodes" in cfg and int(cfg["min-nodes"]) < 1:
         raise ValueError(f"min-nodes must be >= 1, got {cfg['min-nodes']!r}")
-    sim = federation_from_config(cfg)
+    sim = federation_from_config(cfg, cache=False)
+    sim.release_client_data()  # the nodes hold it; the server keeps the tasks' test and validation splits
     out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
     check_output(out, as_flag(cfg.get("resume", False)))  # before anything there is touched
     if out is not None:

@@ -203,7 +203,7 @@ class SecureScopedFedAvg(LegacyFedAvg):
         rounds = sim.federation.rounds
         accs = {}
         if server_round == 0 or server_round % sim.federation.eval_every == 0 or server_round == rounds:
-            accs = sim.evaluate_tasks(server_round)
+            accs = sim.evaluate_tasks(server_round, local_tests=False)
             log.info("round %d: test accuracy %s", server_round, accs)
         sim.metrics.flush()
         if self.output_dir is not None and server_round > 0:

@@ -210,7 +210,7 @@ class ScopedFedAvg(FlowerFedAvg):
         rounds = sim.federation.rounds
         out: dict[str, float] = {}
         if rnd == 0 or rnd % sim.federation.eval_every == 0 or rnd == rounds:
-            out = {k: float(v) for k, v in sim.evaluate_tasks(rnd).items()}
+            out = {k: float(v) for k, v in sim.evaluate_tasks(rnd, local_tests=False).items()}
             log.info("round %d: test accuracy %s", rnd, out)
         sim.metrics.flush()
         if self.output_dir is not None:

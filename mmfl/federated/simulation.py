@@ -165,6 +165,14 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation):
         if rows:  # a resumed run: its rows so far, written again in full
             self.metrics.restore(rows)
 
+    def release_client_data(self) -> None:
+        """Forget the clients' data (a Flower ServerApp's federation: the nodes hold it). Each client keeps its id
+        and whether it is labeled; the tasks keep their test and validation splits."""
+        for task in self.tasks:
+            for data in task.clients:
+                data.train = task.test.select([])  # no rows; the partition's source split is let go
+                data.test = None
+
     # ---------------------------------------------------------------- one round
     def sample(self, rnd: int) -> list[int]:
         """Indices of the clients sampled in round ``rnd`` (deterministic in seed and round); before

@@ -46,9 +46,15 @@ class TaskEvaluation:
         module.load_trainable_state_dict(self.global_state)
         return module
 
-    def evaluate_tasks(self, rnd: int) -> dict[str, float]:
+    def evaluate_tasks(self, rnd: int, local_tests: bool = True) -> dict[str, float]:
         """Evaluate every task on its test split (and its novel classes' and validation data, when it has
-        them) with the global tensors; record the rows; keep the best state by validation accuracy."""
+        them) with the global tensors; record the rows; keep the best state by validation accuracy.
+
+        Args:
+            rnd: the round the rows are recorded under.
+            local_tests: also score each client with a local test split on it (its module: the global tensors and
+                its local ones). A Flower server leaves that to the nodes, which hold the data and local tensors.
+        """
         accs, vals = {}, []
         for task in self.tasks:
             splits = [("test", False, task.test), ("test_novel", True, task.test_novel), ("val", False, task.val)]
@@ -63,7 +69,7 @@ class TaskEvaluation:
                     accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
         if self.selection == "best_val" and sum(vals) / len(vals) > self.best_score:
             self._keep_best(rnd, sum(vals) / len(vals))
-        for c in self.clients:
+        for c in self.clients if local_tests else []:
             if c.data.test is not None and len(c.data.test):
                 c.module.load_trainable_state_dict(self.global_state)
                 self._record_client(
