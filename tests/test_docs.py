@@ -198,6 +198,7 @@ BENCH_TINY = {
     "benchmarks.audio_encoder": ["--data", "digits", "--encoders", "vision+proj", "--shots", "1", "--rounds", "1"],
     "mmfl.backbones.build_mini": ["--out", "{tmp}/proj.safetensors"],
     "benchmarks.unlabeled": ["--seeds", "0", "--guard-limit", "8", *TINY, "--json", "{tmp}/u.json"],
+    "benchmarks.flower_node": ["--out", "{tmp}/n", "--backbone", "mmfl-tiny", "--clients", "2", "--copies", "1"],
 }
 
 
@@ -214,7 +215,11 @@ def test_every_quoted_benchmark_is_smoke_tested_or_run_here() -> None:
         assert module in BENCH_TINY or f"def {BENCH_TESTS[module]}(" in bench, module
 
 
-OPT_IN = {"benchmarks.lite0_throughput", "benchmarks.audio_encoder"}  # 1-2 min each even tiny: MMFL_DOCS_BENCH=1
+OPT_IN = {  # 1-2 min each even tiny: MMFL_DOCS_BENCH=1
+    "benchmarks.lite0_throughput",
+    "benchmarks.audio_encoder",
+    "benchmarks.flower_node",
+}
 
 
 @pytest.mark.parametrize("module", sorted(BENCH_TINY))
@@ -233,6 +238,10 @@ def test_a_quoted_benchmark_runs_with_a_tiny_override(module: str, tmp_path: Pat
             assert set(row) == {"val", "test"} and {"labeled alone", "with unlabeled"} <= set(row["test"])
             assert all(0 <= row["test"][k]["mean"] <= 100 for k in row["test"])
         assert out["export"]["photos/image"]["kind"] == "never seen"
+    if module == "benchmarks.flower_node":  # a real deployment's ClientApp and ServerApp were both measured
+        out = json.loads((tmp_path / "n" / "results.json").read_text())
+        assert out["node_peak_rss_mib"] > out["backbone_rss_mib"] > 0 and out["server_peak_rss_mib"] > 0
+        assert out["partition_rows"] > 0 and out["lean_node_rss_mib"] >= out["stack_rss_mib"] > 0
     if module == "mmfl.backbones.build_mini":  # the committed projection is what the documented build writes
         built, committed = load_file(tmp_path / "proj.safetensors"), load_file(PROJ_FILE)
         assert built.keys() == committed.keys()
