@@ -82,3 +82,37 @@ def test_one_module_per_task_and_modality(tiny_backbone: Backbone, tasks) -> Non
     (key,) = b.local  # folio.ctx_local, its one local tensor
     assert torch.equal(b.module.parts["folio"].ctx_local, b.local[key])
     assert torch.equal(a.module.parts["folio"].ctx_local, ctx_a)  # ... with each one's own tensors in
+
+
+def test_a_checkpoint_keeps_only_touched_clients_local_tensors_and_resumes_exactly(
+    tiny_backbone: Backbone, tasks, tmp_path
+) -> None:
+    from mmfl.federated.resume import CHECKPOINT, load_checkpoint
+
+    parts = PARTS["coop with a local low-rank term"]
+
+    def sim(out, rounds: int) -> Simulation:
+        training = LocalTraining(max_steps=2, batch_size=4, accelerator="cpu", feature_cache="off")
+        training.optimizer = lambda p: torch.optim.SGD(p, lr=0.5)
+        fed = Federation(rounds=rounds, fraction=0.5, eval_every=10)  # 3 of 6 clients per round
+        return Simulation(tiny_backbone, tasks, parts, training, fed, seed=5, output_dir=out)
+
+    first = sim(tmp_path / "run", rounds=1)
+    first.run()
+    sampled = {first.clients[i].data.cid for i in first.sample(1)}
+    kept = set(load_checkpoint(tmp_path / "run" / CHECKPOINT).clients("client"))
+    assert kept == sampled and len(kept) == 3  # the untrained clients' tensors are not written
+    assert all(c.touched == (c.data.cid in sampled) for c in first.clients)
+
+    resumed = sim(tmp_path / "run", rounds=3)
+    assert resumed.resume(tmp_path / "run") == 1
+    resumed.run()
+    whole = sim(tmp_path / "whole", rounds=3)
+    whole.run()
+    for a, b in zip(resumed.clients, whole.clients, strict=True):  # trained before, after, or never
+        la, lb = a.local_state(), b.local_state()
+        assert la.keys() == lb.keys() and la
+        for k in la:
+            assert torch.equal(la[k], lb[k]), (a.data.cid, k)
+    for k in whole.global_state:
+        assert torch.equal(resumed.global_state[k], whole.global_state[k]), k

@@ -40,6 +40,8 @@ class Client:
         own: whether ``shared`` is this client's alone (per-client modules).
         local: its ``local`` tensors while it does not own its module (its own module holds them otherwise).
         anchors: whether it trains with synthetic anchors for the classes it lacks (``knowledge.anchors``).
+        touched: its local tensors may differ from their initial values (it trained, or they were set). Those of
+            an untouched client are what building the federation gives it, so a checkpoint leaves them out.
     """
 
     data: ClientData
@@ -48,6 +50,7 @@ class Client:
     own: bool = False
     local: dict[str, Tensor] = field(default_factory=dict)
     anchors: bool = False
+    touched: bool = False
     _held: object = field(default=_UNREAD, repr=False)
 
     @property
@@ -81,6 +84,7 @@ class Client:
 
     def set_local(self, state: dict[str, Tensor]) -> None:
         """Set its ``local`` tensors from ``state`` (other keys are ignored; a new dict, never written into)."""
+        self.touched = self.touched or bool(state)
         if self.own:
             self.shared.load_trainable_state_dict({k: v for k, v in state.items() if is_local(k)})
         else:
@@ -88,11 +92,14 @@ class Client:
 
     def keep_trained(self) -> None:
         """After it trained with :attr:`module`: keep the local tensors the training left there as its own."""
+        self.touched = True
         if not self.own and self.local:
             self.local = self.shared.trainable_state_dict(local_only=True)
 
     def restore(self, global_state: dict[str, Tensor], local: dict[str, Tensor]) -> None:
-        """A resumed run's state: the global tensors (into an own module, as it last held them) and its local ones."""
+        """A resumed run's state: the global tensors (into an own module, as it last held them) and its local ones
+        (none: it keeps those it was built with)."""
+        self.touched = self.touched or bool(local)
         if self.own:
             self.shared.load_trainable_state_dict({**global_state, **local})
         else:

@@ -80,8 +80,8 @@ def save_checkpoint(sim: Simulation, rnd: int) -> Path:
     """Write ``checkpoint.safetensors`` for the completed round ``rnd`` (atomically) and return its path."""
     assert sim.output_dir is not None
     tensors: dict[str, Tensor] = {f"global{SEP}{k}": v for k, v in sim.global_state.items()}
-    for c in sim.clients:
-        for k, v in sim.local_state(c).items():
+    for c in sim.clients:  # an untouched client's local tensors are rebuilt as they were: only the others' are kept
+        for k, v in (sim.local_state(c) if c.touched else {}).items():
             tensors[f"client{SEP}{c.data.cid}{SEP}{k}"] = v
     tensors.update({f"best{SEP}{k}": v for k, v in sim.best_state.items()})
     for cid, state in sim.best_local.items():
