@@ -52,6 +52,7 @@ class ScopedFedAvg(FlowerFedAvg):
         self._grid: Grid | None = None
         self._sent: dict[int, RecordDict] = {}  # this round's message to each node, for retries
         self.layout = layout_of(sim.tasks)  # what a lean node needs to build its client (mmfl.federated.node)
+        self.order = {c.data.cid: i for i, c in enumerate(sim.clients)}  # a client's index, by id
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """FedAvg's sampling; one message per node holding only its node's tensors once its keys are known.
@@ -96,14 +97,15 @@ class ScopedFedAvg(FlowerFedAvg):
         """Ask new nodes which client they run (one query round trip) and note that client's non-local keys."""
         if not nodes:
             return
-        keys = {c.data.cid: c.shared.trainable_keys(include_local=False) for c in self.sim.clients}
         record = RecordDict({"config": ConfigRecord({"ask": "client", LAYOUT: self.layout})})
         asks = [Message(record, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(asks, timeout=600):
-            if not reply.has_error():  # a node that cannot answer gets the whole state and is learned later
-                cid = str(reply.content["client"]["cid"])
+            # a node that cannot answer (or names no client of the recipe) gets the whole state; its reply is checked
+            cid = "" if reply.has_error() else str(reply.content["client"]["cid"])
+            if cid in self.order:
                 self.node_client[reply.metadata.src_node_id] = cid
-                self.node_keys[reply.metadata.src_node_id] = keys[cid]
+                client = self.sim.clients[self.order[cid]]
+                self.node_keys[reply.metadata.src_node_id] = client.shared.trainable_keys(include_local=False)
 
     def _check(self, replies: list[Message]) -> tuple[list[tuple[Message, Update]], list[tuple[Message, str]]]:
         """Split replies into valid updates and failures (errors, malformed or invalid replies) with reasons."""
@@ -166,7 +168,7 @@ class ScopedFedAvg(FlowerFedAvg):
         for msg, update in good:
             self.node_keys[msg.metadata.src_node_id] = sorted(update.state)
             metrics = msg.content["metrics"]
-            c = next(c for c in self.sim.clients if c.data.cid == update.cid)
+            c = self.sim.clients[self.order[update.cid]]
             loss, acc = float(metrics.get("train-loss", math.nan)), float(metrics.get("train-accuracy", math.nan))
             pseudo = {k: float(v) for k, v in metrics.items() if k.startswith("pseudo_")}
             self.sim.record_fit(rnd, c, {"loss": loss, "accuracy": acc, **pseudo}, update.num_examples)
@@ -191,8 +193,7 @@ class ScopedFedAvg(FlowerFedAvg):
         if not good:
             log.warning("round %d: no client replied; the global state is unchanged", rnd)
             return None, MetricRecord({"failures": float(len(bad))})
-        order = {c.data.cid: i for i, c in enumerate(self.sim.clients)}
-        updates = sorted((u for _, u in good), key=lambda u: order[u.cid])  # the in-process order (fixes float sums)
+        updates = sorted((u for _, u in good), key=lambda u: self.order[u.cid])  # in-process order: same float sums
         self.sim.merge(rnd, updates, len(replies))
         total = sum(n for _, n in losses)
         loss = sum(v * n for v, n in losses) / total if total else math.nan
