@@ -18,6 +18,7 @@ Values are quantized by SecAgg+ (step ≈ 2·clipping_range / quantization_range
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from pathlib import Path
@@ -36,12 +37,16 @@ from torch import Tensor
 
 from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates, finish
 from mmfl.federated.checkpoint import save_state
-from mmfl.federated.faults import validate_update
-from mmfl.federated.flower import LOCAL_STATE, client_index, federation_from_config, server_setup
+from mmfl.federated.faults import spec_of, validate_update
+from mmfl.federated.flower import LOCAL_STATE, node_from_config, server_setup
 from mmfl.federated.flower_strategy import as_flag
+from mmfl.federated.node import LAYOUT, layout_of, node_client_id, read_layout
 from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)
+
+KEYS = "mmfl-keys"
+"""The key, in a fit message's config, of the federation's keys in the order of the parameters (JSON)."""
 
 DEFAULTS = {
     "secagg-num-shares": 1.0,
@@ -72,10 +77,9 @@ def _keys(sim: Simulation) -> list[str]:
     return sorted(sim.global_state)
 
 
-def _weighted(sim: Simulation) -> bool:
-    agg = sim.federation.aggregator
+def _weighted(agg: Aggregator, dp: object) -> bool:
     base = agg.base if isinstance(agg, FedAvgM) else agg
-    return bool(base.weighted) and sim.federation.dp is None
+    return bool(base.weighted) and dp is None
 
 
 # ---------------------------------------------------------------- ClientApp
@@ -89,21 +93,25 @@ class SecureClient(NumPyClient):
         """Train on the received global tensors; return [θ_k or 0 for every key] + [holds flag per key]."""
         ctx = self.context
         cfg = {**DEFAULTS, **dict(ctx.run_config)}
-        sim = federation_from_config(dict(ctx.run_config))
-        client = sim.clients[client_index(sim, dict(ctx.node_config))]
-        keys = _keys(sim)
+        node = node_from_config(dict(ctx.run_config))  # a lean node: only its own client (mmfl.federated.node)
+        layout = read_layout(config)
+        client = node.client(node_client_id(dict(ctx.node_config), layout), layout)
+        keys = json.loads(str(config[KEYS]))  # every key of the federation, in the order of `parameters`
+        spec = spec_of(client.shared.trainable_state_dict(include_local=False))  # its own keys
         glob = {
-            k: torch.from_numpy(np.array(p)).to(sim.global_state[k].dtype)
+            k: torch.from_numpy(np.array(p)).to(spec[k][1])
             for k, p in zip(keys, parameters[: len(keys)], strict=True)
+            if k in spec
         }
-        sim.global_state.update(glob)
+        node.global_state = glob
         if LOCAL_STATE in ctx.state.array_records:
             client.set_local(ctx.state.array_records[LOCAL_STATE].to_torch_state_dict())
-        update, m = sim.fit_client(client, int(config["server-round"]))
-        problem = validate_update(update, sim.specs[client.data.cid])  # the server cannot check: the client does
+        update, m = node.fit_client(client, int(config["server-round"]))
+        problem = validate_update(update, spec)  # the server cannot check: the client does
         if problem:
             raise ValueError(f"client {client.data.cid}: invalid update, not sent: {problem}")
-        clip = sim.federation.dp.clip_norm if sim.federation.dp is not None else sim.federation.clip_norm
+        fed = node.federation
+        clip = fed.dp.clip_norm if fed.dp is not None else fed.clip_norm
         if clip is not None:
             update = clip_updates([update], glob, clip)[0]
         bound = float(cfg["secagg-clipping-range"])
@@ -117,15 +125,16 @@ class SecureClient(NumPyClient):
         if local:
             ctx.state.array_records[LOCAL_STATE] = ArrayRecord(local)
         values = [
-            update.state[k].double().numpy() if k in update.state else np.zeros(tuple(glob[k].shape)) for k in keys
+            update.state[k].double().numpy() if k in update.state else np.zeros(np.shape(p))
+            for k, p in zip(keys, parameters[: len(keys)], strict=True)
         ]
         holds = [np.array([1.0 if k in update.state else 0.0]) for k in keys]
         metrics = {"train-loss": m["loss"], "train-accuracy": m["accuracy"], "cid": update.cid}
         if client.data.test is not None and len(client.data.test):
-            ev = sim.evaluate(client.module, client.task, client.data.test)
+            ev = node.evaluate(client.module, client.task, client.data.test)
             metrics.update({"local-test-accuracy": ev["accuracy"], "local-test-examples": len(client.data.test)})
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        return values + holds, (update.num_examples if _weighted(sim) else 1), metrics
+        return values + holds, (update.num_examples if _weighted(fed.aggregator, fed.dp) else 1), metrics
 
 
 def _client_fn(context: Context):
@@ -143,15 +152,18 @@ class SecureScopedFedAvg(LegacyFedAvg):
         super().__init__(fraction_evaluate=0.0, min_evaluate_clients=0, accept_failures=True, **kwargs)
         self.sim = sim
         self.output_dir = output_dir
+        self.layout = layout_of(sim.tasks)
 
     def initialize_parameters(self, client_manager):
         """The global tensors, one array per key in sorted key order."""
         return ndarrays_to_parameters([self.sim.global_state[k].double().numpy() for k in _keys(self.sim)])
 
     def configure_fit(self, server_round, parameters, client_manager):
-        """FedAvg's sampling, with the round number in each client's config."""
+        """FedAvg's sampling, with the round number, the federation's layout and its keys (the order of the
+        parameters) in each client's config."""
         pairs = super().configure_fit(server_round, parameters, client_manager)
-        return [(proxy, FitIns(ins.parameters, {**ins.config, "server-round": server_round})) for proxy, ins in pairs]
+        config = {"server-round": server_round, LAYOUT: self.layout, KEYS: json.dumps(_keys(self.sim))}
+        return [(proxy, FitIns(ins.parameters, {**ins.config, **config})) for proxy, ins in pairs]
 
     def aggregate_fit(self, server_round, results, failures):
         """Decode ``A_k / B_k`` per key from the secure aggregate; record the replies' metrics and failures."""
