@@ -3,7 +3,8 @@ or ``python -m benchmarks.run --scale --out DIR``).
 
 Each (part, clients) pair runs in a fresh process on one data set, whatever the client count: scikit-learn's digits
 tiled to 8 training examples per client of the largest size, split IID over the clients; every sampled client
-trains 2 steps of 4 examples. On mmfl-tiny (random weights; a ViT tower, so MaPLe couples its prompts).
+trains 2 steps of 4 examples. On mmfl-tiny (random weights; a ViT tower, so MaPLe couples its prompts), or
+``--backbone ViT-B-16`` (random weights; the tower issue 22 sizes MaPLe by: 14 MB of prompts per client).
 The fraction is ``max(0.01, sampled / clients)`` (all 10 clients at 10; 1% at 1,000 and 10,000, as issue 22 sets
 it). A process reports:
 
@@ -78,9 +79,12 @@ def copies_for(clients: int) -> int:
     return max(1, math.ceil(8 * clients / (0.9 * 1797)))
 
 
-def measure(part: str, clients: int, sampled: int, rounds: int, copies: int, per_client: int = 0) -> dict[str, float]:
+def measure(
+    part: str, clients: int, sampled: int, rounds: int, copies: int, per_client: int = 0, backbone: str = "mmfl-tiny"
+) -> dict[str, float]:
     """Build a federation of ``clients`` clients with one ``part`` on ``copies`` copies of the digits and time its
-    training rounds (this process); ``per_client``: a module per client (the engine before pooling)."""
+    training rounds (this process); ``per_client``: a module per client (the engine before pooling); ``backbone``:
+    an open_clip model name (random weights unless it is mmfl-mini)."""
     from flwr_datasets.partitioner import IidPartitioner
 
     from mmfl.backbone import Backbone
@@ -90,7 +94,7 @@ def measure(part: str, clients: int, sampled: int, rounds: int, copies: int, per
     from mmfl.module import quiet_lightning
 
     seed_all(0)
-    backbone = Backbone("mmfl-tiny")
+    model = Backbone(backbone)
     class_path, kwargs = PARTS[part]
     module, name = class_path.rsplit(".", 1)
     factory = functools.partial(getattr(__import__(module, fromlist=[name]), name), **kwargs)
@@ -105,7 +109,7 @@ def measure(part: str, clients: int, sampled: int, rounds: int, copies: int, per
     prepared = prepare_task(task)
     training = LocalTraining(epochs=1, max_steps=2, batch_size=4, accelerator="cpu", feature_cache="off")
     federation = Federation(rounds=rounds + 1, fraction=fraction(clients, sampled), eval_every=10**6)
-    sim = Simulation(backbone, [prepared], [factory], training, federation, seed=0, per_client_modules=bool(per_client))
+    sim = Simulation(model, [prepared], [factory], training, federation, seed=0, per_client_modules=bool(per_client))
     build_s = time.perf_counter() - t0
     times = []
     with quiet_lightning():
@@ -130,25 +134,40 @@ def _rss_now_mib() -> float:
 
 
 def in_fresh_process(
-    part: str, clients: int, sampled: int, rounds: int, copies: int, per_client: bool = False
+    part: str,
+    clients: int,
+    sampled: int,
+    rounds: int,
+    copies: int,
+    per_client: bool = False,
+    backbone: str = "mmfl-tiny",
 ) -> dict[str, float]:
     """:func:`measure` in a fresh Python process (so each peak RSS is its own)."""
     args = [part, str(clients), str(sampled), str(rounds), str(copies), str(int(per_client))]
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--one", *args]
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--backbone", backbone, "--one", *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out: Path, parts: list[str], sizes: list[int], sampled: int, rounds: int, per_client: bool = False) -> dict:
+def run(
+    out: Path,
+    parts: list[str],
+    sizes: list[int],
+    sampled: int,
+    rounds: int,
+    per_client: bool = False,
+    backbone: str = "mmfl-tiny",
+) -> dict:
     """Measure every (part, size), write ``out/results.json``, and return the results."""
     results: dict = {"sizes": sizes, "sampled": sampled, "rounds": rounds, "torch": torch.__version__, "parts": {}}
     results["per_client_modules"] = per_client
+    results["backbone"] = backbone
     for part in parts:
         rows = {}
         for n in sizes:
-            rows[str(n)] = in_fresh_process(part, n, sampled, rounds, copies_for(max(sizes)), per_client)
+            rows[str(n)] = in_fresh_process(part, n, sampled, rounds, copies_for(max(sizes)), per_client, backbone)
             log.info("%s, %d clients: %s", part, n, rows[str(n)])
         small, big = rows[str(sizes[0])], rows[str(sizes[-1])]
         results["parts"][part] = {
@@ -186,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up round")
     ap.add_argument("--quick", action="store_true", help="10 and 10,000 clients, 2 timed rounds")
     ap.add_argument("--per-client-modules", action="store_true", help="a module per client (the former engine)")
+    ap.add_argument("--backbone", default="mmfl-tiny", help="an open_clip model (random weights), e.g. ViT-B-16")
     one = ("PART", "CLIENTS", "SAMPLED", "ROUNDS", "COPIES", "PER_CLIENT")
     ap.add_argument("--one", nargs=6, metavar=one, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -194,10 +214,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.one:
         logging.disable(logging.WARNING)
         part, *numbers = a.one
-        sys.stdout.write(json.dumps(measure(part, *map(int, numbers))) + "\n")
+        sys.stdout.write(json.dumps(measure(part, *map(int, numbers), backbone=a.backbone)) + "\n")
         return None
     sizes = a.sizes or ([10, 10000] if a.quick else [10, 1000, 10000])
-    results = run(a.out, a.parts, sizes, a.sampled, 2 if a.quick else a.rounds, a.per_client_modules)
+    results = run(a.out, a.parts, sizes, a.sampled, 2 if a.quick else a.rounds, a.per_client_modules, a.backbone)
     log.info("%s\nwrote %s", table(results), a.out / "results.json")
     return results
 

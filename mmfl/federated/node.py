@@ -18,6 +18,7 @@ import json
 import random
 import shlex
 import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from mmfl.federated.client_runner import ClientRunner
 from mmfl.federated.pool import Client, initial_local
 from mmfl.federated.settings import seed_all
 from mmfl.module import ClientModule
+
+REPLAYED = 64
+"""RNG states a process keeps to replay from (one per client it built last; a simulation-engine actor serves many)."""
 
 LAYOUT = "mmfl-layout"
 """The key of the layout in a message's ``config`` record."""
@@ -121,7 +125,7 @@ class Node(ClientRunner):
         self.tasks: dict[int, PreparedTask] = {}  # prepared tasks by position in the recipe
         self.pools: dict[int, ClientModule] = {}  # one module per prepared task
         self.clients: dict[str, Client] = {}
-        self._replayed: dict[int, tuple] = {}  # RNG states before the client at that position was built
+        self._replayed: OrderedDict[int, tuple] = OrderedDict()  # RNG states before the client at that place
 
     def task(self, position: int, layout: list[dict]) -> PreparedTask:
         """The recipe's ``position``-th task, prepared (once) and checked against the server's layout.
@@ -174,13 +178,14 @@ class Node(ClientRunner):
             start = 0
         else:
             _set_rng_state(self._replayed[start])
-        flat = [(p, int(r["clients"])) for p, r in enumerate(layout)]
-        place = 0
-        for p, n in flat:
-            for _ in range(n):
-                if start <= place < order:
+        place = 0  # each client's place among all, in the recipe's order
+        for row in layout:
+            for _ in range(int(row["clients"])):
+                if start <= place < order:  # its parts are built (and dropped) only for their random draws
                     for f in self.part_factories:
-                        f(self.backbone, list(layout[p]["classes"]))
+                        f(self.backbone, list(row["classes"]))
                 place += 1
-        self._replayed[order] = _rng_state()
+        self._replayed[order] = _rng_state()  # ~10 KB: the latest REPLAYED are kept
+        while len(self._replayed) > REPLAYED:
+            self._replayed.popitem(last=False)
         return initial_local(self.part_factories, self.backbone, self.tasks[position])
