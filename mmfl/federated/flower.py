@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.flower_stop import stop_line
 from mmfl.federated.flower_strategy import ScopedFedAvg, as_flag, check_output, resume_server
-from mmfl.federated.node import Node, node_client_id, read_layout
+from mmfl.federated.node import Node, node_client_id, read_layout, read_recipe
 from mmfl.federated.node_state import latest_round, load_local, save_local, state_folder
 from mmfl.federated.pool import Client
 from mmfl.federated.resume import CHECKPOINT, completed_round
@@ -68,21 +67,11 @@ def federation_from_config(run_config: dict, cache: bool = True) -> Simulation:
     from mmfl.data.task import prepare_task
     from mmfl.evaluation.protocol import Protocol
     from mmfl.federated.settings import seed_all
-    from mmfl.recipe import check_recipe, fit_parser
 
-    text = str(run_config.get("recipe-yaml", ""))
-    overrides = shlex.split(str(run_config.get("overrides", "")))
-    key = (text, tuple(overrides))
+    key = (str(run_config.get("recipe-yaml", "")), tuple(shlex.split(str(run_config.get("overrides", "")))))
     if cache and key in _CACHE:
         return _CACHE[key]
-    if not text.strip():
-        raise ValueError("the run config has no recipe-yaml: write the app with `mmfl flower-app -c RECIPE`")
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe = Path(tmp) / "recipe.yaml"
-        recipe.write_text(text)
-        parser = fit_parser()
-        cfg = parser.parse_args(["-c", str(recipe), *overrides])
-    init, tasks, federation = check_recipe(parser, cfg)
+    cfg, init, tasks, federation = read_recipe(run_config)
     protocol = init.evaluation or Protocol()
     prepared = [prepare_task(t, seed=cfg.seed, **protocol.split_args()) for t in tasks]
     seed_all(cfg.seed)

@@ -85,6 +85,27 @@ def read_layout(config: dict) -> list[dict]:
     return json.loads(str(config[LAYOUT]))
 
 
+def read_recipe(run_config: dict) -> tuple:
+    """The recipe a Flower run config carries (``recipe-yaml`` with its ``overrides``), parsed and checked as
+    ``mmfl fit`` does: (the parsed config, the instantiated recipe, its task entries, its federation settings).
+
+    Raises:
+        ValueError: the recipe is missing or invalid (the message names what to fix).
+    """
+    from mmfl.recipe import check_recipe, fit_parser
+
+    text = str(run_config.get("recipe-yaml", ""))
+    if not text.strip():
+        raise ValueError("the run config has no recipe-yaml: write the app with `mmfl flower-app -c RECIPE`")
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(text)
+        parser = fit_parser()
+        cfg = parser.parse_args(["-c", str(recipe), *shlex.split(str(run_config.get("overrides", "")))])
+    init, tasks, federation = check_recipe(parser, cfg)
+    return cfg, init, tasks, federation
+
+
 def _rng_state() -> tuple:
     return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
@@ -108,17 +129,8 @@ class Node(ClientRunner):
     def __init__(self, run_config: dict) -> None:
         from mmfl.backbone import Backbone
         from mmfl.evaluation.protocol import Protocol
-        from mmfl.recipe import check_recipe, fit_parser
 
-        text = str(run_config.get("recipe-yaml", ""))
-        if not text.strip():
-            raise ValueError("the run config has no recipe-yaml: write the app with `mmfl flower-app -c RECIPE`")
-        with tempfile.TemporaryDirectory() as tmp:
-            recipe = Path(tmp) / "recipe.yaml"
-            recipe.write_text(text)
-            parser = fit_parser()
-            cfg = parser.parse_args(["-c", str(recipe), *shlex.split(str(run_config.get("overrides", "")))])
-        init, self.specs, federation = check_recipe(parser, cfg)
+        cfg, init, self.specs, federation = read_recipe(run_config)
         self.protocol = init.evaluation or Protocol()
         seed_all(cfg.seed)  # as the whole federation seeds its backbone (random-weight configs draw from it)
         super().__init__(Backbone(**cfg.backbone.as_dict()), init.parts, init.training, federation, cfg.seed)
