@@ -97,8 +97,11 @@ def test_the_node_config_names_a_client_of_the_layout() -> None:
     assert node_client_id({"client": "animals/image/0"}, layout) == "animals/image/0"
     assert node_client_id({"partition-id": 1}, layout) == "digits/image/1"
     assert node_client_id({"partition-id": 2}, layout) == "animals/image/0"
-    with pytest.raises(ValueError, match="not a client of the recipe"):
+    with pytest.raises(ValueError, match="not a client of the recipe; its clients are digits/image/0, digits"):
         node_client_id({"client": "fashion/image/0"}, layout)
+    many = [{"task": "t", "modality": "text", "classes": ["a"], "clients": 10_000}]
+    with pytest.raises(ValueError, match=r"t/text/4, \.\.\. \(10000 in all\)$"):  # not ten thousand ids
+        node_client_id({"client": "t/text/10000"}, many)
     with pytest.raises(ValueError, match="out of range: the recipe has 3 clients"):
         node_client_id({"partition-id": 3}, layout)
     with pytest.raises(ValueError, match="give the node a client"):

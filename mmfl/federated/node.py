@@ -64,7 +64,8 @@ def node_client_id(node_config: dict, layout: list[dict]) -> str:
     if "client" in node_config:
         cid = str(node_config["client"])
         if cid not in cids:
-            raise ValueError(f"node config client={cid!r} is not a client of the recipe; its clients are {cids}")
+            some = ", ".join(cids[:5]) + (f", ... ({len(cids)} in all)" if len(cids) > 5 else "")
+            raise ValueError(f"node config client={cid!r} is not a client of the recipe; its clients are {some}")
         return cid
     if "partition-id" in node_config:
         i = int(node_config["partition-id"])
