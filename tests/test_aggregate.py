@@ -63,3 +63,51 @@ def test_shape_disagreement_names_the_clients() -> None:
 def test_zero_weights_are_an_error() -> None:
     with pytest.raises(ValueError, match="cannot average"):
         aggregate([Update("c0", {"global/p": torch.zeros(2)}, 0)], FedAvg())
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "unweighted", "median", "trimmed", "fedavgm"])
+def test_a_large_key_is_merged_in_slices_bit_for_bit_within_the_byte_bound(
+    rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from mmfl.federated import FedAvgM, Median, TrimmedMean
+
+    agg = importlib.import_module("mmfl.federated.aggregate")  # the package exports a function of the same name
+    make = {
+        "fedavg": FedAvg,
+        "unweighted": lambda: FedAvg(weighted=False),
+        "median": Median,
+        "trimmed": lambda: TrimmedMean(0.2),
+        "fedavgm": lambda: FedAvgM(server_lr=0.5, momentum=0.9),
+    }[rule]
+    g = torch.Generator().manual_seed(0)
+    k, shape = 9, (3, 1000, 7)  # 21,000 coordinates: slices of 700 at the bound below
+    ups = [Update(f"c{i}", {"task/a/w": torch.randn(shape, generator=g)}, 1 + i % 4) for i in range(k)]
+    current = {"task/a/w": torch.randn(shape, generator=g)}
+    monkeypatch.setattr(agg, "CHUNK_BYTES", 10**12)
+    whole = aggregate(ups, make(), current)["task/a/w"]
+    bound = 8 * k * 700
+    monkeypatch.setattr(agg, "CHUNK_BYTES", bound)
+    seen = []
+    base = make().rule
+    original = type(base).merge
+
+    def spy(self, key, tensors, weights, cur=None):
+        seen.append(tensors.numel() * tensors.element_size())
+        return original(self, key, tensors, weights, cur)
+
+    monkeypatch.setattr(type(base), "merge", spy)
+    sliced = aggregate(ups, make(), current)["task/a/w"]
+    assert len(seen) == 30 and max(seen) <= bound  # 21,000 / 700 slices, each within the bound
+    assert torch.equal(whole, sliced)
+
+
+def test_fedavg_sums_the_copies_in_client_order() -> None:
+    # weights 1/4 each: the weighted copies are exactly 1e16, 1, −1e16, 1 (float64). In client order the first 1 is
+    # lost (1e16 + 1 rounds to 1e16), the large terms cancel, the last 1 stays: 1. Pairwise, (1e16 + 1) + (−1e16 + 1)
+    # gives 0: the order is what makes a merge in slices equal the whole merge.
+    big = torch.full((5,), 4e16, dtype=torch.float64)
+    four = torch.full((5,), 4.0, dtype=torch.float64)
+    ups = [Update(c, {"task/t/x": t}, 1) for c, t in zip("abcd", [big, four, -big, four], strict=True)]
+    assert torch.equal(aggregate(ups, FedAvg(weighted=False))["task/t/x"], torch.ones(5, dtype=torch.float64))

@@ -13,6 +13,10 @@ from torch import Tensor
 from mmfl.federated.mixing import MixRule, mix, wide_groups
 from mmfl.federated.scopes import is_local
 
+CHUNK_BYTES = 64 * 2**20
+"""A coordinate-wise rule merges a key in slices of coordinates whose float64 copies take at most this many bytes:
+100 replies of a 3 MiB MaPLe tensor (ViT-B/16) would otherwise be stacked as 600 MB, and weighted as much again."""
+
 
 @dataclass
 class Update:
@@ -29,6 +33,10 @@ class Aggregator(ABC):
     Stateful aggregators (server optimizers such as :class:`FedAvgM`) keep their state in
     :meth:`state_dict` so that a checkpoint can restore it exactly.
     """
+
+    coordinatewise: bool = False
+    """Each coordinate's merge depends on that coordinate's copies only (a mean, a median), so a large key is merged
+    in slices of coordinates (:data:`CHUNK_BYTES`). Rules over whole vectors (Krum, FLAME) see every copy whole."""
 
     @abstractmethod
     def merge(self, key: str, tensors: Tensor, weights: Tensor, current: Tensor | None = None) -> Tensor:
@@ -72,6 +80,8 @@ class FedAvg(Aggregator):
         weighted: weight each client by its example count; False gives the plain mean (PromptFL).
     """
 
+    coordinatewise = True
+
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = weighted
 
@@ -81,7 +91,7 @@ class FedAvg(Aggregator):
         if float(w.sum()) <= 0:
             raise ValueError(f"{key}: the clients' weights sum to {float(w.sum())}; cannot average")
         w = (w / w.sum()).reshape(-1, *([1] * (tensors.dim() - 1)))  # [K, 1, ...]
-        return (tensors * w).sum(dim=0)
+        return ordered_sum(tensors * w)
 
     def group_weight(self, weights: Tensor) -> float:
         """The group's example count (weighted), or its number of copies (unweighted)."""
@@ -232,14 +242,54 @@ def aggregate(
     dtypes: dict[str, torch.dtype] = {}
     for key, pairs in group(updates).items():
         dtypes[key] = pairs[0][1].dtype
-        stacked = torch.stack([t.detach().to(torch.float64) for _, t in pairs])  # [K, ...]
         weights = torch.tensor([float(u.num_examples) for u, _ in pairs], dtype=torch.float64)  # [K]
         cur = current[key].detach().to(torch.float64) if current is not None and key in current else None
-        merges[key] = rule.merge(key, stacked, weights, cur)
         counts[key] = len(pairs)
+        if key not in mixing and rule.coordinatewise and len(pairs) * pairs[0][1].numel() * 8 > CHUNK_BYTES:
+            merges[key] = merge_in_slices(rule, key, [t for _, t in pairs], weights, cur)
+            continue
+        stacked = torch.stack([t.detach().to(torch.float64) for _, t in pairs])  # [K, ...]
+        merges[key] = rule.merge(key, stacked, weights, cur)
         if key in mixing:
             copies[key] = (stacked, weights)
     return finish(merges, counts, aggregator, current or {}, dtypes, mixing, release, copies)
+
+
+def ordered_sum(rows: Tensor) -> Tensor:
+    """The sum over the first axis, one row after another: each coordinate's sum is the same whatever the tensor's
+    layout or width (torch's reductions split a sum differently for different widths and threads, which would make a
+    merge in slices differ from the whole merge in the last bit). [K, ...] → [...]."""
+    out = rows[0].clone()  # [...]
+    for row in rows[1:]:
+        out += row
+    return out
+
+
+def merge_in_slices(
+    rule: Aggregator, key: str, tensors: Sequence[Tensor], weights: Tensor, current: Tensor | None
+) -> Tensor:
+    """A coordinate-wise ``rule``'s merge of ``tensors`` (K copies [...]) one slice of coordinates at a time, at most
+    :data:`CHUNK_BYTES` of float64 copies per slice: each coordinate's result is the whole merge's, bit for bit.
+
+    Args:
+        rule: a rule with :attr:`Aggregator.coordinatewise`.
+        key: the payload key.
+        tensors: the clients' copies, any float dtype, each [...].
+        weights: their example counts, float64 [K].
+        current: the server's tensor before this round, float64 [...] (or None).
+    """
+    k, shape = len(tensors), tensors[0].shape
+    flat = [t.detach().reshape(-1) for t in tensors]  # K × [P]
+    now = current.reshape(-1) if current is not None else None  # [P]
+    out = torch.empty(flat[0].numel(), dtype=torch.float64)  # [P]
+    step = max(1, CHUNK_BYTES // (8 * k))
+    for a in range(0, out.numel(), step):
+        b = min(a + step, out.numel())
+        part = torch.empty((k, b - a), dtype=torch.float64)  # [K, n]
+        for i, f in enumerate(flat):
+            part[i].copy_(f[a:b])
+        out[a:b] = rule.merge(key, part, weights, None if now is None else now[a:b])
+    return out.reshape(shape)
 
 
 def finish(

@@ -14,13 +14,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from mmfl.federated.aggregate import Aggregator
+from mmfl.federated.aggregate import Aggregator, ordered_sum
 
 log = logging.getLogger(__name__)
 
 
 class Median(Aggregator):
     """Coordinate-wise median (Yin et al., 2018); with an even number of copies, the mean of the two middle ones."""
+
+    coordinatewise = True
 
     def merge(self, key: str, tensors: Tensor, weights: Tensor, current: Tensor | None = None) -> Tensor:
         """[K, ...] → [...]."""
@@ -39,6 +41,8 @@ class TrimmedMean(Aggregator):
         beta: the share trimmed at each end, in [0, 0.5). At least one value per coordinate is always kept.
     """
 
+    coordinatewise = True
+
     def __init__(self, beta: float = 0.1) -> None:
         if not 0 <= beta < 0.5:
             raise ValueError(f"TrimmedMean needs 0 <= beta < 0.5, got {beta}")
@@ -49,7 +53,7 @@ class TrimmedMean(Aggregator):
         k = tensors.shape[0]
         cut = min(int(self.beta * k), (k - 1) // 2)
         s = tensors.sort(dim=0).values  # [K, ...]
-        return s[cut : k - cut].mean(dim=0)
+        return ordered_sum(s[cut : k - cut]) / (k - 2 * cut)
 
 
 class Krum(Aggregator):
