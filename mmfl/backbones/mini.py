@@ -92,8 +92,11 @@ def register() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{NAME}.json"
     text = json.dumps(model_config(), indent=2)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    if not path.exists() or path.read_text() != text:  # atomically: another process may be reading it
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
     open_clip.add_model_config(path)
 
 
