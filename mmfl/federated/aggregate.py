@@ -67,6 +67,11 @@ class Aggregator(ABC):
         """What the server makes of a key's merge (float64 [...]): a server optimizer's step; else the merge."""
         return merged
 
+    def merge_large(self, key: str, copies: Sequence[Tensor], weights: Tensor, current: Tensor | None) -> Tensor:
+        """:meth:`merge` of a key too large to stack (a :attr:`coordinatewise` rule): ``copies`` are the K clients'
+        tensors [...] in any float dtype; the result is :meth:`merge`'s bit for bit (default: in slices)."""
+        return merge_in_slices(self, key, copies, weights, current)
+
     def group_weight(self, weights: Tensor) -> float | None:
         """The weight a group of copies (example counts ``weights`` [K]) carries in a mean over groups, so that the
         mean of group merges equals the merge of all their copies; None for rules that are not weighted means."""
@@ -85,13 +90,25 @@ class FedAvg(Aggregator):
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = weighted
 
-    def merge(self, key: str, tensors: Tensor, weights: Tensor, current: Tensor | None = None) -> Tensor:
-        """Weighted mean over the client axis. [K, ...] → [...]."""
+    def _shares(self, key: str, weights: Tensor) -> Tensor:
         w = weights if self.weighted else torch.ones_like(weights)
         if float(w.sum()) <= 0:
             raise ValueError(f"{key}: the clients' weights sum to {float(w.sum())}; cannot average")
-        w = (w / w.sum()).reshape(-1, *([1] * (tensors.dim() - 1)))  # [K, 1, ...]
+        return w / w.sum()  # [K]
+
+    def merge(self, key: str, tensors: Tensor, weights: Tensor, current: Tensor | None = None) -> Tensor:
+        """Weighted mean over the client axis, summed in client order. [K, ...] → [...]."""
+        w = self._shares(key, weights).reshape(-1, *([1] * (tensors.dim() - 1)))  # [K, 1, ...]
         return ordered_sum(tensors * w)
+
+    def merge_large(self, key: str, copies: Sequence[Tensor], weights: Tensor, current: Tensor | None) -> Tensor:
+        """:meth:`merge` one copy at a time (the same products and sums in the same order): a float64 sum [...] and
+        one copy's product at a time, whatever the number of copies."""
+        w = self._shares(key, weights)  # [K]
+        out = copies[0].detach().to(torch.float64) * w[0]  # [...]
+        for copy, share in zip(copies[1:], w[1:], strict=True):
+            out += copy.detach().to(torch.float64) * share
+        return out
 
     def group_weight(self, weights: Tensor) -> float:
         """The group's example count (weighted), or its number of copies (unweighted)."""
@@ -246,7 +263,7 @@ def aggregate(
         cur = current[key].detach().to(torch.float64) if current is not None and key in current else None
         counts[key] = len(pairs)
         if key not in mixing and rule.coordinatewise and len(pairs) * pairs[0][1].numel() * 8 > CHUNK_BYTES:
-            merges[key] = merge_in_slices(rule, key, [t for _, t in pairs], weights, cur)
+            merges[key] = rule.merge_large(key, [t for _, t in pairs], weights, cur)
             continue
         stacked = torch.stack([t.detach().to(torch.float64) for _, t in pairs])  # [K, ...]
         merges[key] = rule.merge(key, stacked, weights, cur)
