@@ -71,16 +71,6 @@ def _write_tiny_bert(folder: Path) -> None:
     BertModel(cfg, add_pooling_layer=False).save_pretrained(folder)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Flower's tests (real SuperLink and SuperNode processes, mostly waiting on Flower's heartbeats and polls) run
-    first and, under ``pytest -n 2 --dist loadgroup`` (``make test``), on one worker: the other worker runs the
-    CPU-bound tests meanwhile, and two SuperLinks never run at once."""
-    flower = [item for item in items if item.path.name.startswith("test_flower")]
-    for item in flower:
-        item.add_marker(pytest.mark.xdist_group("flower"))
-    items[:] = flower + [item for item in items if not item.path.name.startswith("test_flower")]
-
-
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
     """``mmfl-tiny``: a native open_clip ViT + text transformer with random weights."""
