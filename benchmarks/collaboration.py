@@ -44,6 +44,7 @@ from jsonargparse import Namespace
 from mmfl.backbone import Backbone
 from mmfl.data import prepare_task
 from mmfl.federated import Simulation
+from mmfl.federated.round_merge import RoundMerge
 from mmfl.federated.scopes import parse_scope
 from mmfl.federated.simulation import seed_all
 from mmfl.module import quiet_lightning
@@ -111,16 +112,26 @@ class SettingResult:
 
 
 class _TimedSimulation(Simulation):
-    """A simulation that adds up the server's time spent merging (clipping, merging, noise, mixing, step)."""
+    """A simulation that adds up the server's time spent merging (clipping, merging, noise, mixing, step): the
+    replies merged as they arrive and the round's end."""
 
     server_seconds: float = 0.0
 
-    def merge(self, rnd, updates, sampled):
-        t0 = time.perf_counter()
-        try:
-            return super().merge(rnd, updates, sampled)
-        finally:
-            self.server_seconds += time.perf_counter() - t0
+    def open_merge(self) -> RoundMerge:
+        stream = super().open_merge()
+        for name in ("add", "result"):
+            setattr(stream, name, self._timed(getattr(stream, name)))
+        return stream
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.server_seconds += time.perf_counter() - t0
+
+        return timed
 
 
 def build_backbone(recipe: str | Path, overrides: list[str]) -> Backbone:

@@ -114,3 +114,38 @@ def test_fedavg_sums_the_copies_in_client_order() -> None:
     four = torch.full((5,), 4.0, dtype=torch.float64)
     ups = [Update(c, {"task/t/x": t}, 1) for c, t in zip("abcd", [big, four, -big, four], strict=True)]
     assert torch.equal(aggregate(ups, FedAvg(weighted=False))["task/t/x"], torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median"])
+def test_a_mean_rule_keeps_no_reply_once_it_is_added(rule: str) -> None:
+    import gc
+    import weakref
+
+    from mmfl.federated import Median
+    from mmfl.federated.round_merge import RoundMerge
+
+    merge = RoundMerge(FedAvg() if rule == "fedavg" else Median(), mixing={})
+    refs = []
+    for cid, n, v in [("a", 1, 1.0), ("b", 3, 5.0), ("c", 4, 3.0)]:
+        t = torch.full((4,), v)
+        refs.append(weakref.ref(t))
+        merge.add(Update(cid, {"task/a/p": t}, n))
+        del t
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    # FedAvg: one float64 sum, (1·1 + 3·5 + 4·3) / 8 = 3.5; the median holds every copy until the end: 3
+    assert alive == ([False] * 3 if rule == "fedavg" else [True] * 3)
+    expected = 3.5 if rule == "fedavg" else 3.0
+    assert torch.equal(merge.result()["task/a/p"], torch.full((4,), expected))
+    assert merge.replies == 3
+
+
+def test_a_round_merge_checks_each_reply_as_it_comes() -> None:
+    from mmfl.federated.round_merge import RoundMerge
+
+    merge = RoundMerge(FedAvg())
+    merge.add(Update("a", {"task/a/p": torch.zeros(2)}, 1))
+    with pytest.raises(ValueError, match=r"task/a/p: client b sent \(3,\) torch.float32, client a sent \(2,\)"):
+        merge.add(Update("b", {"task/a/p": torch.zeros(3)}, 1))
+    with pytest.raises(ValueError, match="client c sent local tensor 'local/p'"):
+        merge.add(Update("c", {"local/p": torch.zeros(2)}, 1))

@@ -136,6 +136,35 @@ def test_retries_rerun_only_the_failed_clients(tiny_backbone: Backbone, digits) 
     assert not [r for r in sim.metrics.rows if r["split"] == "fit_failed"]
 
 
+def test_replies_are_merged_as_they_come_in_the_sampled_order(
+    tiny_backbone: Backbone, digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each reply joins the round's merge once every client sampled before it has replied: at once without faults;
+    after a failed client's retry, the later replies wait for it. The result is the merge of all the replies at the
+    end, in client order, bit for bit."""
+    from mmfl.federated import aggregate
+    from mmfl.federated.round_merge import RoundMerge
+
+    adds: list[tuple[str, int]] = []  # (client merged, fits done so far)
+    add = RoundMerge.add
+    for faults, expected in [({}, [(0, 1), (1, 2), (2, 3)]), ({0: "flaky"}, [(0, 4), (1, 4), (2, 4)])]:
+        sim = _sim(tiny_backbone, digits, faults, min_clients=3, retries=1)
+        before = {k: v.clone() for k, v in sim.global_state.items()}
+        adds.clear()
+
+        def spy(self, update, sim=sim):
+            adds.append((update.cid, sum(sim.calls.values())))
+            return add(self, update)
+
+        monkeypatch.setattr(RoundMerge, "add", spy)
+        sim.run_round(1)
+        assert adds == [(sim.clients[i].data.cid, n) for i, n in expected]
+        replies = [
+            Update(c.data.cid, {KEY: c.module.parts["coop"].ctx.detach()}, len(c.data.train)) for c in sim.clients
+        ]
+        assert torch.equal(sim.global_state[KEY], aggregate(replies, sim.federation.aggregator, before)[KEY])
+
+
 def test_the_deadline_stops_local_training(tiny_backbone: Backbone, digits) -> None:
     """A real Lightning Trainer with a tiny client_timeout: every client is stopped at its first batch."""
     sim = _sim(tiny_backbone, digits, {}, client_timeout=1e-6)

@@ -109,6 +109,7 @@ from pathlib import Path
 
 from mmfl.data import SklearnDigits
 from mmfl.federated import FedAvg
+from mmfl.federated.aggregate import RunningMean
 
 
 CALLS = {}
@@ -132,10 +133,15 @@ class HeldDigits(SklearnDigits):
         return super().load()
 
 
-class HeldFedAvg(FedAvg):
-    def merge(self, key, tensors, weights, current=None):
+class HeldMean(RunningMean):
+    def result(self):  # the round's end: every reply is in
         hold("merge")
-        return super().merge(key, tensors, weights, current)
+        return super().result()
+
+
+class HeldFedAvg(FedAvg):
+    def running(self, key):
+        return HeldMean(key, self.weighted)
 '''
 HELD = (
     RECIPE.replace("mmfl.data.SklearnDigits", "holds.HeldDigits")

@@ -7,10 +7,11 @@ The simulation's names resolve lazily (PEP 562): the parts and data modules impo
 from importlib import import_module
 from typing import Any
 
-from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, Update, aggregate, clip_updates
+from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, Update, clip_updates
 from mmfl.federated.checkpoint import load_state, save_state
 from mmfl.federated.privacy import DifferentialPrivacy
 from mmfl.federated.robust import Flame, Krum, Median, TrimmedMean
+from mmfl.federated.round_merge import aggregate
 from mmfl.federated.scopes import SCOPES, qualify, scope_prefix
 
 _LAZY = {"Federation", "LocalTraining", "Simulation"}

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mmfl.federated.mixing import MixRule, mix, wide_groups
-from mmfl.federated.scopes import is_local
-
 CHUNK_BYTES = 64 * 2**20
-"""A coordinate-wise rule merges a key in slices of coordinates whose float64 copies take at most this many bytes:
-100 replies of a 3 MiB MaPLe tensor (ViT-B/16) would otherwise be stacked as 600 MB, and weighted as much again."""
+"""A coordinate-wise rule merges a key whose float64 copies would take more bytes than this without stacking them
+(:meth:`Aggregator.merge_large`, in slices of at most this many bytes): 100 replies of a 3 MiB MaPLe tensor (ViT-B/16)
+would otherwise be stacked as 600 MB, and weighted as much again. A mean rule never stacks (:meth:`Aggregator.running`).
+"""
 
 
 @dataclass
@@ -36,7 +35,8 @@ class Aggregator(ABC):
 
     coordinatewise: bool = False
     """Each coordinate's merge depends on that coordinate's copies only (a mean, a median), so a large key is merged
-    in slices of coordinates (:data:`CHUNK_BYTES`). Rules over whole vectors (Krum, FLAME) see every copy whole."""
+    without stacking its copies (:meth:`merge_large`, :data:`CHUNK_BYTES`). Rules over whole vectors (Krum, FLAME)
+    see every copy whole."""
 
     @abstractmethod
     def merge(self, key: str, tensors: Tensor, weights: Tensor, current: Tensor | None = None) -> Tensor:
@@ -72,6 +72,18 @@ class Aggregator(ABC):
         tensors [...] in any float dtype; the result is :meth:`merge`'s bit for bit (default: in slices)."""
         return merge_in_slices(self, key, copies, weights, current)
 
+    def running(self, key: str) -> RunningMerge | None:
+        """A merge of ``key`` that takes the copies one at a time as the replies arrive, holding none of them (a mean
+        rule); None when the rule needs every copy at once (the default)."""
+        return None
+
+    def merge_copies(self, key: str, copies: Sequence[Tensor], weights: Tensor, current: Tensor | None) -> Tensor:
+        """:meth:`merge` of the K copies [...] (any float dtype; ``weights`` [K]): stacked in float64, or by
+        :meth:`merge_large` for a :attr:`coordinatewise` rule when the stack would pass :data:`CHUNK_BYTES`."""
+        if self.coordinatewise and len(copies) * copies[0].numel() * 8 > CHUNK_BYTES:
+            return self.merge_large(key, copies, weights, current)
+        return self.merge(key, torch.stack([t.detach().to(torch.float64) for t in copies]), weights, current)
+
     def group_weight(self, weights: Tensor) -> float | None:
         """The weight a group of copies (example counts ``weights`` [K]) carries in a mean over groups, so that the
         mean of group merges equals the merge of all their copies; None for rules that are not weighted means."""
@@ -90,29 +102,67 @@ class FedAvg(Aggregator):
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = weighted
 
-    def _shares(self, key: str, weights: Tensor) -> Tensor:
-        w = weights if self.weighted else torch.ones_like(weights)
-        if float(w.sum()) <= 0:
-            raise ValueError(f"{key}: the clients' weights sum to {float(w.sum())}; cannot average")
-        return w / w.sum()  # [K]
+    def running(self, key: str) -> RunningMean:
+        """The weighted mean taken one copy at a time (what :meth:`merge` computes too)."""
+        return RunningMean(key, self.weighted)
 
     def merge(self, key: str, tensors: Tensor, weights: Tensor, current: Tensor | None = None) -> Tensor:
-        """Weighted mean over the client axis, summed in client order. [K, ...] → [...]."""
-        w = self._shares(key, weights).reshape(-1, *([1] * (tensors.dim() - 1)))  # [K, 1, ...]
-        return ordered_sum(tensors * w)
+        """Weighted mean over the client axis: ``Σ_k w_k t_k / Σ_k w_k``, summed in client order. [K, ...] → [...]."""
+        mean = self.running(key)
+        for t, w in zip(tensors, weights.tolist(), strict=True):
+            mean.add(t, w)
+        return mean.result()
 
     def merge_large(self, key: str, copies: Sequence[Tensor], weights: Tensor, current: Tensor | None) -> Tensor:
-        """:meth:`merge` one copy at a time (the same products and sums in the same order): a float64 sum [...] and
-        one copy's product at a time, whatever the number of copies."""
-        w = self._shares(key, weights)  # [K]
-        out = copies[0].detach().to(torch.float64) * w[0]  # [...]
-        for copy, share in zip(copies[1:], w[1:], strict=True):
-            out += copy.detach().to(torch.float64) * share
-        return out
+        """:meth:`merge`, which holds one float64 sum [...] whatever the number of copies."""
+        return self.merge(key, copies, weights, current)  # type: ignore[arg-type]  # iterates copies one at a time
 
     def group_weight(self, weights: Tensor) -> float:
         """The group's example count (weighted), or its number of copies (unweighted)."""
         return float(weights.sum()) if self.weighted else float(weights.numel())
+
+
+class RunningMerge(ABC):
+    """A key's merge fed one copy at a time, in client order (:meth:`Aggregator.running`)."""
+
+    @abstractmethod
+    def add(self, copy: Tensor, weight: float) -> None:
+        """Take one client's copy [...] (any float dtype) with its example count."""
+
+    @abstractmethod
+    def result(self) -> Tensor:
+        """The merge of every copy added, float64 [...]."""
+
+
+class RunningMean(RunningMerge):
+    """FedAvg's mean as copies arrive: a float64 sum of ``w_k · t_k`` [...] in client order, divided by ``Σ w_k`` at
+    the end (``w_k`` the example count, or 1 when unweighted). Holds one sum, never the copies."""
+
+    def __init__(self, key: str, weighted: bool = True) -> None:
+        self.key = key
+        self.weighted = weighted
+        self.sum: Tensor | None = None  # float64 [...]
+        self.total = 0.0
+
+    def add(self, copy: Tensor, weight: float) -> None:
+        """Add ``weight · copy`` to the sum."""
+        w = float(weight) if self.weighted else 1.0
+        term = copy.detach().to(torch.float64) * w  # [...]
+        if self.sum is None:
+            self.sum = term
+        else:
+            self.sum += term
+        self.total += w
+
+    def result(self) -> Tensor:
+        """The weighted mean, float64 [...].
+
+        Raises:
+            ValueError: the weights sum to 0 or less (nothing to average).
+        """
+        if self.sum is None or self.total <= 0:
+            raise ValueError(f"{self.key}: the clients' weights sum to {self.total}; cannot average")
+        return self.sum / self.total
 
 
 class FedAvgM(Aggregator):
@@ -199,79 +249,6 @@ def clip_updates(updates: Sequence[Update], current: Mapping[str, Tensor], max_n
     return out
 
 
-def group(updates: Sequence[Update]) -> dict[str, list[tuple[Update, Tensor]]]:
-    """The replies of each key, in client order (sorted keys).
-
-    Raises:
-        ValueError: a ``local/`` key was sent, or clients disagree on a tensor's shape or dtype.
-    """
-    by_key: dict[str, list[tuple[Update, Tensor]]] = {}
-    for u in updates:
-        for key, t in u.state.items():
-            if is_local(key):
-                raise ValueError(f"client {u.cid} sent local tensor {key!r}; local tensors never leave a client")
-            by_key.setdefault(key, []).append((u, t))
-    for key, pairs in by_key.items():
-        first = pairs[0][1]
-        for u, t in pairs[1:]:
-            if t.shape != first.shape or t.dtype != first.dtype:
-                raise ValueError(
-                    f"{key}: client {u.cid} sent {tuple(t.shape)} {t.dtype}, client {pairs[0][0].cid} sent "
-                    f"{tuple(first.shape)} {first.dtype}"
-                )
-    return {k: by_key[k] for k in sorted(by_key)}
-
-
-Release = Callable[[dict[str, Tensor], dict[str, int]], dict[str, Tensor]]
-"""What the server does to the merges (float64, by key) before mixing and its optimizer step, given the number of
-copies merged per key: the identity, or DP noise (:meth:`~mmfl.federated.privacy.DifferentialPrivacy.noise`)."""
-
-
-def aggregate(
-    updates: Sequence[Update],
-    aggregator: Aggregator,
-    current: Mapping[str, Tensor] | None = None,
-    mixing: Mapping[str, MixRule] | None = None,
-    release: Release | None = None,
-) -> dict[str, Tensor]:
-    """Merge each key over exactly the clients that returned it.
-
-    Keys carry their scope group (``task/digits/coop.ctx``), so clients of different tasks never mix
-    in a ``task`` tensor, while a ``global`` tensor is merged over everyone. Arithmetic is in float64
-    and the result is cast back to the clients' dtype.
-
-    Args:
-        updates: the clients' replies.
-        aggregator: the merge rule.
-        current: the server's tensors before the round (needed by server optimizers such as FedAvgM, and by mixing).
-        mixing: the keys of mixed scopes and how to mix them (see :mod:`mmfl.federated.mixing`); the result then
-            also holds the mixed keys of groups that did not reply, when their share of the wide merge changes them.
-        release: applied to the merges before mixing and the server step (DP noise).
-
-    Raises:
-        ValueError: a ``local/`` key was sent, or clients disagree on a tensor's shape or dtype.
-    """
-    mixing = mixing or {}
-    rule = aggregator.rule
-    merges: dict[str, Tensor] = {}  # float64
-    copies: dict[str, tuple[Tensor, Tensor]] = {}  # the mixed keys' stacked copies [K, ...] and weights [K]
-    counts: dict[str, int] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    for key, pairs in group(updates).items():
-        dtypes[key] = pairs[0][1].dtype
-        weights = torch.tensor([float(u.num_examples) for u, _ in pairs], dtype=torch.float64)  # [K]
-        cur = current[key].detach().to(torch.float64) if current is not None and key in current else None
-        counts[key] = len(pairs)
-        if key not in mixing and rule.coordinatewise and len(pairs) * pairs[0][1].numel() * 8 > CHUNK_BYTES:
-            merges[key] = rule.merge_large(key, [t for _, t in pairs], weights, cur)
-            continue
-        stacked = torch.stack([t.detach().to(torch.float64) for _, t in pairs])  # [K, ...]
-        merges[key] = rule.merge(key, stacked, weights, cur)
-        if key in mixing:
-            copies[key] = (stacked, weights)
-    return finish(merges, counts, aggregator, current or {}, dtypes, mixing, release, copies)
-
-
 def ordered_sum(rows: Tensor) -> Tensor:
     """The sum over the first axis, one row after another: each coordinate's sum is the same whatever the tensor's
     layout or width (torch's reductions split a sum differently for different widths and threads, which would make a
@@ -307,64 +284,3 @@ def merge_in_slices(
             part[i].copy_(f[a:b])
         out[a:b] = rule.merge(key, part, weights, None if now is None else now[a:b])
     return out.reshape(shape)
-
-
-def finish(
-    merges: dict[str, Tensor],
-    counts: dict[str, int],
-    aggregator: Aggregator,
-    current: Mapping[str, Tensor],
-    dtypes: Mapping[str, torch.dtype],
-    mixing: Mapping[str, MixRule] | None = None,
-    release: Release | None = None,
-    copies: Mapping[str, tuple[Tensor, Tensor]] | None = None,
-    group_weights: Mapping[str, float] | None = None,
-) -> dict[str, Tensor]:
-    """From each key's merge (float64) to the new global tensors: ``release``, mixing, the server's step, the cast.
-
-    Args:
-        merges: the merge rule's result per key (float64).
-        counts: the number of copies merged per key.
-        aggregator: the recipe's aggregator (its server step; its rule for the wide merges of mixed keys).
-        current: the server's tensors before the round.
-        dtypes: each merged key's dtype (the clients').
-        mixing: the mixed keys' rules.
-        release: applied to ``merges`` first (DP noise).
-        copies: the mixed keys' stacked copies and weights; the wide merge is then the rule's merge of all the
-            copies (exactly a plain merge over the wide group). Without them (or after ``release``) it is the
-            weighted mean of the group merges, which needs a mean rule.
-        group_weights: each key's weight in that mean (default: the rule's :meth:`Aggregator.group_weight` of the
-            copies' weights).
-    """
-    rule = aggregator.rule
-    if release is not None:
-        merges = release(merges, counts)
-    targets = dict(merges)
-    if mixing:
-        weights = dict(group_weights or {})
-        for k in merges:
-            if k in mixing and k not in weights:
-                gw = rule.group_weight(copies[k][1]) if copies and k in copies else None
-                weights[k] = float(counts[k]) if gw is None else gw
-        wide_merges = {}
-        for wide, keys in wide_groups(mixing).items():
-            present = [k for k in keys if k in merges]
-            if not present:
-                continue
-            if copies is not None and release is None:
-                stacked = torch.cat([copies[k][0] for k in present])  # [K, ...] every copy of the wide group
-                w = torch.cat([copies[k][1] for k in present])  # [K]
-                wide_merges[wide] = rule.merge(wide, stacked, w, None)
-            else:
-                if rule.group_weight(torch.ones(1, dtype=torch.float64)) is None:
-                    raise ValueError(f"{wide}: mixing from group merges needs a mean rule (FedAvg), not {rule}")
-                w = torch.tensor([weights[k] for k in present], dtype=torch.float64)  # [G]
-                stacked = torch.stack([merges[k] for k in present])  # [G, ...]
-                wide_merges[wide] = (stacked * (w / w.sum()).reshape(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
-        targets.update(mix(merges, weights, wide_merges, current, mixing))
-    out = {}
-    for key, t in targets.items():
-        cur = current[key].detach().to(torch.float64) if key in current else None
-        dtype = dtypes[key] if key in dtypes else current[key].dtype
-        out[key] = aggregator.server_step(key, t, cur).to(dtype)
-    return out

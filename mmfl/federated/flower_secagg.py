@@ -35,12 +35,13 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates, finish
+from mmfl.federated.aggregate import Aggregator, FedAvg, FedAvgM, clip_updates
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.faults import spec_of, validate_update
 from mmfl.federated.flower import LOCAL_STATE, node_from_config, server_setup
 from mmfl.federated.flower_strategy import as_flag
 from mmfl.federated.node import LAYOUT, layout_of, node_client_id, read_layout
+from mmfl.federated.round_merge import finish
 from mmfl.federated.simulation import Simulation
 
 log = logging.getLogger(__name__)

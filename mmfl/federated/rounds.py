@@ -8,18 +8,43 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
 
-from mmfl.federated.aggregate import Update, aggregate, clip_updates, update_norms
+from mmfl.federated.aggregate import Update, update_norms
 from mmfl.federated.faults import ClientTimeout, InvalidUpdate, RoundFailed, validate_update
 from mmfl.federated.pseudo_labels import NoPseudoLabels
+from mmfl.federated.round_merge import RoundMerge
 
 if TYPE_CHECKING:
     from mmfl.federated.pool import Client
 
 log = logging.getLogger("mmfl.federated.simulation")
+
+
+class Reply(NamedTuple):
+    """What a round keeps of a client's reply once its tensors are merged."""
+
+    num_examples: int
+    metrics: dict[str, float]
+    norm: float  # of its update, before clipping
+    nbytes: int  # of the tensors it sent
+
+
+def _merge_ready(
+    stream: RoundMerge, sampled: Sequence[Client], done: int, waiting: dict[str, Update], final: bool
+) -> int:
+    """Give ``stream`` the waiting replies whose turn has come, in the sampled order, from ``sampled[done]`` on: up to
+    the first client that has not replied yet, or (``final``) past every client left out. Returns the new ``done``."""
+    while done < len(sampled):
+        cid = sampled[done].data.cid
+        if cid in waiting:
+            stream.add(waiting.pop(cid))
+        elif not final:
+            break
+        done += 1
+    return done
 
 
 class Rounds:
@@ -59,6 +84,9 @@ class Rounds:
     def run_round(self, rnd: int) -> dict[str, Tensor]:
         """One round: sample, fit (leaving faulty clients out, retrying them up to ``retries`` times), merge.
 
+        Each reply is merged as soon as every client sampled before it has replied (the merge takes the replies in
+        the sampled order), so a mean rule holds no reply beyond that (:class:`RoundMerge`).
+
         Returns:
             The merged tensors.
 
@@ -69,8 +97,11 @@ class Rounds:
         if not sampled:  # only unlabeled clients were drawn, before training.pseudo_labels.start_round
             log.info("round %d: no sampled client trains yet (unlabeled clients wait); the state is unchanged", rnd)
             return {}
-        replies: dict[str, tuple[Update, dict[str, float]]] = {}
+        stream = self.open_merge()
+        replies: dict[str, Reply] = {}
+        waiting: dict[str, Update] = {}  # replies that wait for an earlier sampled client's
         failed: dict[str, str] = {}
+        done = 0  # sampled[:done] are merged or left out for good
         needed = min(self.federation.min_clients, len(sampled))
         for attempt in range(self.federation.retries + 1):
             for c in sampled:
@@ -81,9 +112,13 @@ class Rounds:
                     self.progress.client_done()
                 if update is None:
                     failed[c.data.cid] = why
-                else:
-                    replies[c.data.cid] = (update, m)
-                    failed.pop(c.data.cid, None)
+                    continue
+                norm = update_norms([update], self.global_state)[0]
+                nbytes = sum(v.numel() * v.element_size() for v in update.state.values())
+                replies[c.data.cid] = Reply(update.num_examples, m, norm, nbytes)
+                waiting[c.data.cid] = update
+                failed.pop(c.data.cid, None)
+                done = _merge_ready(stream, sampled, done, waiting, final=False)
             if len(replies) >= needed:
                 break
             if attempt < self.federation.retries:
@@ -94,12 +129,10 @@ class Rounds:
                     len(sampled),
                     needed,
                 )
-        updates = [replies[c.data.cid][0] for c in sampled if c.data.cid in replies]
-        norms = dict(zip([u.cid for u in updates], update_norms(updates, self.global_state), strict=True))
         for c in sampled:
             if c.data.cid in replies:
-                update, m = replies[c.data.cid]
-                self.record_fit(rnd, c, m, update.num_examples, norms[c.data.cid])
+                r = replies[c.data.cid]
+                self.record_fit(rnd, c, r.metrics, r.num_examples, r.norm)
             else:
                 self.metrics.add(
                     rnd,
@@ -114,44 +147,54 @@ class Rounds:
                     note=failed[c.data.cid],
                 )
         self._record_traffic(rnd, sampled, replies)
-        if len(updates) < needed:
+        if len(replies) < needed:
             self.metrics.rows = [r for r in self.metrics.rows if r["round"] != rnd]  # the round did not happen
             reasons = "; ".join(f"{cid}: {why}" for cid, why in failed.items())
             raise RoundFailed(
-                f"round {rnd}: only {len(updates)} of {len(sampled)} sampled clients succeeded, fewer than "
+                f"round {rnd}: only {len(replies)} of {len(sampled)} sampled clients succeeded, fewer than "
                 f"min_clients={needed} (after {self.federation.retries} retries); {reasons}. The run stops; the last "
                 f"complete round is {rnd - 1} (resume with --resume once the clients are mended)"
             )
-        merged = self.merge(rnd, updates, len(sampled))
+        _merge_ready(stream, sampled, done, waiting, final=True)
+        merged = self.close_merge(rnd, stream, len(sampled))
         if self.output_dir is not None:
             self.save_local_states(sampled, rnd)
         return merged
 
-    def _record_traffic(self, rnd: int, sampled: Sequence[Client], replies: dict[str, tuple[Update, dict]]) -> None:
+    def _record_traffic(self, rnd: int, sampled: Sequence[Client], replies: dict[str, Reply]) -> None:
         """One ``traffic`` row per (task, modality) that replied: how many clients sent, and the bytes of the tensors
         they sent (as held: fp32 unless a part keeps another dtype)."""
         sent: dict[tuple[str, str], list[int]] = {}
         for c in sampled:
             if c.data.cid in replies:
-                n = sum(v.numel() * v.element_size() for v in replies[c.data.cid][0].state.values())
                 row = sent.setdefault((c.task.name, c.task.modality), [0, 0])
                 row[0] += 1
-                row[1] += n
+                row[1] += replies[c.data.cid].nbytes
         for (task, modality), (clients, nbytes) in sent.items():
             self.metrics.add(rnd, "traffic", task, modality, "", "sent", math.nan, math.nan, clients, value=nbytes)
 
-    def merge(self, rnd: int, updates: Sequence[Update], sampled: int) -> dict[str, Tensor]:
-        """Clip (``clip_norm`` or DP), merge each key over its scope group, add DP noise and record ε, mix the keys
-        of mixed scopes, take the server optimizer's step; update the global state. ``sampled``: how many clients
-        were sampled this round (the DP accountant's sample size)."""
+    def open_merge(self) -> RoundMerge:
+        """A merge for this round's replies: the recipe's rule and mixing, clipping each reply to ``clip_norm`` (or
+        DP's) against the global state before the round."""
         dp = self.federation.dp
         clip = dp.clip_norm if dp is not None else self.federation.clip_norm
-        if clip is not None:
-            updates = clip_updates(updates, self.global_state, clip)
+        return RoundMerge(self.federation.aggregator, self.global_state, self.mixing, clip)
+
+    def merge(self, rnd: int, updates: Sequence[Update], sampled: int) -> dict[str, Tensor]:
+        """Merge ``updates`` (in client order) as :meth:`close_merge` does, given all at once (the Flower engine)."""
+        stream = self.open_merge()
+        for u in updates:
+            stream.add(u)
+        return self.close_merge(rnd, stream, sampled)
+
+    def close_merge(self, rnd: int, stream: RoundMerge, sampled: int) -> dict[str, Tensor]:
+        """Finish the round's merge (each key over its scope group, clipped), add DP noise and record ε, mix the keys
+        of mixed scopes, take the server optimizer's step; update the global state. ``sampled``: how many clients
+        were sampled this round (the DP accountant's sample size)."""
         release = None
-        if dp is not None:
-            release = functools.partial(self.private, rnd, sampled=sampled, replied=len(updates))
-        merged = aggregate(updates, self.federation.aggregator, self.global_state, self.mixing, release)
+        if self.federation.dp is not None:
+            release = functools.partial(self.private, rnd, sampled=sampled, replied=stream.replies)
+        merged = stream.result(release)
         self.global_state.update(merged)
         return merged
 
