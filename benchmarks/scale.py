@@ -80,11 +80,19 @@ def copies_for(clients: int) -> int:
 
 
 def measure(
-    part: str, clients: int, sampled: int, rounds: int, copies: int, per_client: int = 0, backbone: str = "mmfl-tiny"
+    part: str,
+    clients: int,
+    sampled: int,
+    rounds: int,
+    copies: int,
+    per_client: int = 0,
+    backbone: str = "mmfl-tiny",
+    accelerator: str = "cpu",
 ) -> dict[str, float]:
     """Build a federation of ``clients`` clients with one ``part`` on ``copies`` copies of the digits and time its
     training rounds (this process); ``per_client``: a module per client (the engine before pooling); ``backbone``:
-    an open_clip model name (random weights unless it is mmfl-mini)."""
+    an open_clip model name (random weights unless it is mmfl-mini); ``accelerator``: Lightning's (``cuda`` on a
+    GPU: ``peak_gpu_mib`` is then PyTorch's peak allocated GPU memory)."""
     from flwr_datasets.partitioner import IidPartitioner
 
     from mmfl.backbone import Backbone
@@ -107,7 +115,7 @@ def measure(
         partitioner=functools.partial(IidPartitioner),
     )
     prepared = prepare_task(task)
-    training = LocalTraining(epochs=1, max_steps=2, batch_size=4, accelerator="cpu", feature_cache="off")
+    training = LocalTraining(epochs=1, max_steps=2, batch_size=4, accelerator=accelerator, feature_cache="off")
     federation = Federation(rounds=rounds + 1, fraction=fraction(clients, sampled), eval_every=10**6)
     sim = Simulation(model, [prepared], [factory], training, federation, seed=0, per_client_modules=bool(per_client))
     build_s = time.perf_counter() - t0
@@ -117,7 +125,9 @@ def measure(
             t = time.perf_counter()
             sim.run_round(rnd)
             times.append((time.perf_counter() - t) / len(sim.sample(rnd)))
+    gpu = {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_initialized() else {}
     return {
+        **gpu,
         "clients": clients,
         "train_examples": sum(len(c.train) for c in prepared.clients),
         "sampled_per_round": len(sim.sample(1)),
@@ -141,10 +151,12 @@ def in_fresh_process(
     copies: int,
     per_client: bool = False,
     backbone: str = "mmfl-tiny",
+    accelerator: str = "cpu",
 ) -> dict[str, float]:
     """:func:`measure` in a fresh Python process (so each peak RSS is its own)."""
     args = [part, str(clients), str(sampled), str(rounds), str(copies), str(int(per_client))]
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--backbone", backbone, "--one", *args]
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--backbone", backbone, "--accelerator", accelerator]
+    cmd += ["--one", *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -159,15 +171,18 @@ def run(
     rounds: int,
     per_client: bool = False,
     backbone: str = "mmfl-tiny",
+    accelerator: str = "cpu",
 ) -> dict:
     """Measure every (part, size), write ``out/results.json``, and return the results."""
     results: dict = {"sizes": sizes, "sampled": sampled, "rounds": rounds, "torch": torch.__version__, "parts": {}}
     results["per_client_modules"] = per_client
     results["backbone"] = backbone
+    results["accelerator"] = accelerator
     for part in parts:
         rows = {}
         for n in sizes:
-            rows[str(n)] = in_fresh_process(part, n, sampled, rounds, copies_for(max(sizes)), per_client, backbone)
+            copies = copies_for(max(sizes))
+            rows[str(n)] = in_fresh_process(part, n, sampled, rounds, copies, per_client, backbone, accelerator)
             log.info("%s, %d clients: %s", part, n, rows[str(n)])
         small, big = rows[str(sizes[0])], rows[str(sizes[-1])]
         results["parts"][part] = {
@@ -206,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--quick", action="store_true", help="10 and 10,000 clients, 2 timed rounds")
     ap.add_argument("--per-client-modules", action="store_true", help="a module per client (the former engine)")
     ap.add_argument("--backbone", default="mmfl-tiny", help="an open_clip model (random weights), e.g. ViT-B-16")
+    ap.add_argument("--accelerator", default="cpu", help="Lightning's accelerator for the clients (cuda on a GPU)")
     one = ("PART", "CLIENTS", "SAMPLED", "ROUNDS", "COPIES", "PER_CLIENT")
     ap.add_argument("--one", nargs=6, metavar=one, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -214,10 +230,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.one:
         logging.disable(logging.WARNING)
         part, *numbers = a.one
-        sys.stdout.write(json.dumps(measure(part, *map(int, numbers), backbone=a.backbone)) + "\n")
+        row = measure(part, *map(int, numbers), backbone=a.backbone, accelerator=a.accelerator)
+        sys.stdout.write(json.dumps(row) + "\n")
         return None
     sizes = a.sizes or ([10, 10000] if a.quick else [10, 1000, 10000])
-    results = run(a.out, a.parts, sizes, a.sampled, 2 if a.quick else a.rounds, a.per_client_modules, a.backbone)
+    rounds = 2 if a.quick else a.rounds
+    results = run(a.out, a.parts, sizes, a.sampled, rounds, a.per_client_modules, a.backbone, a.accelerator)
     log.info("%s\nwrote %s", table(results), a.out / "results.json")
     return results
 
