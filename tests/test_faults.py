@@ -139,16 +139,21 @@ def test_retries_rerun_only_the_failed_clients(tiny_backbone: Backbone, digits) 
 def test_replies_are_merged_as_they_come_in_the_sampled_order(
     tiny_backbone: Backbone, digits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each reply joins the round's merge once every client sampled before it has replied: at once without faults;
-    after a failed client's retry, the later replies wait for it. The result is the merge of all the replies at the
-    end, in client order, bit for bit."""
+    """Each reply joins the round's merge once every client sampled before it has replied or failed for good: at
+    once without faults or after a failure with no retry left; after a failed client that will be retried, the later
+    replies wait for it. The result is the merge of all the replies at the end, in client order, bit for bit."""
     from mmfl.federated import aggregate
     from mmfl.federated.round_merge import RoundMerge
 
     adds: list[tuple[str, int]] = []  # (client merged, fits done so far)
     add = RoundMerge.add
-    for faults, expected in [({}, [(0, 1), (1, 2), (2, 3)]), ({0: "flaky"}, [(0, 4), (1, 4), (2, 4)])]:
-        sim = _sim(tiny_backbone, digits, faults, min_clients=3, retries=1)
+    cases = [  # faults, min_clients, retries, (client merged, fits done by then)
+        ({}, 3, 1, [(0, 1), (1, 2), (2, 3)]),
+        ({0: "flaky"}, 3, 1, [(0, 4), (1, 4), (2, 4)]),  # client 0 fails, 1 and 2 wait for its retry (the 4th fit)
+        ({0: "raise"}, 2, 0, [(1, 2), (2, 3)]),  # no retry: client 0 is out for good, 1 and 2 need not wait
+    ]
+    for faults, min_clients, retries, expected in cases:
+        sim = _sim(tiny_backbone, digits, faults, min_clients=min_clients, retries=retries)
         before = {k: v.clone() for k, v in sim.global_state.items()}
         adds.clear()
 
@@ -159,9 +164,8 @@ def test_replies_are_merged_as_they_come_in_the_sampled_order(
         monkeypatch.setattr(RoundMerge, "add", spy)
         sim.run_round(1)
         assert adds == [(sim.clients[i].data.cid, n) for i, n in expected]
-        replies = [
-            Update(c.data.cid, {KEY: c.module.parts["coop"].ctx.detach()}, len(c.data.train)) for c in sim.clients
-        ]
+        merged = [sim.clients[i] for i, _ in expected]
+        replies = [Update(c.data.cid, {KEY: c.module.parts["coop"].ctx.detach()}, len(c.data.train)) for c in merged]
         assert torch.equal(sim.global_state[KEY], aggregate(replies, sim.federation.aggregator, before)[KEY])
 
 

@@ -33,15 +33,16 @@ class Reply(NamedTuple):
 
 
 def _merge_ready(
-    stream: RoundMerge, sampled: Sequence[Client], done: int, waiting: dict[str, Update], final: bool
+    stream: RoundMerge, sampled: Sequence[Client], done: int, waiting: dict[str, Update], settled: int = 0
 ) -> int:
-    """Give ``stream`` the waiting replies whose turn has come, in the sampled order, from ``sampled[done]`` on: up to
-    the first client that has not replied yet, or (``final``) past every client left out. Returns the new ``done``."""
+    """Give ``stream`` the waiting replies whose turn has come, in the sampled order, from ``sampled[done]`` on, up to
+    the first client that has not replied yet; clients before index ``settled`` that have not replied failed for good
+    (no attempt is left for them) and are passed over. Returns the new ``done``."""
     while done < len(sampled):
         cid = sampled[done].data.cid
         if cid in waiting:
             stream.add(waiting.pop(cid))
-        elif not final:
+        elif done >= settled:
             break
         done += 1
     return done
@@ -84,8 +85,9 @@ class Rounds:
     def run_round(self, rnd: int) -> dict[str, Tensor]:
         """One round: sample, fit (leaving faulty clients out, retrying them up to ``retries`` times), merge.
 
-        Each reply is merged as soon as every client sampled before it has replied (the merge takes the replies in
-        the sampled order), so a mean rule holds no reply beyond that (:class:`RoundMerge`).
+        Each reply is merged as soon as every client sampled before it has replied or failed for good (the merge
+        takes the replies in the sampled order), so a mean rule holds no reply beyond that (:class:`RoundMerge`): a
+        reply waits only while an earlier client has failed and may still be retried.
 
         Returns:
             The merged tensors.
@@ -104,7 +106,8 @@ class Rounds:
         done = 0  # sampled[:done] are merged or left out for good
         needed = min(self.federation.min_clients, len(sampled))
         for attempt in range(self.federation.retries + 1):
-            for c in sampled:
+            last = attempt == self.federation.retries  # a client that fails now has failed for good
+            for i, c in enumerate(sampled):
                 if c.data.cid in replies or (attempt and c.data.cid not in failed):
                     continue
                 update, m, why = self.try_client(c, rnd)
@@ -112,13 +115,13 @@ class Rounds:
                     self.progress.client_done()
                 if update is None:
                     failed[c.data.cid] = why
-                    continue
-                norm = update_norms([update], self.global_state)[0]
-                nbytes = sum(v.numel() * v.element_size() for v in update.state.values())
-                replies[c.data.cid] = Reply(update.num_examples, m, norm, nbytes)
-                waiting[c.data.cid] = update
-                failed.pop(c.data.cid, None)
-                done = _merge_ready(stream, sampled, done, waiting, final=False)
+                else:
+                    norm = update_norms([update], self.global_state)[0]
+                    nbytes = sum(v.numel() * v.element_size() for v in update.state.values())
+                    replies[c.data.cid] = Reply(update.num_examples, m, norm, nbytes)
+                    waiting[c.data.cid] = update
+                    failed.pop(c.data.cid, None)
+                done = _merge_ready(stream, sampled, done, waiting, settled=i + 1 if last else 0)
             if len(replies) >= needed:
                 break
             if attempt < self.federation.retries:
@@ -155,7 +158,7 @@ class Rounds:
                 f"min_clients={needed} (after {self.federation.retries} retries); {reasons}. The run stops; the last "
                 f"complete round is {rnd - 1} (resume with --resume once the clients are mended)"
             )
-        _merge_ready(stream, sampled, done, waiting, final=True)
+        _merge_ready(stream, sampled, done, waiting, settled=len(sampled))  # the rest failed for good
         merged = self.close_merge(rnd, stream, len(sampled))
         if self.output_dir is not None:
             self.save_local_states(sampled, rnd)
