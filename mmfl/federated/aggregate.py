@@ -113,10 +113,6 @@ class FedAvg(Aggregator):
             mean.add(t, w)
         return mean.result()
 
-    def merge_large(self, key: str, copies: Sequence[Tensor], weights: Tensor, current: Tensor | None) -> Tensor:
-        """:meth:`merge`, which holds one float64 sum [...] whatever the number of copies."""
-        return self.merge(key, copies, weights, current)  # type: ignore[arg-type]  # iterates copies one at a time
-
     def group_weight(self, weights: Tensor) -> float:
         """The group's example count (weighted), or its number of copies (unweighted)."""
         return float(weights.sum()) if self.weighted else float(weights.numel())

@@ -72,16 +72,17 @@ class RoundMerge:
             update = clip_updates([update], self.current, self.clip)[0]
         rule = self.aggregator.rule
         for key, t in update.state.items():
-            self._counts[key] = self._counts.get(key, 0) + 1
-            running = self._running.get(key)
-            if running is None and key not in self._held:
+            if key not in self._counts:  # a new key: a running merge, or its copies kept (mixed keys, other rules)
                 running = None if key in self.mixing else rule.running(key)
-                if running is not None:
+                if running is None:
+                    self._held[key] = ([], [])
+                else:
                     self._running[key] = running
-            if running is not None:
-                running.add(t, float(update.num_examples))
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if key in self._running:
+                self._running[key].add(t, float(update.num_examples))
             else:
-                copies, weights = self._held.setdefault(key, ([], []))
+                copies, weights = self._held[key]
                 copies.append(t)
                 weights.append(float(update.num_examples))
         self.replies += 1
