@@ -14,7 +14,13 @@ scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as f
     own 0.8:               ``mix(task_modality, BASE, own=0.8)``: each (task, modality) keeps 0.8 of its merge;
     others 0.1:            ``mix(task_modality, BASE, others=0.1)``: the other groups' examples count 0.1;
     similarity:            ``mix(task_modality, BASE, similarity)``: shares from the similarity of updates;
+    own val:               ``mix(task_modality, BASE, own=val)``: each (task, modality)'s own share chosen every
+                           round on its validation split (see ``--val-fraction``);
     recipe:                the recipe's scopes as written (the default docs/measurements.md recommends).
+
+``--val-fraction F`` (default 0.2) holds F of each task's training pool out as validation data *in every setting*,
+so every setting trains on the same clients' data and only ``own val`` looks at the held-out part; ``0`` holds
+nothing out (then ``own val`` cannot run).
 
 ``--base modality`` takes ``modality`` as the base scope of every part whose own is wide (e.g. to share a scarce
 task's context with the other tasks of its modality only, where the recipe says ``global``).
@@ -43,6 +49,7 @@ from jsonargparse import Namespace
 
 from mmfl.backbone import Backbone
 from mmfl.data import prepare_task
+from mmfl.evaluation.protocol import Protocol
 from mmfl.federated import Simulation
 from mmfl.federated.round_merge import RoundMerge
 from mmfl.federated.scopes import parse_scope
@@ -71,6 +78,7 @@ SETTINGS: dict[str, Callable[[str], str] | None] = {
     "own 0.8": lambda base: f"mix(task_modality, {base}, own=0.8)",
     "others 0.1": lambda base: f"mix(task_modality, {base}, others=0.1)",
     "similarity": lambda base: f"mix(task_modality, {base}, similarity)",
+    "own val": lambda base: f"mix(task_modality, {base}, own=val)",
     "recipe": None,
 }
 """Each setting's scope for a part of a given base scope (None: the recipe's own scopes)."""
@@ -109,6 +117,8 @@ class SettingResult:
     bytes_per_client_round: float
     server_seconds_per_round: float
     seconds: float
+    shares: dict[str, list[float]] = field(default_factory=dict)
+    """``own val``: the own share chosen for each group, round by round."""
 
 
 class _TimedSimulation(Simulation):
@@ -167,7 +177,8 @@ def run_setting(
     if edit is not None:
         edit(cfg)
     init = parser.instantiate(cfg)
-    prepared = [prepare_task(t, seed=cfg.seed) for t in init.tasks]
+    val_fraction = (init.evaluation or Protocol()).val_fraction
+    prepared = [prepare_task(t, seed=cfg.seed, val_fraction=val_fraction) for t in init.tasks]
     sim = _TimedSimulation(backbone, prepared, init.parts, init.training, init.federation, seed=cfg.seed)
     t0 = time.perf_counter()
     accs, groups = {}, {}
@@ -189,7 +200,17 @@ def run_setting(
         statistics.mean(sent),
         sim.server_seconds / max(rounds, 1),
         time.perf_counter() - t0,
+        _shares(sim),
     )
+
+
+def _shares(sim: Simulation) -> dict[str, list[float]]:
+    """The own shares an ``own=val`` mix chose, per group, in round order (its ``mix_share`` rows)."""
+    out: dict[str, list[float]] = {}
+    for r in sim.metrics.rows:
+        if r["split"] == "mix_share":
+            out.setdefault(str(r["note"]), []).append(float(r["value"]))
+    return out
 
 
 @dataclass
@@ -285,12 +306,19 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
     ap.add_argument("--rounds", type=int, default=None, help="override the recipe's rounds")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--base", choices=WIDE, default=None, help="the base scope of the wide parts (default: theirs)")
+    ap.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each task's training pool held out as validation data in every setting (own val chooses on it)",
+    )
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. -- --training.epochs=2")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     recipe = args.recipe or SCENARIOS[args.scenario]
-    overrides = list(args.overrides) + ([f"--federation.rounds={args.rounds}"] if args.rounds else [])
+    overrides = [f"--evaluation.val_fraction={args.val_fraction}", *args.overrides]
+    overrides += [f"--federation.rounds={args.rounds}"] if args.rounds else []
     backbone = build_backbone(recipe, overrides)
     runs: dict[str, dict[int, SettingResult]] = {name: {} for name in args.settings}
     for seed in args.seeds:
@@ -311,11 +339,13 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
             "overrides": overrides,
             "seeds": args.seeds,
             "base": args.base,
+            "val_fraction": args.val_fraction,
             "groups": first[args.seeds[0]].groups,
             "settings": {name: asdict(s) for name, s in summaries.items()},
             "paired_reference": reference,
             "paired": paired(summaries, reference),
             "merged_keys": {name: r[args.seeds[0]].merged_keys for name, r in runs.items()},
+            "shares": {name: {seed: r[seed].shares for seed in r} for name, r in runs.items() if "val" in name},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=1))

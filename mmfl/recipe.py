@@ -149,15 +149,24 @@ def check_recipe(parser: ArgumentParser, cfg: Namespace) -> tuple[Namespace, lis
 
 def check_part_scopes(cfg: Namespace) -> None:
     """Raise a clear error for a part whose ``scope`` or ``scopes`` entry is not a scope (plain, components or mix),
-    naming the part, before any data is loaded (the recipe's parts and its evaluation variants')."""
-    _check_scopes_of(cfg.get("parts") or [], "parts")
+    naming the part, before any data is loaded (the recipe's parts and its evaluation variants'); and for a mix that
+    chooses its shares on validation data (``own=val``) when the recipe holds none out."""
+    on_val = _check_scopes_of(cfg.get("parts") or [], "parts")
     evaluation = cfg.get("evaluation")
     for i, v in enumerate((evaluation.get("variants") if isinstance(evaluation, Namespace) else None) or []):
         if isinstance(v, Namespace) and isinstance(v.get("parts"), list):
-            _check_scopes_of(v.parts, f"evaluation.variants.{i}.parts")
+            on_val += _check_scopes_of(v.parts, f"evaluation.variants.{i}.parts")
+    val_fraction = evaluation.get("val_fraction") if isinstance(evaluation, Namespace) else None
+    if on_val and not val_fraction:
+        raise ValueError(
+            f"{on_val[0]} chooses its shares on validation data, but the recipe holds none out: set "
+            "evaluation.val_fraction (e.g. 0.2 of each task's training data), or give a fixed share (own=0.8)"
+        )
 
 
-def _check_scopes_of(parts: list, where_parts: str) -> None:
+def _check_scopes_of(parts: list, where_parts: str) -> list[str]:
+    """Check the scopes of ``parts``; return where an ``own=val`` mix is declared."""
+    on_val = []
     for i, part in enumerate(parts):
         args = part.get("init_args") if isinstance(part, Namespace) else None
         if args is None:
@@ -169,9 +178,12 @@ def _check_scopes_of(parts: list, where_parts: str) -> None:
             if value is None:
                 continue
             try:
-                parse_scope(value)
+                spec = parse_scope(value)
             except ValueError as e:
                 raise ValueError(f"{where_parts}.{i} ({part.get('class_path')}) {where}: {e}") from None
+            if spec.mix is not None and spec.mix.kind == "val":
+                on_val.append(f"{where_parts}.{i} ({part.get('class_path')}) {where} {value!r}")
+    return on_val
 
 
 RUN_ONLY_KEYS = ("config", "output_dir", "overwrite", "resume", "__path__")

@@ -120,9 +120,20 @@ def processes(env: dict[str, str], logs: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
-def write_app(tmp_path: Path, clients: int, rounds: int, out: Path, min_nodes: int = 0, local_test: float = 0) -> Path:
+def write_app(
+    tmp_path: Path,
+    clients: int,
+    rounds: int,
+    out: Path,
+    min_nodes: int = 0,
+    local_test: float = 0,
+    own_val: bool = False,
+) -> Path:
+    """Write RECIPE and its Flower app; ``own_val``: the adapter's mix chooses its shares on validation data."""
     recipe = tmp_path / "recipe.yaml"
     text = RECIPE.replace("CLIENTS", str(clients)).replace("ROUNDS", str(rounds))
+    if own_val:
+        text = text.replace("own=0.5", "own=val") + "evaluation: {val_fraction: 0.05}\n"
     if local_test:  # each client holds out this share of its examples as its local test split
         text = text.replace("shots: 4,", f"shots: 4, local_test_fraction: {local_test},")
     recipe.write_text(text)

@@ -36,7 +36,8 @@ federation: {rounds: 1}
 def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbone, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.replace("data: {text:", "data: {label: [0, 1, 0, 1, 0, 1], text:"))
-    out = {name: run_setting(str(recipe), name, [], tiny_backbone) for name in SETTINGS}
+    held_out = ["--evaluation.val_fraction=0.3"]  # in every setting: the same training data; own val chooses on it
+    out = {name: run_setting(str(recipe), name, held_out, tiny_backbone) for name in SETTINGS}
     assert out["alone"].merged_keys == []  # everything local: nothing reaches the server
     proj = ["proj.input.bias", "proj.input.weight"]
     assert out["same (task, modality)"].merged_keys == [
@@ -47,8 +48,10 @@ def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbo
     plain = [*[f"modality/image/{p}" for p in proj], "task/digits/coop.ctx", "task/moods/coop.ctx"]
     assert out["recipe"].merged_keys == out["plain"].merged_keys == out["task"].merged_keys == plain
     assert out["components"].merged_keys == sorted(plain + out["same (task, modality)"].merged_keys)
-    for name in ("own 0.8", "others 0.1", "similarity"):  # held per (task, modality), mixed at the server
+    for name in ("own 0.8", "others 0.1", "similarity", "own val"):  # held per (task, modality), mixed at the server
         assert out[name].merged_keys == out["same (task, modality)"].merged_keys
+    assert sorted(out["own val"].shares) == ["task_modality/digits/image", "task_modality/moods/text"]
+    assert all(len(v) == 1 for v in out["own val"].shares.values()) and out["own 0.8"].shares == {}
     for r in out.values():
         assert r.groups == {
             "digits/image/0": "digits/image",

@@ -194,6 +194,7 @@ def _csv_task(tmp_path: Path, header: str, rows: list[str], label_column: str = 
         ("no_tasks", "no tasks"),
         ("no_folder", "does not exist or is not a folder"),
         ("scope", "parts.0 (mmfl.CoOp) scopes.ctx: scope 'mix(task, task_modality, own=0.5)': the groups of 'task'"),
+        ("own_val", "parts.0 (mmfl.CoOp) scope 'mix(task_modality, task, own=val)' chooses its shares on validation"),
         ("knowledge", "training.knowledge weights must be >= 0, got {'anchors': -1.0}"),
         ("endless", "training.epochs must be >= 1, or -1 (no limit) together with training.max_steps >= 1"),
         ("no_steps", "training.max_steps must be >= 1, or -1 (no limit: the epochs decide); got 0"),
@@ -231,6 +232,10 @@ def test_bad_input_is_reported_before_any_model_or_output(
         Path(recipe).write_text(
             Path(recipe).read_text() + '    init_args: {scopes: {ctx: "mix(task, task_modality, own=0.5)"}}\n'
         )
+    elif case == "own_val":  # no evaluation.val_fraction to choose on
+        recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}}")
+        mixed = '    init_args: {scope: "mix(task_modality, task, own=val)"}\n'
+        Path(recipe).write_text(Path(recipe).read_text() + mixed)
     elif case == "knowledge":
         recipe = _recipe(tmp_path, "  - {name: d, data: {class_path: mmfl.data.SklearnDigits}}")
         Path(recipe).write_text(Path(recipe).read_text() + "training: {knowledge: {anchors: -1}}\n")

@@ -3,6 +3,7 @@ virtual clients, and a SuperNode killed mid-run. Every process started here is s
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -41,7 +42,7 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
     )
     out = tmp_path / "flower-run"
-    recipe = write_app(tmp_path, clients=1, rounds=2, out=out)
+    recipe = write_app(tmp_path, clients=1, rounds=2, out=out, own_val=True)
     with processes(env, tmp_path) as procs:
         procs.start(
             "superlink",
@@ -71,6 +72,14 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
     assert any(k.startswith("task/animals/adapter.") for k in flower)  # the mixed adapter: one tensor per task
     for k in flower:
         assert (flower[k] - local[k]).abs().max() < 1e-5, k
+
+    # the adapter's shares, chosen on validation data by the ServerApp, are the in-process engine's
+    def chosen(run: Path) -> list[tuple[str, str, str]]:
+        with (run / "metrics.csv").open() as f:
+            return [(r["round"], r["note"], r["value"]) for r in csv.DictReader(f) if r["split"] == "mix_share"]
+
+    assert chosen(out) == chosen(tmp_path / "in-process")
+    assert [r[:2] for r in chosen(out)] == [(rnd, f"task/{t}") for rnd in "12" for t in ("animals", "digits")]
 
 
 @pytest.mark.slow
@@ -200,7 +209,8 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
     out = tmp_path / "flower-run"
     recipe = tmp_path / "recipe.yaml"
     adamw = "max_steps: 2, optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.05}}"
-    recipe.write_text(RECIPE.replace("CLIENTS", "2").replace("ROUNDS", "1").replace("max_steps: 2", adamw))
+    text = RECIPE.replace("CLIENTS", "2").replace("ROUNDS", "1").replace("max_steps: 2", adamw)
+    recipe.write_text(text.replace("own=0.5", "own=val") + "evaluation: {val_fraction: 0.05}\n")  # shares on val
     app = tmp_path / "app"
     args = ["flower-app", "-c", str(recipe), "--app_dir", str(app), "--output_dir", str(out)]
     assert cli.main([*args, "--secure_aggregation=true"]) == 0
@@ -226,6 +236,7 @@ def test_secure_aggregation_equals_fedavg_per_scope_group(tmp_path: Path) -> Non
         assert (local[k] - initial[f"global::{k}"]).abs().max() > 1e-2, k  # and training moved every tensor
     rows = (out / "metrics.csv").read_text().splitlines()
     assert sum(",fit," in r for r in rows) == 4  # 4 clients, 1 round
+    assert sum(",mix_share," in r for r in rows) == 2  # the adapter's share per task, chosen from the decoded means
 
 
 def test_secure_aggregation_refuses_rules_that_need_individual_updates(tmp_path: Path, capsys) -> None:

@@ -1,5 +1,6 @@
-"""Mixed scopes in real federations: the ends of a mix are the plain scopes' runs, a mix needs groups to mix, and a
-run of mixed and component scopes with a stateful server optimizer resumes bit-identical."""
+"""Mixed scopes in real federations: the ends of a mix are the plain scopes' runs, a mix needs groups to mix, a run
+of mixed and component scopes with a stateful server optimizer resumes bit-identical, and ``own=val`` keeps the
+share its tasks score best with on their validation split."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from mmfl.backbone import Backbone
 from mmfl.data import InMemory, SklearnDigits, Task, prepare_task
 from mmfl.federated import FedAvgM, Federation, LocalTraining, Simulation
+from mmfl.federated.mixing import SHARES
 from mmfl.prompts import CoOp, ProjectionTuning
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -96,4 +98,75 @@ def test_resume_of_mixed_and_component_scopes_is_bit_identical(
     for k, v in straight.global_state.items():
         assert torch.equal(v, resumed.global_state[k]), k
     assert straight.federation.aggregator.buffers.keys() == resumed.federation.aggregator.buffers.keys()
+    assert (tmp_path / "straight" / "metrics.csv").read_bytes() == (tmp_path / "stopped" / "metrics.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def with_val() -> list:
+    return [
+        prepare_task(Task("digits", SklearnDigits(), clients=2, shots=2, max_test_examples=20), val_fraction=0.1),
+        prepare_task(Task("digits", _digit_sentences(), modality="text", clients=2), val_fraction=0.3),
+    ]
+
+
+def test_own_val_keeps_the_share_its_tasks_score_best_with_on_validation(
+    tiny_backbone: Backbone, with_val: list
+) -> None:
+    sim = _sim(tiny_backbone, with_val, "mix(task_modality, task, own=val)")
+    sim.run()  # evaluates every round
+    groups = {"task_modality/digits/image": "image", "task_modality/digits/text": "text"}
+    chosen = [r for r in sim.metrics.rows if r["split"] == "mix_share"]
+    assert [(r["round"], r["note"]) for r in chosen] == [(rnd, g) for rnd in (1, 2) for g in groups]
+    assert any(r["value"] < 1 for r in chosen)  # this run does take some of the task's merge
+    for r in chosen:
+        assert r["value"] in SHARES and r["examples"] == len(with_val[r["note"] == "task_modality/digits/text"].val)
+        # the chosen state is the round's new global state: the task's own validation row scores it the same
+        (val,) = [
+            v
+            for v in sim.metrics.rows
+            if v["round"] == r["round"] and v["split"] == "val" and v["modality"] == groups[r["note"]]
+        ]
+        assert val["level"] == "task" and val["accuracy"] == pytest.approx(r["accuracy"], abs=1e-6)
+    # the choice itself: an own merge (the image group's tensor now) against a garbled wide one, each share scored
+    key = "task_modality/digits/image/coop.ctx"
+    own = sim.global_state[key].double()
+    wide = own + 3.0 * torch.randn(own.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scores = []
+    for a in SHARES:
+        module = sim.evaluator(with_val[0])
+        module.load_trainable_state_dict({key: a * own + (1 - a) * wide})
+        scores.append(sim.evaluate(module, with_val[0], with_val[0].val)["accuracy"])
+    best = SHARES[scores.index(max(scores))]  # the first best: ties go to the larger own share
+    assert sim.share_chooser(9)({"task_modality/digits/image": [(key, own, wide)]}, {}) == {
+        "task_modality/digits/image": best
+    }
+    assert sim.metrics.rows[-1]["accuracy"] == max(scores) and sim.metrics.rows[-1]["value"] == best
+    assert sim.share_chooser(9)({"task_modality/digits/image": [(key, own, own)]}, {}) == {
+        "task_modality/digits/image": 1.0  # every share scores the same: the own merge
+    }
+
+
+def test_own_val_without_validation_data_is_refused_before_training(
+    tiny_backbone: Backbone, two_modalities: list
+) -> None:
+    with pytest.raises(ValueError, match=r"own=val.*\['digits/image', 'digits/text'\].*evaluation.val_fraction"):
+        _sim(tiny_backbone, two_modalities, "mix(task_modality, task, own=val)")
+
+
+def test_own_val_resumes_bit_identical(tiny_backbone: Backbone, with_val: list, tmp_path: Path) -> None:
+    """The shares are chosen afresh each round from the merges and the validation data: nothing to carry over."""
+    training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu", optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    parts = [functools.partial(CoOp, ctx_init="a photo of a", scope="mix(task_modality, task, own=val)")]
+
+    def sim(rounds: int, out: Path) -> Simulation:
+        return Simulation(tiny_backbone, with_val, parts, training, Federation(rounds=rounds), seed=1, output_dir=out)
+
+    straight = sim(3, tmp_path / "straight")
+    straight.run()
+    sim(1, tmp_path / "stopped").run()
+    resumed = sim(3, tmp_path / "stopped")
+    assert resumed.resume(tmp_path / "stopped") == 1
+    resumed.run()
+    for k, v in straight.global_state.items():
+        assert torch.equal(v, resumed.global_state[k]), k
     assert (tmp_path / "straight" / "metrics.csv").read_bytes() == (tmp_path / "stopped" / "metrics.csv").read_bytes()

@@ -48,6 +48,9 @@ def test_scope_grammar() -> None:
     assert parse_scope("mix(task_modality, task, own=0.8)") == mixed
     assert parse_scope("mix(task,global,others = 0.1)").mix == Mix("task", "global", "others", 0.1)
     assert parse_scope("mix(task,global,similarity)").mix == Mix("task", "global", "similarity")
+    assert parse_scope("mix(task_modality, modality, own=val)") == ScopeSpec(
+        ("task_modality",), Mix("task_modality", "modality", "val")
+    )
     assert parse_scope("task").plain and not parse_scope("task+local").plain
     for bad, message in [
         ("tasks", "unknown scope 'tasks'"),
@@ -55,8 +58,10 @@ def test_scope_grammar() -> None:
         ("mix(task, task_modality, own=0.5)", "are not inside those of 'task_modality'"),
         ("mix(task_modality, modality, own=1.5)", r"own=1.5 must be in \[0, 1\]"),
         ("mix(task_modality, task, others=half)", r"others=half must be in \[0, 1\]"),
-        ("mix(task_modality, task, 0.5)", "must be own=X, others=X or similarity"),
-        ("mix(task_modality, task, similarity=1)", "must be own=X, others=X or similarity"),
+        ("mix(task_modality, task, 0.5)", "must be own=X, others=X, similarity or own=val"),
+        ("mix(task_modality, task, similarity=1)", "must be own=X, others=X, similarity or own=val"),
+        ("mix(task_modality, task, val)", "must be own=X, others=X, similarity or own=val"),
+        ("mix(task_modality, task, others=val)", r"others=val must be in \[0, 1\]"),
         ("task+mix(task_modality, task, own=0.5)", "a mix cannot be a component"),
         ("mix(local, task, own=0.5)", "are not inside"),
     ]:
@@ -162,3 +167,30 @@ def test_the_release_acts_on_the_group_merges_before_mixing_and_the_server_step(
     assert torch.allclose(out[fine("a", "img")], torch.tensor([0.5 * 3 + 0.5 * wide, 0.5 * 5 + 0.5 * (2 * 5 + 21) / 3]))
     with pytest.raises(ValueError, match="needs a mean rule"):
         aggregate(updates(), Median(), cur, table(0.5), release)
+
+
+def test_shares_chosen_on_validation_by_hand() -> None:
+    """own=val: the chooser gets each replying group's own merge and its wide merge, and the round's other new
+    tensors; the result is share · own + (1 − share) · wide per group; a group that did not reply keeps its tensor."""
+    rules = table(0.0, "val")
+    cur = {k: torch.full((2,), 8.0) for k in rules}
+    seen: dict = {}
+
+    def choose(groups: dict, others: dict) -> dict:
+        seen.update(groups=groups, others=others)
+        return {"task_modality/a/img": 0.25, "task_modality/a/aud": 1.0, "task_modality/b/img": 0.0}
+
+    ups = [u for u in updates() if fine("b", "aud") not in u.state]
+    out = aggregate(ups, FedAvg(), cur, rules, choose=choose)
+    assert sorted(seen["groups"]) == ["task_modality/a/aud", "task_modality/a/img", "task_modality/b/img"]
+    (key, own, wide), *_ = seen["groups"]["task_modality/a/img"]
+    assert key == fine("a", "img") and own.tolist() == [2.5, 5.0] and wide.tolist() == [6.25, 12.5]
+    # what the chooser sees of the others: every replying group at its own merge (a share of 1 so far)
+    assert seen["others"][fine("a", "aud")].tolist() == [10.0, 20.0] and fine("b", "aud") not in seen["others"]
+    # a/img 0.25·2.5 + 0.75·6.25 = 5.3125; a/aud keeps its own 10; b/img takes task b's merge (b/img's alone): 0
+    assert torch.equal(out[fine("a", "img")], torch.tensor([5.3125, 10.625]))
+    assert torch.equal(out[fine("a", "aud")], torch.tensor([10.0, 20.0]))
+    assert torch.equal(out[fine("b", "img")], torch.tensor([0.0, 0.0]))
+    assert fine("b", "aud") not in out  # did not reply: keeps its tensor
+    with pytest.raises(ValueError, match=r"own=val.*validation data"):
+        aggregate(ups, FedAvg(), cur, rules)

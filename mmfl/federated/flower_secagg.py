@@ -206,7 +206,10 @@ class SecureScopedFedAvg(LegacyFedAvg):
         dtypes = {k: sim.global_state[k].dtype for k in merges}
         # DP noise on the decoded means, then mixing and the server optimizer's step (post-processing)
         agg = sim.federation.aggregator
-        merged = finish(merges, counts, agg, sim.global_state, dtypes, sim.mixing, release, group_weights=weights)
+        choose = sim.share_chooser(server_round) if sim.chooses_shares else None
+        merged = finish(
+            merges, counts, agg, sim.global_state, dtypes, sim.mixing, release, group_weights=weights, choose=choose
+        )
         sim.global_state.update(merged)
         return self.initialize_parameters(None), {"clients": len(results), "failures": len(failures)}
 

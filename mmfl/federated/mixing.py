@@ -10,7 +10,11 @@ each group ``own_g · m_g + (1 − own_g) · M``:
   for FedAvg: a small group next to large ones takes most of ``M``, a large one keeps its own;
 - ``similarity``: each group takes a share of every other group's merge in proportion to that group's weight and to
   how alike their updates are this round (the cosine of ``merge − current``, negatives counted as 0), as
-  similarity-aware aggregation (FedAMP) does.
+  similarity-aware aggregation (FedAMP) does;
+- ``own=val``: ``own_g`` is chosen each round from :data:`SHARES`, per group, by the server: it scores each choice
+  on the validation split of the tasks whose clients hold the group's keys (a :data:`ShareChooser`, given by the
+  simulation) and keeps the best (ties: the larger own share). The choice is a function of the merges and of the
+  server's own validation data only, so DP's guarantee and SecAgg's masking are unaffected.
 
 ``own=1`` and ``others=0`` are plain FINE merging, ``own=0`` and ``others=1`` plain WIDE merging, exactly, with any
 merge rule."""
@@ -18,7 +22,7 @@ merge rule."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +36,17 @@ if TYPE_CHECKING:
     from mmfl.prompts.base import TrainablePart
 
 log = logging.getLogger(__name__)
+
+SHARES: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
+"""The own shares an ``own=val`` mix tries each round, in order of preference on a tie (own merge first)."""
+
+Candidates = dict[str, list[tuple[str, Tensor, Tensor]]]
+"""For each group of ``own=val`` keys (:func:`group_of`): its keys that replied this round, each with its own merge
+and its wide group's merge (float64)."""
+
+ShareChooser = Callable[[Candidates, Mapping[str, Tensor]], dict[str, float]]
+"""Chooses an own share from :data:`SHARES` per group of :data:`Candidates`, given the round's other new tensors
+(float64, by key, before the server optimizer's step)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,12 @@ class MixRule:
     wide: str
     kind: str = "own"
     value: float = 0.0
+
+
+def group_of(key: str) -> str:
+    """The group a FINE key is held by (its key without the part's tensor name), e.g. ``task_modality/digits/image``
+    for ``task_modality/digits/image/coop.ctx``: one own share is chosen per group under ``own=val``."""
+    return key.rsplit("/", 1)[0]
 
 
 def wide_groups(table: Mapping[str, MixRule]) -> dict[str, list[str]]:
@@ -86,7 +107,9 @@ def start_together(table: Mapping[str, MixRule], state: dict[str, Tensor]) -> No
         for k in keys[1:]:
             state[k] = state[keys[0]].clone()
         rule = table[keys[0]]
-        how = rule.kind if rule.kind == "similarity" else f"{rule.kind}={rule.value:g}"
+        how = {"similarity": "similarity", "val": "own share chosen on validation data"}.get(
+            rule.kind, f"{rule.kind}={rule.value:g}"
+        )
         log.info("%s: one tensor per group of %s, mixed (%s)", wide, [k.rsplit("/", 1)[0] for k in keys], how)
 
 
@@ -106,6 +129,7 @@ def mix(
     wide_merges: Mapping[str, Tensor],
     current: Mapping[str, Tensor],
     table: Mapping[str, MixRule],
+    shares: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """The mixed tensors of every FINE key of ``table`` that this round changes (float64).
 
@@ -115,9 +139,10 @@ def mix(
         wide_merges: each WIDE group's merge over all the copies of its FINE groups (float64), by WIDE key.
         current: the server's tensors before the round (for groups that did not reply, and for the similarity).
         table: the mix rule of each FINE key.
+        shares: the own share chosen for each group of ``own=val`` keys (by :func:`group_of`; see :func:`candidates`).
 
-    A group that did not reply keeps its tensor under ``similarity``, ``own=1`` and ``others=0``; otherwise it gets
-    ``a · current + (1 − a) · M`` (``own=a``) or ``s · M + (1 − s) · current`` (``others=s``).
+    A group that did not reply keeps its tensor under ``similarity``, ``own=val``, ``own=1`` and ``others=0``;
+    otherwise it gets ``a · current + (1 − a) · M`` (``own=a``) or ``s · M + (1 − s) · current`` (``others=s``).
     """
     out: dict[str, Tensor] = {}
     for wide, keys in wide_groups(table).items():
@@ -129,6 +154,11 @@ def mix(
             out.update(_by_similarity(present, merges, weights, current))
             continue
         m = wide_merges[wide].to(torch.float64)
+        if rule.kind == "val":
+            for k in present:
+                own = (shares or {}).get(group_of(k), 1.0)
+                out[k] = own * merges[k] + (1.0 - own) * m
+            continue
         total = sum(weights[k] for k in present)
         for k in keys:
             if k in merges:
@@ -139,6 +169,19 @@ def mix(
                 if keep < 1.0:
                     out[k] = keep * current[k].to(torch.float64) + (1.0 - keep) * m
     return out
+
+
+def candidates(
+    merges: Mapping[str, Tensor], wide_merges: Mapping[str, Tensor], table: Mapping[str, MixRule]
+) -> Candidates:
+    """The groups of ``own=val`` keys that replied this round, each key with its own merge and its wide merge."""
+    out: Candidates = {}
+    for wide, keys in wide_groups(table).items():
+        if table[keys[0]].kind == "val":
+            for k in keys:
+                if k in merges:
+                    out.setdefault(group_of(k), []).append((k, merges[k], wide_merges[wide].to(torch.float64)))
+    return dict(sorted(out.items()))
 
 
 def similarities(deltas: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mmfl.federated.aggregate import Aggregator, RunningMerge, Update, clip_updates
-from mmfl.federated.mixing import MixRule, mix, wide_groups
+from mmfl.federated.mixing import MixRule, ShareChooser, candidates, mix, wide_groups
 from mmfl.federated.scopes import is_local
 
 Release = Callable[[dict[str, Tensor], dict[str, int]], dict[str, Tensor]]
@@ -87,11 +87,12 @@ class RoundMerge:
                 weights.append(float(update.num_examples))
         self.replies += 1
 
-    def result(self, release: Release | None = None) -> dict[str, Tensor]:
+    def result(self, release: Release | None = None, choose: ShareChooser | None = None) -> dict[str, Tensor]:
         """The new global tensors of every key some reply held (and of mixed keys their wide group changes).
 
         Args:
             release: applied to the merges before mixing and the server step (DP noise).
+            choose: chooses the own shares of ``own=val`` mixes (needed when the round has such keys).
         """
         rule = self.aggregator.rule
         merges: dict[str, Tensor] = {}  # float64
@@ -113,7 +114,8 @@ class RoundMerge:
             else:
                 merges[key] = rule.merge_copies(key, held, weights, cur)
         dtypes = {key: dtype for key, (_, _, dtype) in self._first.items()}
-        return finish(merges, counts, self.aggregator, self.current, dtypes, self.mixing, release, copies)
+        mixing = self.mixing
+        return finish(merges, counts, self.aggregator, self.current, dtypes, mixing, release, copies, choose=choose)
 
 
 def aggregate(
@@ -122,6 +124,7 @@ def aggregate(
     current: Mapping[str, Tensor] | None = None,
     mixing: Mapping[str, MixRule] | None = None,
     release: Release | None = None,
+    choose: ShareChooser | None = None,
 ) -> dict[str, Tensor]:
     """Merge each key over exactly the clients that returned it (a :class:`RoundMerge` given every reply at once).
 
@@ -131,6 +134,7 @@ def aggregate(
         current: the server's tensors before the round (needed by server optimizers such as FedAvgM, and by mixing).
         mixing: the keys of mixed scopes and how to mix them (see :mod:`mmfl.federated.mixing`).
         release: applied to the merges before mixing and the server step (DP noise).
+        choose: chooses the own shares of ``own=val`` mixes.
 
     Raises:
         ValueError: a ``local/`` key was sent, or clients disagree on a tensor's shape or dtype.
@@ -138,7 +142,7 @@ def aggregate(
     merge = RoundMerge(aggregator, current, mixing)
     for u in updates:
         merge.add(u)
-    return merge.result(release)
+    return merge.result(release, choose)
 
 
 def finish(
@@ -151,6 +155,7 @@ def finish(
     release: Release | None = None,
     copies: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     group_weights: Mapping[str, float] | None = None,
+    choose: ShareChooser | None = None,
 ) -> dict[str, Tensor]:
     """From each key's merge (float64) to the new global tensors: ``release``, mixing, the server's step, the cast.
 
@@ -167,6 +172,11 @@ def finish(
             weighted mean of the group merges, which needs a mean rule.
         group_weights: each key's weight in that mean (default: the rule's :meth:`Aggregator.group_weight` of the
             copies' weights).
+        choose: chooses the own share of each group of ``own=val`` keys, given the candidates and the round's other
+            new tensors (before the server step; those keys at their own merge).
+
+    Raises:
+        ValueError: the round has ``own=val`` keys and no ``choose``.
     """
     rule = aggregator.rule
     if release is not None:
@@ -193,7 +203,17 @@ def finish(
                 w = torch.tensor([weights[k] for k in present], dtype=torch.float64)  # [G]
                 stacked = torch.stack([merges[k] for k in present])  # [G, ...]
                 wide_merges[wide] = (stacked * (w / w.sum()).reshape(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
-        targets.update(mix(merges, weights, wide_merges, current, mixing))
+        mixed = mix(merges, weights, wide_merges, current, mixing)
+        chosen = candidates(merges, wide_merges, mixing)
+        if chosen:
+            if choose is None:
+                raise ValueError(f"{sorted(chosen)}: mix(..., own=val) needs validation data to choose shares on")
+            shares = choose(chosen, {**targets, **mixed})
+            for group, items in chosen.items():
+                a = shares[group]
+                for k, own, wide in items:
+                    mixed[k] = a * own + (1.0 - a) * wide
+        targets.update(mixed)
     out = {}
     for key, t in targets.items():
         cur = current[key].detach().to(torch.float64) if key in current else None

@@ -197,9 +197,14 @@ class Rounds:
         release = None
         if self.federation.dp is not None:
             release = functools.partial(self.private, rnd, sampled=sampled, replied=stream.replies)
-        merged = stream.result(release)
+        merged = stream.result(release, self.share_chooser(rnd) if self.chooses_shares else None)
         self.global_state.update(merged)
         return merged
+
+    @property
+    def chooses_shares(self) -> bool:
+        """Whether a mix of the recipe chooses its shares on validation data (``own=val``)."""
+        return any(rule.kind == "val" for rule in self.mixing.values())
 
     def private(
         self, rnd: int, merged: dict[str, Tensor], counts: dict[str, int], sampled: int, replied: int

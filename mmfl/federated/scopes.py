@@ -16,7 +16,10 @@ A part's ``scope`` (or one entry of ``scopes``) is one of three forms:
     - ``own=0.8``: every group keeps 0.8 of its own merge and takes 0.2 of the task's;
     - ``others=0.1``: the other groups' examples count 0.1 as much as the group's own (FedCola's weighting): a
       group with few examples next to large ones takes most of the task's merge, a large one keeps its own;
-    - ``similarity``: each group takes from each other group in proportion to how alike their updates are.
+    - ``similarity``: each group takes from each other group in proportion to how alike their updates are;
+    - ``own=val``: each round the server tries the own shares :data:`~mmfl.federated.mixing.SHARES` (1, 0.75, 0.5,
+      0.25, 0) for each group and keeps the one its clients' tasks score best with on their validation split
+      (``evaluation.val_fraction``), so a group takes the wide merge only where it measurably helps.
 
     ``own=1`` and ``others=0`` are plain ``task_modality``, ``own=0`` and ``others=1`` plain ``task``.
 """
@@ -30,8 +33,9 @@ from dataclasses import dataclass
 SCOPES: tuple[str, ...] = ("global", "task", "modality", "task_modality", "local")
 """Every plain scope a trainable tensor may declare, from widest to narrowest."""
 
-MIX_KINDS: tuple[str, ...] = ("own", "others", "similarity")
-"""How a mix sets its shares: a fixed own share, the others' weight, or the similarity of updates."""
+MIX_KINDS: tuple[str, ...] = ("own", "others", "similarity", "val")
+"""How a mix sets its shares: a fixed own share, the others' weight, the similarity of updates, or the own share
+chosen on validation data each round (written ``own=val``)."""
 
 _WIDER: dict[str, tuple[str, ...]] = {
     "task_modality": ("task", "modality", "global"),
@@ -44,7 +48,8 @@ _MIX = re.compile(r"^mix\(\s*(\w+)\s*,\s*(\w+)\s*,\s*([^\s,()=]+)\s*(?:=\s*([^\s
 
 _FORMS = (
     "a scope (global, task, modality, task_modality, local), components (task+task_modality), or a mix "
-    "(mix(task_modality, task, own=0.8), mix(task_modality, task, others=0.1) or mix(task_modality, task, similarity))"
+    "(mix(task_modality, task, own=0.8), mix(task_modality, task, others=0.1), mix(task_modality, task, similarity) "
+    "or mix(task_modality, task, own=val))"
 )
 
 
@@ -56,8 +61,9 @@ class Mix:
         fine: the scope whose groups hold a tensor each (e.g. ``task_modality``).
         wide: the scope over which the groups' merges are mixed (e.g. ``task``); its groups contain ``fine``'s.
         kind: ``own`` (each group keeps ``value`` of its own merge), ``others`` (the other groups' weight counts
-            ``value`` as much as the group's own) or ``similarity`` (shares from the similarity of updates).
-        value: the share or weight in [0, 1] (0 for ``similarity``).
+            ``value`` as much as the group's own), ``similarity`` (shares from the similarity of updates) or ``val``
+            (``own=val``: the own share chosen each round on the groups' validation data).
+        value: the share or weight in [0, 1] (0 for ``similarity`` and ``val``).
     """
 
     fine: str
@@ -81,7 +87,7 @@ class ScopeSpec:
 
 @functools.cache
 def parse_scope(spec: str) -> ScopeSpec:
-    """Parse a scope: ``task``, ``task+task_modality`` or ``mix(task_modality, task, own=0.8)``.
+    """Parse a scope: ``task``, ``task+task_modality`` or ``mix(task_modality, task, own=0.8)`` (or ``own=val``).
 
     Raises:
         ValueError: the text is none of the three forms, names an unknown scope, repeats a component, or mixes
@@ -102,8 +108,10 @@ def parse_scope(spec: str) -> ScopeSpec:
                 "into a wider one, e.g. mix(task_modality, task, own=0.8) or mix(task, global, own=0.5)"
             )
         kind, value_text = m.group(3), m.group(4)
-        if kind not in MIX_KINDS or (kind == "similarity") != (value_text is None):
-            raise ValueError(f"scope {spec!r}: the mix's last entry must be own=X, others=X or similarity")
+        if kind not in MIX_KINDS[:3] or (kind == "similarity") != (value_text is None):
+            raise ValueError(f"scope {spec!r}: the mix's last entry must be own=X, others=X, similarity or own=val")
+        if kind == "own" and value_text == "val":
+            return ScopeSpec((fine,), Mix(fine, wide, "val"))
         value = 0.0
         if value_text is not None:
             try:

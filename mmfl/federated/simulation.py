@@ -149,6 +149,7 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation):
             self.evaluator(task)
             if task.novel_class_names:  # fail now, not after training, when a part cannot serve new classes
                 self.evaluator(task, novel=True)
+        self.check_val_mixing()  # mix(..., own=val) needs each task holding its keys to have validation data
         self.best_round: int | None = None
         self.best_score = -math.inf
         self.best_state: dict[str, Tensor] = {}

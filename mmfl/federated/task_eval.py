@@ -3,8 +3,17 @@ round, with one evaluator module per task, and the check that class-agnostic par
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
+
+from torch import Tensor
+
 from mmfl.data.task import PreparedTask
+from mmfl.federated.mixing import SHARES, Candidates, ShareChooser
 from mmfl.module import ClientModule
+
+log = logging.getLogger(__name__)
 
 
 class TaskEvaluation:
@@ -76,3 +85,67 @@ class TaskEvaluation:
                     rnd, c, "local_test", self.evaluate(c.module, c.task, c.data.test), len(c.data.test)
                 )
         return accs
+
+    def val_mixed_tasks(self, keys: set[str]) -> list[PreparedTask]:
+        """The tasks whose clients hold any of ``keys`` (their evaluators do)."""
+        return [t for t in self.tasks if keys & set(self.evaluator(t).trainable_state_dict(include_local=False))]
+
+    def check_val_mixing(self) -> None:
+        """Raise a clear error when a mix chooses its shares on validation data (``own=val``) and a task whose
+        clients hold such a key has none."""
+        keys = {k for k, rule in self.mixing.items() if rule.kind == "val"}
+        bare = [f"{t.name}/{t.modality}" for t in self.val_mixed_tasks(keys) if t.val is None or len(t.val) == 0]
+        if bare:
+            raise ValueError(
+                f"a part's scope mix(..., own=val) chooses its shares on validation data, but task(s) {bare} have "
+                "none: set evaluation.val_fraction (e.g. 0.2) to hold some of each task's training data out"
+            )
+
+    def share_chooser(self, rnd: int) -> ShareChooser:
+        """The :data:`~mmfl.federated.mixing.ShareChooser` of round ``rnd``: for each group of ``own=val`` keys, in
+        turn, every share of :data:`~mmfl.federated.mixing.SHARES` is scored by the example-weighted accuracy of the
+        tasks holding the group's keys on their validation splits (the other keys at the round's new values, the
+        groups already chosen at their choice); the best is kept (ties: the larger own share) and recorded in a
+        ``mix_share`` row (``value``: the share, ``accuracy``: its validation accuracy, ``note``: the group)."""
+
+        def choose(groups: Candidates, targets: Mapping[str, Tensor]) -> dict[str, float]:
+            state = {**self.global_state, **targets}
+            shares: dict[str, float] = {}
+            for group, items in groups.items():
+                tasks = self.val_mixed_tasks({k for k, _, _ in items})
+                best, best_acc = 1.0, -math.inf
+                for a in SHARES:
+                    trial = {**state, **{k: a * own + (1.0 - a) * wide for k, own, wide in items}}
+                    correct = 0.0
+                    for t in tasks:
+                        module = self.evaluator(t)
+                        module.load_trainable_state_dict(trial)
+                        correct += self.evaluate(module, t, t.val)["accuracy"] * len(t.val)
+                    acc = correct / sum(len(t.val) for t in tasks)
+                    if acc > best_acc:
+                        best, best_acc = a, acc
+                shares[group] = best
+                state.update({k: best * own + (1.0 - best) * wide for k, own, wide in items})
+                task, modality = _names(group)
+                n = sum(len(t.val) for t in tasks)
+                self.metrics.add(rnd, "server", task, modality, "", "mix_share", math.nan, best_acc, n, best, group)
+            log.info(
+                "round %d: own shares chosen on validation data: %s",
+                rnd,
+                ", ".join(f"{g} {a:g}" for g, a in shares.items()),
+            )
+            return shares
+
+        return choose
+
+
+def _names(group: str) -> tuple[str, str]:
+    """(task, modality) of a scope group's prefix (empty where the scope does not name one)."""
+    scope, *rest = group.split("/")
+    if scope == "task_modality":
+        return rest[0], rest[1]
+    if scope == "task":
+        return rest[0], ""
+    if scope == "modality":
+        return "", rest[0]
+    return "", ""
