@@ -4,7 +4,8 @@ merging, side by side in one run.
 ``python -m benchmarks.sharing_cost [--scenario multimodal] [--repeats 30]`` builds the scenario's federation once
 per setting of :mod:`benchmarks.collaboration` (no training: the clients' replies are the initial tensors plus
 small random changes, the same for every setting), then times the server's round (``Simulation.merge``: merging per
-group, mixing, the server step) in interleaved repeats and keeps the best of each. Bytes are one direction, fp32,
+group, mixing, the server step; for ``own val`` also the scoring of each share on the validation splits) in
+interleaved repeats and keeps the best of each. Bytes are one direction, fp32,
 the mean over clients.
 """
 
@@ -25,15 +26,15 @@ from mmfl.recipe import fit_parser
 log = logging.getLogger(__name__)
 
 
-def build(recipe: str, setting: str, backbone) -> tuple[Simulation, list[Update]]:
-    """The scenario's federation under ``setting`` and one reply per client (its tensors + N(0, 0.01) noise)."""
+def build(recipe: str, setting: str, backbone, val_fraction: float = 0.2) -> tuple[Simulation, list[Update]]:
+    """The scenario's federation under ``setting`` and one reply per client (its tensors + N(0, 0.01) noise);
+    ``val_fraction`` of each task's training data is held out as the validation data ``own val`` chooses on."""
     parser = fit_parser()
     cfg = parser.parse_args(["-c", str(recipe)])
     configure(cfg, setting)
     init = parser.instantiate(cfg)
-    sim = Simulation(
-        backbone, [prepare_task(t, seed=cfg.seed) for t in init.tasks], init.parts, init.training, init.federation
-    )
+    tasks = [prepare_task(t, seed=cfg.seed, val_fraction=val_fraction) for t in init.tasks]
+    sim = Simulation(backbone, tasks, init.parts, init.training, init.federation)
     g = torch.Generator().manual_seed(0)
     updates = []
     for c in sim.clients:
@@ -51,12 +52,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ap.add_argument("--settings", nargs="+", default=[s for s in SETTINGS if s != "recipe"], choices=list(SETTINGS))
     ap.add_argument("--reference", default="task", choices=list(SETTINGS), help="the plain merging to compare with")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="validation data held out (own val chooses on it)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     recipe = args.recipe or SCENARIOS[args.scenario]
     backbone = build_backbone(recipe, [])
     names = list(dict.fromkeys([args.reference, *args.settings]))
-    built = {name: build(recipe, name, backbone) for name in names}
+    built = {name: build(recipe, name, backbone, args.val_fraction) for name in names}
     best = dict.fromkeys(names, float("inf"))
     for _ in range(args.repeats):
         for name in names:

@@ -130,12 +130,14 @@ def test_sharing_cost_counts_the_bytes_of_each_setting(tmp_path: Path) -> None:
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.replace("data: {text:", "data: {label: [0, 1, 0, 1, 0, 1], text:"))
-    out = main(["-c", str(recipe), "--repeats", "2", "--settings", "alone", "components", "others 0.1"])
+    settings = ["alone", "components", "others 0.1", "own val"]
+    out = main(["-c", str(recipe), "--repeats", "2", "--val-fraction", "0.3", "--settings", *settings])
     ctx = 2 * 64 * 4  # CoOp: 2 context vectors × text width 64, fp32
     proj = (64 * 64 + 64) * 4  # the image clients' input projection (embed_dim 64)
     assert out["task"]["bytes_per_client_round"] == pytest.approx((2 * (ctx + proj) + ctx) / 3)
     assert out["components"]["bytes_per_client_round"] == 2 * out["task"]["bytes_per_client_round"]
     assert out["others 0.1"]["bytes_per_client_round"] == out["task"]["bytes_per_client_round"]
+    assert out["own val"]["bytes_per_client_round"] == out["task"]["bytes_per_client_round"]
     assert out["alone"]["bytes_per_client_round"] == 0
     assert all(r["server_ms_per_round"] > 0 for n, r in out.items() if n != "alone")
 
