@@ -114,8 +114,9 @@ class RoundMerge:
             else:
                 merges[key] = rule.merge_copies(key, held, weights, cur)
         dtypes = {key: dtype for key, (_, _, dtype) in self._first.items()}
-        mixing = self.mixing
-        return finish(merges, counts, self.aggregator, self.current, dtypes, mixing, release, copies, choose=choose)
+        return finish(
+            merges, counts, self.aggregator, self.current, dtypes, self.mixing, release, copies, choose=choose
+        )
 
 
 def aggregate(
