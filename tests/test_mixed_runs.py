@@ -117,7 +117,6 @@ def test_own_val_keeps_the_share_its_tasks_score_best_with_on_validation(
     groups = {"task_modality/digits/image": "image", "task_modality/digits/text": "text"}
     chosen = [r for r in sim.metrics.rows if r["split"] == "mix_share"]
     assert [(r["round"], r["note"]) for r in chosen] == [(rnd, g) for rnd in (1, 2) for g in groups]
-    assert any(r["value"] < 1 for r in chosen)  # this run does take some of the task's merge
     for r in chosen:
         assert r["value"] in SHARES and r["examples"] == len(with_val[r["note"] == "task_modality/digits/text"].val)
         # the chosen state is the round's new global state: the task's own validation row scores it the same
