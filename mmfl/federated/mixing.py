@@ -71,6 +71,12 @@ def group_of(key: str) -> str:
     return key.rsplit("/", 1)[0]
 
 
+def at_share(items: list[tuple[str, Tensor, Tensor]], share: float) -> dict[str, Tensor]:
+    """``share · own + (1 − share) · wide`` for each ``(key, own merge, wide merge)`` of a group (see
+    :data:`Candidates`)."""
+    return {k: share * own + (1.0 - share) * wide for k, own, wide in items}
+
+
 def wide_groups(table: Mapping[str, MixRule]) -> dict[str, list[str]]:
     """The FINE keys of each WIDE group (sorted), by WIDE key (sorted).
 
@@ -110,7 +116,7 @@ def start_together(table: Mapping[str, MixRule], state: dict[str, Tensor]) -> No
         how = {"similarity": "similarity", "val": "own share chosen on validation data"}.get(
             rule.kind, f"{rule.kind}={rule.value:g}"
         )
-        log.info("%s: one tensor per group of %s, mixed (%s)", wide, [k.rsplit("/", 1)[0] for k in keys], how)
+        log.info("%s: one tensor per group of %s, mixed (%s)", wide, [group_of(k) for k in keys], how)
 
 
 def own_share(rule: MixRule, mine: float, total: float) -> float:
@@ -129,7 +135,6 @@ def mix(
     wide_merges: Mapping[str, Tensor],
     current: Mapping[str, Tensor],
     table: Mapping[str, MixRule],
-    shares: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """The mixed tensors of every FINE key of ``table`` that this round changes (float64).
 
@@ -139,10 +144,11 @@ def mix(
         wide_merges: each WIDE group's merge over all the copies of its FINE groups (float64), by WIDE key.
         current: the server's tensors before the round (for groups that did not reply, and for the similarity).
         table: the mix rule of each FINE key.
-        shares: the own share chosen for each group of ``own=val`` keys (by :func:`group_of`; see :func:`candidates`).
 
-    A group that did not reply keeps its tensor under ``similarity``, ``own=val``, ``own=1`` and ``others=0``;
-    otherwise it gets ``a · current + (1 − a) · M`` (``own=a``) or ``s · M + (1 − s) · current`` (``others=s``).
+    An ``own=val`` group that replied gets its own merge here (share 1): its share is chosen afterwards, from
+    :func:`candidates`. A group that did not reply keeps its tensor under ``similarity``, ``own=val``, ``own=1`` and
+    ``others=0``; otherwise it gets ``a · current + (1 − a) · M`` (``own=a``) or ``s · M + (1 − s) · current``
+    (``others=s``).
     """
     out: dict[str, Tensor] = {}
     for wide, keys in wide_groups(table).items():
@@ -153,12 +159,10 @@ def mix(
         if rule.kind == "similarity":
             out.update(_by_similarity(present, merges, weights, current))
             continue
-        m = wide_merges[wide].to(torch.float64)
         if rule.kind == "val":
-            for k in present:
-                own = (shares or {}).get(group_of(k), 1.0)
-                out[k] = own * merges[k] + (1.0 - own) * m
+            out.update({k: merges[k] for k in present})
             continue
+        m = wide_merges[wide].to(torch.float64)
         total = sum(weights[k] for k in present)
         for k in keys:
             if k in merges:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mmfl.federated.aggregate import Aggregator, RunningMerge, Update, clip_updates
-from mmfl.federated.mixing import MixRule, ShareChooser, candidates, mix, wide_groups
+from mmfl.federated.mixing import MixRule, ShareChooser, at_share, candidates, mix, wide_groups
 from mmfl.federated.scopes import is_local
 
 Release = Callable[[dict[str, Tensor], dict[str, int]], dict[str, Tensor]]
@@ -211,9 +211,7 @@ def finish(
                 raise ValueError(f"{sorted(chosen)}: mix(..., own=val) needs validation data to choose shares on")
             shares = choose(chosen, {**targets, **mixed})
             for group, items in chosen.items():
-                a = shares[group]
-                for k, own, wide in items:
-                    mixed[k] = a * own + (1.0 - a) * wide
+                mixed.update(at_share(items, shares[group]))
         targets.update(mixed)
     out = {}
     for key, t in targets.items():

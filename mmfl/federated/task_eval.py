@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from mmfl.data.task import PreparedTask
-from mmfl.federated.mixing import SHARES, Candidates, ShareChooser
+from mmfl.federated.mixing import SHARES, Candidates, ShareChooser, at_share
 from mmfl.module import ClientModule
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,15 @@ class TaskEvaluation:
                 "and cross-dataset evaluation need class-agnostic parts"
             )
 
-    def evaluator(self, task: PreparedTask, novel: bool = False) -> ClientModule:
+    def evaluator(
+        self, task: PreparedTask, novel: bool = False, state: Mapping[str, Tensor] | None = None
+    ) -> ClientModule:
         """A module per task that holds the global tensors (local tensors at their initial values).
 
         Args:
             task: the task.
             novel: with the task's novel class names (base-to-novel evaluation).
+            state: load these tensors (of its keys) instead of the global ones.
         """
         key = f"{task.name}/{task.modality}" + ("/novel" if novel else "")
         if key not in self._evaluators:
@@ -52,7 +55,7 @@ class TaskEvaluation:
                 self.check_new_classes(task)
             self._evaluators[key] = self.build_module(task, task.novel_class_names if novel else None)
         module = self._evaluators[key]
-        module.load_trainable_state_dict(self.global_state)
+        module.load_trainable_state_dict(self.global_state if state is None else state)
         return module
 
     def evaluate_tasks(self, rnd: int, local_tests: bool = True) -> dict[str, float]:
@@ -88,7 +91,7 @@ class TaskEvaluation:
 
     def val_mixed_tasks(self, keys: set[str]) -> list[PreparedTask]:
         """The tasks whose clients hold any of ``keys`` (their evaluators do)."""
-        return [t for t in self.tasks if keys & set(self.evaluator(t).trainable_state_dict(include_local=False))]
+        return [t for t in self.tasks if keys & set(self.evaluator(t, state={}).trainable_keys(include_local=False))]
 
     def check_val_mixing(self) -> None:
         """Raise a clear error when a mix chooses its shares on validation data (``own=val``) and a task whose
@@ -115,17 +118,15 @@ class TaskEvaluation:
                 tasks = self.val_mixed_tasks({k for k, _, _ in items})
                 best, best_acc = 1.0, -math.inf
                 for a in SHARES:
-                    trial = {**state, **{k: a * own + (1.0 - a) * wide for k, own, wide in items}}
+                    trial = {**state, **at_share(items, a)}
                     correct = 0.0
                     for t in tasks:
-                        module = self.evaluator(t)
-                        module.load_trainable_state_dict(trial)
-                        correct += self.evaluate(module, t, t.val)["accuracy"] * len(t.val)
+                        correct += self.evaluate(self.evaluator(t, state=trial), t, t.val)["accuracy"] * len(t.val)
                     acc = correct / sum(len(t.val) for t in tasks)
                     if acc > best_acc:
                         best, best_acc = a, acc
                 shares[group] = best
-                state.update({k: best * own + (1.0 - best) * wide for k, own, wide in items})
+                state.update(at_share(items, best))
                 task, modality = _names(group)
                 n = sum(len(t.val) for t in tasks)
                 self.metrics.add(rnd, "server", task, modality, "", "mix_share", math.nan, best_acc, n, best, group)
