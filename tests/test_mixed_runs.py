@@ -13,7 +13,7 @@ import torch
 from mmfl.backbone import Backbone
 from mmfl.data import InMemory, SklearnDigits, Task, prepare_task
 from mmfl.federated import FedAvgM, Federation, LocalTraining, Simulation
-from mmfl.federated.mixing import SHARES
+from mmfl.federated.mixing import SHARES, choose_share
 from mmfl.prompts import CoOp, ProjectionTuning
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -130,16 +130,20 @@ def test_own_val_keeps_the_share_its_tasks_score_best_with_on_validation(
     key = "task_modality/digits/image/coop.ctx"
     own = sim.global_state[key].double()
     wide = own + 3.0 * torch.randn(own.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    scores = []
+    correct = {}
     for a in SHARES:
         module = sim.evaluator(with_val[0])
         module.load_trainable_state_dict({key: a * own + (1 - a) * wide})
-        scores.append(sim.evaluate(module, with_val[0], with_val[0].val)["accuracy"])
-    best = SHARES[scores.index(max(scores))]  # the first best: ties go to the larger own share
+        correct[a] = sim.correct(module, with_val[0].val)
+        accuracy = sim.evaluate(module, with_val[0], with_val[0].val)["accuracy"]
+        assert correct[a].shape == (len(with_val[0].val),)
+        assert correct[a].double().mean().item() == pytest.approx(accuracy, abs=1e-6)
+    best = choose_share(correct)  # the one-standard-error rule (tested by hand in test_mixing)
     assert sim.share_chooser(9)({"task_modality/digits/image": [(key, own, wide)]}, {}) == {
         "task_modality/digits/image": best
     }
-    assert sim.metrics.rows[-1]["accuracy"] == max(scores) and sim.metrics.rows[-1]["value"] == best
+    assert sim.metrics.rows[-1]["accuracy"] == pytest.approx(correct[best].double().mean().item(), abs=1e-6)
+    assert sim.metrics.rows[-1]["value"] == best
     assert sim.share_chooser(9)({"task_modality/digits/image": [(key, own, own)]}, {}) == {
         "task_modality/digits/image": 1.0  # every share scores the same: the own merge
     }

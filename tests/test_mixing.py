@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmfl.federated import FedAvg, FedAvgM, Median, Update, aggregate
-from mmfl.federated.mixing import MixRule, similarities
+from mmfl.federated.mixing import MixRule, choose_share, similarities
 from mmfl.federated.scopes import Mix, ScopeSpec, parse_scope
 
 GROUPS = [("a", "img"), ("a", "aud"), ("b", "img"), ("b", "aud")]
@@ -194,3 +194,28 @@ def test_shares_chosen_on_validation_by_hand() -> None:
     assert fine("b", "aud") not in out  # did not reply: keeps its tensor
     with pytest.raises(ValueError, match=r"own=val.*validation data"):
         aggregate(ups, FedAvg(), cur, rules)
+
+
+def _right(*bits: int) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.bool)
+
+
+def test_a_share_is_left_only_for_a_gain_beyond_one_standard_error() -> None:
+    # shares 1, .75, .5, .25, 0 on 4 validation examples: .5 and .25 score best (4/4; the tie goes to .5)
+    correct = {
+        1.0: _right(1, 1, 0, 0),
+        0.75: _right(1, 1, 1, 0),
+        0.5: _right(1, 1, 1, 1),
+        0.25: _right(1, 1, 1, 1),
+        0.0: _right(0, 0, 0, 0),
+    }
+    # share 1: differences (0, 0, 1, 1), std √(1/3), SE √(1/3)/2 = .289: 0.5 < 1 − .289, too far below
+    # share .75: differences (0, 0, 0, 1), std .5, SE .25: 0.75 ≥ 1 − .25, within one SE → kept
+    assert choose_share(correct) == 0.75
+    # a clear gain: 100 examples, own merge 50 right, the wide merge all 100 (SE of the differences ≈ .05)
+    half = torch.arange(100) % 2 == 0
+    assert choose_share({1.0: half, 0.75: half, 0.5: half, 0.25: half, 0.0: torch.ones(100, dtype=torch.bool)}) == 0.0
+    # the same predictions everywhere, or one example: the own merge
+    same = {a: _right(1, 0, 1) for a in (1.0, 0.75, 0.5, 0.25, 0.0)}
+    assert choose_share(same) == 1.0
+    assert choose_share({1.0: _right(0), 0.75: _right(1), 0.5: _right(1), 0.25: _right(0), 0.0: _right(0)}) == 0.75

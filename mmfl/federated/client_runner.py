@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from mmfl.backbone import Backbone
@@ -158,3 +159,12 @@ class ClientRunner(PseudoLabeling):
         finally:
             module.trainer = None
         return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
+
+    def correct(self, module: ClientModule, ds: datasets.Dataset) -> Tensor:
+        """Whether ``module`` classifies each example of ``ds`` (labelled) correctly: [N] bool, in ``ds``'s order."""
+        trainer = self._trainer()
+        try:
+            out = trainer.predict(module, dataloaders=self._loader(module, ds, train=False))
+        finally:
+            module.trainer = None
+        return torch.cat([logits.argmax(dim=-1) == labels for logits, labels in out])  # [N]

@@ -13,8 +13,9 @@ each group ``own_g · m_g + (1 − own_g) · M``:
   similarity-aware aggregation (FedAMP) does;
 - ``own=val``: ``own_g`` is chosen each round from :data:`SHARES`, per group, by the server: it scores each choice
   on the validation split of the tasks whose clients hold the group's keys (a :data:`ShareChooser`, given by the
-  simulation) and keeps the best (ties: the larger own share). The choice is a function of the merges and of the
-  server's own validation data only, so DP's guarantee and SecAgg's masking are unaffected.
+  simulation) and keeps the largest share within one standard error of the best (:func:`choose_share`). The
+  choice is a function of the merges and of the server's own validation data only, so DP's guarantee and SecAgg's
+  masking are unaffected.
 
 ``own=1`` and ``others=0`` are plain FINE merging, ``own=0`` and ``others=1`` plain WIDE merging, exactly, with any
 merge rule."""
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHARES: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
-"""The own shares an ``own=val`` mix tries each round, in order of preference on a tie (own merge first)."""
+"""The own shares an ``own=val`` mix tries each round, largest (own merge) first: the order of preference."""
 
 Candidates = dict[str, list[tuple[str, Tensor, Tensor]]]
 """For each group of ``own=val`` keys (:func:`group_of`): its keys that replied this round, each with its own merge
@@ -75,6 +76,26 @@ def at_share(items: list[tuple[str, Tensor, Tensor]], share: float) -> dict[str,
     """``share · own + (1 − share) · wide`` for each ``(key, own merge, wide merge)`` of a group (see
     :data:`Candidates`)."""
     return {k: share * own + (1.0 - share) * wide for k, own, wide in items}
+
+
+def choose_share(correct: Mapping[float, Tensor]) -> float:
+    """The own share an ``own=val`` group keeps, from each share's per-example validation correctness
+    (``correct[a]``: [N] of 0/1, the same N examples for every share of :data:`SHARES`).
+
+    The one-standard-error rule: the largest own share whose accuracy is within one standard error of the best
+    share's, the standard error being that of the paired per-example differences (``std(c_best − c_a) / √N``). A
+    group leaves its own merge only for a gain its validation data can tell from noise. Shares that predict alike
+    keep the larger share; with one example (no standard error) the best share is kept.
+    """
+    acc = {a: float(c.double().mean()) for a, c in correct.items()}
+    best = max(SHARES, key=lambda a: (acc[a], a))  # ties: the larger own share
+    n = correct[best].numel()
+    for a in SHARES:  # largest own share first
+        d = correct[best].double() - correct[a].double()  # [N]
+        se = float(d.std(correction=1)) / n**0.5 if n > 1 else 0.0
+        if acc[a] >= acc[best] - se:
+            return a
+    return best
 
 
 def wide_groups(table: Mapping[str, MixRule]) -> dict[str, list[str]]:

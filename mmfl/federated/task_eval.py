@@ -7,10 +7,11 @@ import logging
 import math
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from mmfl.data.task import PreparedTask
-from mmfl.federated.mixing import SHARES, Candidates, ShareChooser, at_share
+from mmfl.federated.mixing import SHARES, Candidates, ShareChooser, at_share, choose_share
 from mmfl.module import ClientModule
 
 log = logging.getLogger(__name__)
@@ -108,28 +109,25 @@ class TaskEvaluation:
         """The :data:`~mmfl.federated.mixing.ShareChooser` of round ``rnd``: for each group of ``own=val`` keys, in
         turn, every share of :data:`~mmfl.federated.mixing.SHARES` is scored by the example-weighted accuracy of the
         tasks holding the group's keys on their validation splits (the other keys at the round's new values, the
-        groups already chosen at their choice); the best is kept (ties: the larger own share) and recorded in a
-        ``mix_share`` row (``value``: the share, ``accuracy``: its validation accuracy, ``note``: the group)."""
+        groups already chosen at their choice); :func:`~mmfl.federated.mixing.choose_share` picks one (the largest
+        within one standard error of the best), recorded in a ``mix_share`` row (``value``: the share,
+        ``accuracy``: its validation accuracy, ``note``: the group)."""
 
         def choose(groups: Candidates, targets: Mapping[str, Tensor]) -> dict[str, float]:
             state = {**self.global_state, **targets}
             shares: dict[str, float] = {}
             for group, items in groups.items():
                 tasks = self.val_mixed_tasks({k for k, _, _ in items})
-                best, best_acc = 1.0, -math.inf
+                correct = {}  # share → [N]: each validation example of the group's tasks, right or wrong
                 for a in SHARES:
                     trial = {**state, **at_share(items, a)}
-                    correct = 0.0
-                    for t in tasks:
-                        correct += self.evaluate(self.evaluator(t, state=trial), t, t.val)["accuracy"] * len(t.val)
-                    acc = correct / sum(len(t.val) for t in tasks)
-                    if acc > best_acc:
-                        best, best_acc = a, acc
+                    correct[a] = torch.cat([self.correct(self.evaluator(t, state=trial), t.val) for t in tasks])
+                best = choose_share(correct)
                 shares[group] = best
                 state.update(at_share(items, best))
                 task, modality = _names(group)
-                n = sum(len(t.val) for t in tasks)
-                self.metrics.add(rnd, "server", task, modality, "", "mix_share", math.nan, best_acc, n, best, group)
+                acc, n = float(correct[best].double().mean()), correct[best].numel()
+                self.metrics.add(rnd, "server", task, modality, "", "mix_share", math.nan, acc, n, best, group)
             log.info(
                 "round %d: own shares chosen on validation data: %s",
                 rnd,
