@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import time
@@ -156,6 +157,8 @@ def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> N
     }
     failed = [r for r in rows if r[5] == "fit_failed"]
     assert failed and {r[0] for r in failed} <= {"2", "3"}  # the round after the kill reports it
+    killed = re.search(r"SuperNode ID: (\d+)", (tmp_path / "digits-image-1.log").read_text())
+    assert killed and {r[4] for r in failed} == {killed.group(1)}  # by its node id (the SuperLink wrote the error)
     for rnd in ("2", "3"):  # the others go on training; every round is evaluated
         assert {"digits/image/0", "animals/image/0"} <= {r[4] for r in rows if r[0] == rnd and r[5] == "fit"}
         assert {r[2] for r in rows if r[0] == rnd and r[1] == "task"} == {"digits", "animals"}

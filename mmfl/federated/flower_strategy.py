@@ -34,7 +34,8 @@ class ScopedFedAvg(FlowerFedAvg):
         sim: the server's federation (global state, aggregator, evaluation, metrics).
         output_dir: where metrics.csv, global.safetensors and checkpoint.safetensors go (None: nowhere).
         offset: rounds the run completed before this Flower run started (a resumed run); Flower counts from 1.
-        timeout: seconds to wait for the replies of a retry.
+        timeout: seconds to wait for a round's replies (the run's ``round-timeout``; a node that has not replied by
+            then is a failed node of the round), and for those of a retry.
         kwargs: Flower FedAvg's sampling arguments.
     """
 
@@ -51,6 +52,7 @@ class ScopedFedAvg(FlowerFedAvg):
         self.failures: dict[int, int] = {}
         self._grid: Grid | None = None
         self._sent: dict[int, RecordDict] = {}  # this round's message to each node, for retries
+        self._messages: dict[int, Message] = {}  # this round's last message to each node (the grid sets its id)
         self.layout = layout_of(sim.tasks)  # what a lean node needs to build its client (mmfl.federated.node)
         self.order = {c.data.cid: i for i, c in enumerate(sim.clients)}  # a client's index, by id
 
@@ -60,7 +62,7 @@ class ScopedFedAvg(FlowerFedAvg):
         (FedAvg's own messages share one RecordDict, so each node gets a record of its own.)
         """
         rnd = server_round + self.offset
-        self._grid, self._sent = grid, {}
+        self._grid, self._sent, self._messages = grid, {}, {}
         state = self.sim.global_state
         sampled = list(super().configure_train(server_round, arrays, config, grid))
         self._learn_keys(
@@ -90,8 +92,15 @@ class ScopedFedAvg(FlowerFedAvg):
                 }
             )
             self._sent[node] = record
-            messages.append(Message(record, dst_node_id=node, message_type=MessageType.TRAIN))
+            self._messages[node] = Message(record, dst_node_id=node, message_type=MessageType.TRAIN)
+            messages.append(self._messages[node])
         return messages
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply answers for: its sender, or for an error the SuperLink wrote in a node's place (an
+        unavailable node) the node the replied-to message went to."""
+        sent = {m.metadata.message_id: node for node, m in self._messages.items()}  # ids set by the grid on sending
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _learn_keys(self, grid: Grid, nodes: list[int]) -> None:
         """Ask new nodes which client they run (one query round trip) and note that client's non-local keys."""
@@ -107,26 +116,31 @@ class ScopedFedAvg(FlowerFedAvg):
                 client = self.sim.clients[self.order[cid]]
                 self.node_keys[reply.metadata.src_node_id] = client.shared.trainable_keys(include_local=False)
 
-    def _check(self, replies: list[Message]) -> tuple[list[tuple[Message, Update]], list[tuple[Message, str]]]:
-        """Split replies into valid updates and failures (errors, malformed or invalid replies) with reasons."""
+    def _check(
+        self, replies: list[Message], asked: Iterable[int]
+    ) -> tuple[list[tuple[Message, Update]], list[tuple[int, str]]]:
+        """Split replies into valid updates and failures by node, with reasons: errors, malformed or invalid replies,
+        and the ``asked`` nodes that did not reply within the timeout."""
         good: list[tuple[Message, Update]] = []
-        bad: list[tuple[Message, str]] = []
+        bad: list[tuple[int, str]] = []
+        replied = {self._node_of(msg) for msg in replies}
+        bad += [(n, f"no reply within {self.timeout:g} s (round-timeout)") for n in asked if n not in replied]
         for msg in replies:
             if msg.has_error():  # Flower's reason may hold the ClientApp's whole traceback: its last line says it
                 lines = [line.strip() for line in str(msg.error.reason).splitlines() if line.strip()]
-                bad.append((msg, f"error: {(lines or ['?'])[-1]:.300}"))
+                bad.append((self._node_of(msg), f"error: {(lines or ['?'])[-1]:.300}"))
                 continue
             try:
                 state: dict[str, Tensor] = msg.content["arrays"].to_torch_state_dict()
                 cid = str(msg.content["client"]["cid"])
                 n = int(msg.content["metrics"]["num-examples"])
             except (KeyError, TypeError, ValueError) as e:
-                bad.append((msg, f"malformed reply: {type(e).__name__}: {e}"))
+                bad.append((self._node_of(msg), f"malformed reply: {type(e).__name__}: {e}"))
                 continue
             spec = self.sim.specs.get(cid)
             problem = validate_update(Update(cid, state, n), spec) if spec is not None else f"unknown client {cid!r}"
             if problem:
-                bad.append((msg, f"InvalidUpdate: {problem}"))
+                bad.append((self._node_of(msg), f"InvalidUpdate: {problem}"))
             else:
                 good.append((msg, Update(cid, state, n)))
         return good, bad
@@ -137,7 +151,7 @@ class ScopedFedAvg(FlowerFedAvg):
         fed = self.sim.federation
         needed = min(fed.min_clients, sent)
         for _ in range(fed.retries):
-            nodes = [m.metadata.src_node_id for m, _ in bad if m.metadata.src_node_id in self._sent]
+            nodes = [n for n, _ in bad if n in self._sent]
             if len(good) >= needed or not nodes or self._grid is None:
                 break
             log.warning(
@@ -147,10 +161,13 @@ class ScopedFedAvg(FlowerFedAvg):
                 sent,
                 needed,
             )
-            again = [Message(self._sent[n], dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-            more, still = self._check(list(self._grid.send_and_receive(again, timeout=self.timeout)))
+            again = {n: Message(self._sent[n], dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes}
+            self._messages.update(again)
+            more, still = self._check(
+                list(self._grid.send_and_receive(list(again.values()), timeout=self.timeout)), again
+            )
             good += more
-            bad = [(m, why) for m, why in bad if m.metadata.src_node_id not in nodes] + still  # the rest stay failed
+            bad = [(n, why) for n, why in bad if n not in again] + still  # the rest stay failed
         return good, bad
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -163,7 +180,8 @@ class ScopedFedAvg(FlowerFedAvg):
         """
         rnd = server_round + self.offset
         replies = list(replies)
-        good, bad = self._retry(rnd, *self._check(replies), len(replies))
+        sent = len(self._messages) or len(replies)  # the nodes asked (a reply may be missing)
+        good, bad = self._retry(rnd, *self._check(replies, list(self._messages)), sent)
         losses = []
         for msg, update in good:
             self.node_keys[msg.metadata.src_node_id] = sorted(update.state)
@@ -176,17 +194,16 @@ class ScopedFedAvg(FlowerFedAvg):
                 ev = {"loss": math.nan, "accuracy": float(metrics["local-test-accuracy"])}
                 self.sim._record_client(rnd, c, "local_test", ev, int(metrics["local-test-examples"]))
             losses.append((loss, update.num_examples))
-        for msg, why in bad:
-            node = msg.metadata.src_node_id
+        for node, why in bad:
             self.failures[rnd] = self.failures.get(rnd, 0) + 1
             self.sim.metrics.add(rnd, "node", "", "", str(node), "fit_failed", math.nan, math.nan, 0, note=why)
             log.warning("round %d: node %d left out: %s", rnd, node, why)
-        needed = min(self.sim.federation.min_clients, len(replies))
+        needed = min(self.sim.federation.min_clients, sent)
         if len(good) < needed:
             self.sim.metrics.rows = [r for r in self.sim.metrics.rows if r["round"] != rnd]  # the round did not happen
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {why}" for m, why in bad)
+            reasons = "; ".join(f"node {n}: {why}" for n, why in bad)
             raise RoundFailed(
-                f"round {rnd}: only {len(good)} of {len(replies)} nodes succeeded, fewer than min_clients={needed} "
+                f"round {rnd}: only {len(good)} of {sent} nodes succeeded, fewer than min_clients={needed} "
                 f"(after {self.sim.federation.retries} retries); {reasons}. The run stops; the last complete round is "
                 f"{rnd - 1} (continue with --run-config resume=true once the nodes are mended)"
             )
@@ -194,7 +211,7 @@ class ScopedFedAvg(FlowerFedAvg):
             log.warning("round %d: no client replied; the global state is unchanged", rnd)
             return None, MetricRecord({"failures": float(len(bad))})
         updates = sorted((u for _, u in good), key=lambda u: self.order[u.cid])  # in-process order: same float sums
-        self.sim.merge(rnd, updates, len(replies))
+        self.sim.merge(rnd, updates, sent)
         total = sum(n for _, n in losses)
         loss = sum(v * n for v, n in losses) / total if total else math.nan
         return ArrayRecord(self.sim.global_state), MetricRecord(
