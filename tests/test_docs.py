@@ -197,7 +197,10 @@ BENCH_TINY = {
     "benchmarks.lite0_throughput": ["--n", "4"],
     "benchmarks.audio_encoder": ["--data", "digits", "--encoders", "vision+proj", "--shots", "1", "--rounds", "1"],
     "mmfl.backbones.build_mini": ["--out", "{tmp}/proj.safetensors"],
-    "benchmarks.unlabeled": ["--seeds", "0", "--guard-limit", "8", *TINY, "--json", "{tmp}/u.json"],
+    "benchmarks.unlabeled": [
+        *("--seeds", "0", "--guard-limit", "8", "--settings", "labeled alone", "with unlabeled"),
+        *(*TINY, "--json", "{tmp}/u.json"),
+    ],
     "benchmarks.flower_node": ["--out", "{tmp}/n", "--backbone", "mmfl-tiny", "--clients", "2", "--copies", "1"],
 }
 
