@@ -1,6 +1,6 @@
 """Mixed scopes in real federations: the ends of a mix are the plain scopes' runs, a mix needs groups to mix, a run
-of mixed and component scopes with a stateful server optimizer resumes bit-identical, and ``own=val`` keeps the
-share its tasks score best with on their validation split."""
+of mixed and component scopes with a stateful server optimizer resumes bit-identical, and ``own=val`` chooses
+each group's share on its tasks' validation split."""
 
 from __future__ import annotations
 
@@ -109,9 +109,7 @@ def with_val() -> list:
     ]
 
 
-def test_own_val_keeps_the_share_its_tasks_score_best_with_on_validation(
-    tiny_backbone: Backbone, with_val: list
-) -> None:
+def test_own_val_chooses_each_share_on_its_tasks_validation_split(tiny_backbone: Backbone, with_val: list) -> None:
     sim = _sim(tiny_backbone, with_val, "mix(task_modality, task, own=val)")
     sim.run()  # evaluates every round
     groups = {"task_modality/digits/image": "image", "task_modality/digits/text": "text"}

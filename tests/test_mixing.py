@@ -210,12 +210,12 @@ def test_a_share_is_left_only_for_a_gain_beyond_one_standard_error() -> None:
         0.0: _right(0, 0, 0, 0),
     }
     # share 1: differences (0, 0, 1, 1), std √(1/3), SE √(1/3)/2 = .289: 0.5 < 1 − .289, too far below
-    # share .75: differences (0, 0, 0, 1), std .5, SE .25: 0.75 ≥ 1 − .25, within one SE → kept
+    # share .75: differences (0, 0, 0, 1), std .5, SE .25: 0.75 ≥ 1 − .25 (exactly at the bound counts) → kept
     assert choose_share(correct) == 0.75
     # a clear gain: 100 examples, own merge 50 right, the wide merge all 100 (SE of the differences ≈ .05)
     half = torch.arange(100) % 2 == 0
     assert choose_share({1.0: half, 0.75: half, 0.5: half, 0.25: half, 0.0: torch.ones(100, dtype=torch.bool)}) == 0.0
-    # the same predictions everywhere, or one example: the own merge
+    # the same predictions everywhere: the own merge; one example (no standard error): the best, .75 (ties .5)
     same = {a: _right(1, 0, 1) for a in (1.0, 0.75, 0.5, 0.25, 0.0)}
     assert choose_share(same) == 1.0
     assert choose_share({1.0: _right(0), 0.75: _right(1), 0.5: _right(1), 0.25: _right(0), 0.0: _right(0)}) == 0.75
