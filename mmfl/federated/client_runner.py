@@ -160,11 +160,14 @@ class ClientRunner(PseudoLabeling):
             module.trainer = None
         return {"loss": float(out["test_loss"]), "accuracy": float(out["test_acc"])}
 
-    def correct(self, module: ClientModule, ds: datasets.Dataset) -> Tensor:
-        """Whether ``module`` classifies each example of ``ds`` (labelled) correctly: [N] bool, in ``ds``'s order."""
+    def predict(self, module: ClientModule, ds: datasets.Dataset) -> list[tuple[Tensor, Tensor | None]]:
+        """``module``'s logits [B, C] and the labels [B] (None for unlabeled data) of each batch of ``ds``, in order."""
         trainer = self._trainer()
         try:
-            out = trainer.predict(module, dataloaders=self._loader(module, ds, train=False))
+            return trainer.predict(module, dataloaders=self._loader(module, ds, train=False))
         finally:
             module.trainer = None
-        return torch.cat([logits.argmax(dim=-1) == labels for logits, labels in out])  # [N]
+
+    def correct(self, module: ClientModule, ds: datasets.Dataset) -> Tensor:
+        """Whether ``module`` classifies each example of ``ds`` (labelled) correctly: [N] bool, in ``ds``'s order."""
+        return torch.cat([logits.argmax(dim=-1) == labels for logits, labels in self.predict(module, ds)])  # [N]

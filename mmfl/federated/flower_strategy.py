@@ -96,11 +96,11 @@ class ScopedFedAvg(FlowerFedAvg):
             messages.append(self._messages[node])
         return messages
 
-    def _node_of(self, reply: Message) -> int:
-        """The node a reply answers for: its sender, or for an error the SuperLink wrote in a node's place (an
+    def _nodes_of(self, replies: list[Message]) -> list[int]:
+        """The node each reply answers for: its sender, or for an error the SuperLink wrote in a node's place (an
         unavailable node) the node the replied-to message went to."""
         sent = {m.metadata.message_id: node for node, m in self._messages.items()}  # ids set by the grid on sending
-        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return [sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
 
     def _learn_keys(self, grid: Grid, nodes: list[int]) -> None:
         """Ask new nodes which client they run (one query round trip) and note that client's non-local keys."""
@@ -123,24 +123,25 @@ class ScopedFedAvg(FlowerFedAvg):
         and the ``asked`` nodes that did not reply within the timeout."""
         good: list[tuple[Message, Update]] = []
         bad: list[tuple[int, str]] = []
-        replied = {self._node_of(msg) for msg in replies}
+        nodes = self._nodes_of(replies)
+        replied = set(nodes)
         bad += [(n, f"no reply within {self.timeout:g} s (round-timeout)") for n in asked if n not in replied]
-        for msg in replies:
+        for msg, node in zip(replies, nodes, strict=True):
             if msg.has_error():  # Flower's reason may hold the ClientApp's whole traceback: its last line says it
                 lines = [line.strip() for line in str(msg.error.reason).splitlines() if line.strip()]
-                bad.append((self._node_of(msg), f"error: {(lines or ['?'])[-1]:.300}"))
+                bad.append((node, f"error: {(lines or ['?'])[-1]:.300}"))
                 continue
             try:
                 state: dict[str, Tensor] = msg.content["arrays"].to_torch_state_dict()
                 cid = str(msg.content["client"]["cid"])
                 n = int(msg.content["metrics"]["num-examples"])
             except (KeyError, TypeError, ValueError) as e:
-                bad.append((self._node_of(msg), f"malformed reply: {type(e).__name__}: {e}"))
+                bad.append((node, f"malformed reply: {type(e).__name__}: {e}"))
                 continue
             spec = self.sim.specs.get(cid)
             problem = validate_update(Update(cid, state, n), spec) if spec is not None else f"unknown client {cid!r}"
             if problem:
-                bad.append((self._node_of(msg), f"InvalidUpdate: {problem}"))
+                bad.append((node, f"InvalidUpdate: {problem}"))
             else:
                 good.append((msg, Update(cid, state, n)))
         return good, bad

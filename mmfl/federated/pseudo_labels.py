@@ -110,8 +110,8 @@ def pseudo_label_summary(probs: Tensor, index: Tensor) -> dict[str, float]:
 
 
 class PseudoLabeling:
-    """Unlabeled clients in :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the simulation's
-    trainer and loader factories, training settings and metrics)."""
+    """Unlabeled clients in :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the runner's
+    ``predict``, training settings and metrics)."""
 
     def pseudo_labeled(self, module: ClientModule, ds: datasets.Dataset) -> tuple[datasets.Dataset, dict[str, float]]:
         """An unlabeled client's training data for this round: the examples of ``ds`` (no label column) that the
@@ -122,12 +122,7 @@ class PseudoLabeling:
             NoPseudoLabels: no prediction passed the confidence threshold.
         """
         assert LABEL not in ds.column_names, "an unlabeled client's data must not carry labels"
-        trainer = self._trainer()
-        try:
-            out = trainer.predict(module, dataloaders=self._loader(module, ds, train=False))
-        finally:
-            module.trainer = None
-        probs = torch.cat([logits for logits, _ in out]).softmax(dim=-1)  # [N, C]
+        probs = torch.cat([logits for logits, _ in self.predict(module, ds)]).softmax(dim=-1)  # [N, C]
         rule = self.training.pseudo_labels
         index, labels = select_pseudo_labels(probs, rule.top_k, rule.threshold)  # [M], [M]
         if index.numel() == 0:
