@@ -8,8 +8,18 @@ import os
 import tempfile
 from pathlib import Path
 
+# Under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker and every process it starts
+# computes on one thread: two workers of two threads each would contend for the cores (set before torch loads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+
 import open_clip
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
