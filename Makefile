@@ -30,12 +30,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix mmfl tests benchmarks
 	$(BIN)/ruff format mmfl tests benchmarks
 
-# Two pytest-xdist workers of one thread each (tests/conftest.py): on 2 cores about 14 minutes, against 21 for one
-# process of two threads; `make test TEST_WORKERS=0` runs the suite in one process.
+# Two pytest-xdist workers of one thread each (tests/conftest.py): on 2 cores about 12-15 minutes, against 21 for one
+# process of two threads; `make test TEST_WORKERS=0` runs the suite in one process. --dist loadfile: each file's
+# tests run in order on one worker (tests/test_docs.py runs the documented commands one after another in one
+# folder, later ones reading the runs earlier ones wrote).
 TEST_WORKERS ?= 2
 
 test: lint
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
