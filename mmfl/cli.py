@@ -19,6 +19,7 @@ from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluat
 from mmfl.evaluation.protocol import Protocol
 from mmfl.evaluation.zeroshot import resolve_data, zero_shot
 from mmfl.export import checkpoint_model_name, export_parser, run_export
+from mmfl.federated.averaging import AVERAGE
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.resume import CHECKPOINT, completed_round
 from mmfl.federated.run_loggers import build_loggers
@@ -273,7 +274,7 @@ def _fit(
         federation,
         seed=cfg.seed,
         output_dir=None,
-        selection=protocol.selection,
+        **protocol.selection_args(),
     )
     done = sim.resume(out) if cfg.resume else None  # a bad checkpoint fails here, before anything is written
     if cfg.resume and done is None:
@@ -281,7 +282,7 @@ def _fit(
     # Everything is built and checked: now write.
     out.mkdir(parents=True, exist_ok=True)
     if done is None:
-        for f in (*RUN_FILES, "best.safetensors", CHECKPOINT):
+        for f in (*RUN_FILES, "best.safetensors", AVERAGE, CHECKPOINT):
             (out / f).unlink(missing_ok=True)
     if not cfg.resume:
         parser.save(cfg, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
@@ -301,6 +302,8 @@ def _fit(
     log.info("summary:\n%s", run_summary(sim.metrics.rows, sim.best_round, time.monotonic() - t0))
     if sim.best_round is not None:
         log.info("best validation accuracy %.1f%% at round %d: best.safetensors", 100 * sim.best_score, sim.best_round)
+    if sim.selection == "average" and sim.avg_count:
+        log.info("the mean of the states after %s: %s (local_average/ for the clients' own)", sim.window(), AVERAGE)
     log.info("done: %s", ", ".join(str(out / f) for f in RUN_FILES))
     return sim
 

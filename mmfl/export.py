@@ -17,8 +17,9 @@ from mmfl.prompts.alignment import BackboneProjections
 
 log = logging.getLogger(__name__)
 
-STATES = {"last": "global.safetensors", "best": "best.safetensors"}
-"""Which of a run's merged states to export: the last round's, or the one its ``best_val`` selection kept."""
+STATES = {"last": "global.safetensors", "best": "best.safetensors", "average": "average.safetensors"}
+"""Which of a run's merged states to export: the last round's, the one its ``best_val`` selection kept, or the
+mean its ``average`` selection wrote."""
 
 
 class ExportError(ValueError):
@@ -75,7 +76,12 @@ def adapted_state(run: str | Path, state: str = "last") -> tuple[Backbone, dict[
     cfg, init = run_recipe(run)
     path = Path(run) / STATES[state]
     if not path.is_file():
-        hint = " (the run had no `evaluation.selection: best_val`)" if state == "best" else " (no round finished yet)"
+        hints = {"best": "best_val", "average": "average"}
+        hint = (
+            f" (the run had no `evaluation.selection: {hints[state]}`, or has not finished)"
+            if state in hints
+            else " (no round finished yet)"
+        )
         raise ExportError(f"{str(path)!r} does not exist{hint}")
     merged = load_state(path)
     seed_all(cfg.seed)  # a random-weight backbone comes out as the run's (`mmfl fit` seeds before building it)
@@ -143,7 +149,10 @@ def export_parser():
     p.add_argument("run", type=str, help="a run folder written by `mmfl fit`")
     p.add_argument("--output", type=str, required=True, help="the checkpoint to write (FILE.safetensors)")
     p.add_argument(
-        "--state", type=str, default="last", help="last: the last round's merged state; best: best.safetensors"
+        "--state",
+        type=str,
+        default="last",
+        help="last: the last round's merged state; best: best.safetensors; average: average.safetensors",
     )
     p.add_argument(
         "--guard", action=ActionYesNo, default=True, help="score the export against the original (--no_guard: skip)"

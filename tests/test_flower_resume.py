@@ -19,6 +19,7 @@ pytest.importorskip("flwr", reason="the Flower engine needs flwr: pip install 'm
 
 from flower_procs import BIN, RECIPE, Processes, flwr, in_process, local_engine, status
 
+from mmfl.federated.averaging import AVERAGE
 from mmfl.federated.node_state import load_local, state_folder
 from mmfl.federated.resume import CHECKPOINT, load_checkpoint
 
@@ -68,6 +69,7 @@ def test_a_stopped_flower_run_resumes_to_the_uninterrupted_tensors(
         .replace("scope: global+task", f"scope: local, marker: {marker}")
         .replace('"mix(task, global, own=0.5)"', "task")
         .replace("max_steps: 2", "max_steps: 4")
+        + "evaluation: {selection: average}\n"  # and the merged tensors of rounds 3–5 averaged
     )
     app = str(tmp_path / "app")
     assert cli.main(["flower-app", "-c", str(recipe), "--app_dir", app, "--output_dir", str(out)]) == 0
@@ -106,6 +108,10 @@ def test_a_stopped_flower_run_resumes_to_the_uninterrupted_tensors(
     flower, local = load_file(out / "global.safetensors"), in_process(recipe, tmp_path / "in-process")
     assert flower.keys() == local.keys()
     for k in flower:  # the merged contexts trained beside each node's own adapter: equal only if it was continued
+        assert (flower[k] - local[k]).abs().max() < 1e-5, k
+    flower, local = load_file(out / AVERAGE), load_file(tmp_path / "in-process" / AVERAGE)
+    assert flower.keys() == local.keys() and flower.keys()
+    for k in flower:
         assert (flower[k] - local[k]).abs().max() < 1e-5, k
     run_config = tomllib.loads((Path(app) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     for cid in clients:  # and the adapters the nodes kept equal the in-process clients' own

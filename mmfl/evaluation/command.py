@@ -99,6 +99,7 @@ def run_evaluate(cfg: Namespace, init: Namespace, tasks: list[Task], federation:
         "base_to_novel": protocol.base_to_novel,
         "val_fraction": protocol.val_fraction,
         "selection": protocol.selection,
+        "average_rounds": protocol.average_rounds,
         "template": protocol.template,
         "ece_bins": protocol.ece_bins,
         "baselines": protocol.baselines,

@@ -10,7 +10,7 @@ from mmfl.federated.settings import OptimizerFactory
 from mmfl.federated.simulation import PartFactory
 from mmfl.knowledge import KnowledgeGuidance
 
-SELECTIONS = ("last", "best_val")
+SELECTIONS = ("last", "best_val", "average")
 BASELINES = ("zeroshot", "ensemble", "centralised")
 METHODS = ("zeroshot", "ensemble", "federated", "centralised")
 """The methods every evaluation may score; a variant may not take one of these names."""
@@ -58,8 +58,12 @@ class Protocol:
             training and validation see the base classes only.
         val_fraction: share of each task's training split held out, before partitioning, as validation data.
         selection: which global state is evaluated: ``last`` (the final round's) or ``best_val`` (the round
-            with the best mean validation accuracy over tasks; needs ``val_fraction > 0``). Test data never
-            take part in the choice.
+            with the best mean validation accuracy over tasks; needs ``val_fraction > 0``) or ``average`` (the
+            mean of the states the last ``average_rounds`` rounds ended with: the merged tensors and each client's
+            local ones, as PromptSRC averages prompts over training; :mod:`mmfl.federated.averaging`). Test data
+            never take part in the choice.
+        average_rounds: with ``selection: average``, how many of the last rounds are averaged (None: the last
+            half of ``federation.rounds``, rounded up).
         unseen_clients: per task, the last this many client partitions are never trained; they are evaluated
             with the merged tensors on their own data.
         transfer: cross-dataset targets.
@@ -75,6 +79,7 @@ class Protocol:
     base_to_novel: bool = False
     val_fraction: float = 0.0
     selection: str = "last"
+    average_rounds: int | None = None
     unseen_clients: int = 0
     transfer: list[Transfer] = field(default_factory=list)
     seeds: list[int] | None = None
@@ -87,6 +92,13 @@ class Protocol:
         """Cheap checks against the recipe's tasks. Raises ValueError naming the setting and the fix."""
         if self.selection not in SELECTIONS:
             raise ValueError(f"evaluation.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
+        if self.average_rounds is not None and self.selection != "average":
+            raise ValueError(
+                f"evaluation.average_rounds is {self.average_rounds} but evaluation.selection is {self.selection!r}: "
+                "set selection: average, or remove average_rounds"
+            )
+        if self.average_rounds is not None and self.average_rounds < 1:
+            raise ValueError(f"evaluation.average_rounds must be >= 1 (rounds averaged), got {self.average_rounds}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"evaluation.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.selection == "best_val" and self.val_fraction <= 0:
@@ -131,6 +143,10 @@ class Protocol:
             "val_fraction": self.val_fraction,
             "unseen_clients": self.unseen_clients,
         }
+
+    def selection_args(self) -> dict:
+        """The keyword arguments of :class:`~mmfl.federated.simulation.Simulation` this protocol sets."""
+        return {"selection": self.selection, "average_rounds": self.average_rounds}
 
     def check_variants(self) -> None:
         """Each variant's name is a distinct folder-safe name that no built-in method uses; its settings are valid."""

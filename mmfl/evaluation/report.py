@@ -91,6 +91,10 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
             f" — the round with the best mean validation accuracy; validation = {facts['val_fraction']:.0%} of each "
             "task's training split, held out before partitioning; test data are never read to choose"
             if facts["selection"] == "best_val"
+            else " — the mean of the states the last "
+            + (f"{facts['average_rounds']} rounds" if facts.get("average_rounds") else "half of the rounds")
+            + " ended with (merged and local tensors); test data are never read to choose"
+            if facts["selection"] == "average"
             else " — the final round's state; test data are never read to choose"
         ),
         "- classes: "

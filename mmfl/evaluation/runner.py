@@ -19,6 +19,7 @@ from mmfl.data.splits import DOMAIN
 from mmfl.data.task import ClientData, PreparedTask, Task, load_split, prepare_task
 from mmfl.evaluation.metrics import accuracy, harmonic_mean, mean_std, scores
 from mmfl.evaluation.protocol import Protocol, Variant
+from mmfl.federated.averaging import AVERAGE
 from mmfl.federated.checkpoint import load_state
 from mmfl.federated.scopes import is_local
 from mmfl.federated.simulation import Federation, LocalTraining, PartFactory, Simulation
@@ -185,7 +186,8 @@ def personal_method(
 
 
 def load_checkpoint(sim: Simulation, path: Path) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    """A run's saved state for ``sim``'s clients: global tensors from ``path``, local ones from ``local/`` beside it.
+    """A run's saved state for ``sim``'s clients: global tensors from ``path``, local ones from ``local/`` beside it
+    (``local_average/`` for a run's ``average.safetensors``).
 
     Raises:
         ValueError: the checkpoint's keys or shapes do not match the recipe's parts.
@@ -201,7 +203,7 @@ def load_checkpoint(sim: Simulation, path: Path) -> tuple[dict[str, Tensor], dic
         )
     local = {}
     for c in sim.clients:
-        f = path.parent / "local" / f"{c.data.cid}.safetensors"
+        f = path.parent / ("local_average" if path.name == AVERAGE else "local") / f"{c.data.cid}.safetensors"
         local[c.data.cid] = load_state(f) if f.is_file() else {}
         if any(not is_local(k) for k in local[c.data.cid]):
             raise ValueError(f"{str(f)!r} holds tensors that are not local; it is not a client's local state")
@@ -279,7 +281,7 @@ def run_seed(
         ptasks: list[PreparedTask], parts: list[PartFactory] = parts, training: LocalTraining = training
     ) -> Simulation:
         return Simulation(
-            backbone, ptasks, parts, training, federation, seed=seed, selection=protocol.selection, output_dir=None
+            backbone, ptasks, parts, training, federation, seed=seed, output_dir=None, **protocol.selection_args()
         )
 
     def train(label: str, sim: Simulation) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
@@ -287,7 +289,8 @@ def run_seed(
         log.info("seed %d: training %s (%d clients, %d rounds)", seed, label, len(sim.clients), federation.rounds)
         sim.progress = progress_for(quiet=not log.isEnabledFor(logging.INFO), label=f"seed {seed}, {label}:")
         sim.run()
-        facts[f"{label}_selected_round"] = sim.best_round if protocol.selection == "best_val" else federation.rounds
+        selected = {"best_val": sim.best_round, "average": sim.window()}
+        facts[f"{label}_selected_round"] = selected.get(protocol.selection, federation.rounds)
         return sim.selected()
 
     sim = simulation(prepared)

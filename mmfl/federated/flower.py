@@ -77,7 +77,7 @@ def federation_from_config(run_config: dict, cache: bool = True) -> Simulation:
     seed_all(cfg.seed)
     backbone = Backbone(**cfg.backbone.as_dict())
     sim = Simulation(
-        backbone, prepared, init.parts, init.training, federation, seed=cfg.seed, selection=protocol.selection
+        backbone, prepared, init.parts, init.training, federation, seed=cfg.seed, **protocol.selection_args()
     )
     if cache:
         _CACHE[key] = sim
@@ -210,6 +210,7 @@ def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
         raise ValueError(f"min-nodes must be >= 1, got {cfg['min-nodes']!r}")
     sim = federation_from_config(cfg, cache=False)
     sim.release_client_data()  # the nodes hold it; the server keeps the tasks' test and validation splits
+    sim.average_local = False  # the clients' local tensors are on the nodes: the server averages the merged ones
     out = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
     check_output(out, as_flag(cfg.get("resume", False)))  # before anything there is touched
     if out is not None:

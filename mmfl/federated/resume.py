@@ -2,7 +2,8 @@
 
 After every round the server writes one safetensors file, atomically (temp file + rename), holding everything
 the next round depends on: the merged trainable state, the server optimizer's state, every client's local
-(personal) tensors, the best-so-far state of ``selection: best_val``, the Python/NumPy/torch RNG states, the
+(personal) tensors, the best-so-far state of ``selection: best_val``, the running sums of ``selection: average``
+(float64), the Python/NumPy/torch RNG states, the
 round index and every metrics row so far. The client sampler is a pure function of (seed, round), so the
 round index and seed are its state. ``mmfl fit -c RECIPE --resume RUN`` restores it and continues with the next
 round; on CPU the resumed run ends bit-identical to an uninterrupted one.
@@ -86,6 +87,9 @@ def save_checkpoint(sim: Simulation, rnd: int) -> Path:
     tensors.update({f"best{SEP}{k}": v for k, v in sim.best_state.items()})
     for cid, state in sim.best_local.items():
         tensors.update({f"best_client{SEP}{cid}{SEP}{k}": v for k, v in state.items()})
+    tensors.update({f"avg{SEP}{k}": v for k, v in sim.avg_global.items()})
+    for cid, state in sim.avg_local.items():
+        tensors.update({f"avg_client{SEP}{cid}{SEP}{k}": v for k, v in state.items()})
     tensors.update({f"aggregator{SEP}{k}": v for k, v in sim.federation.aggregator.state_dict().items()})
     rng, rng_extra = rng_state()
     tensors.update({f"rng{SEP}{k}": v for k, v in rng.items()})
@@ -99,6 +103,7 @@ def save_checkpoint(sim: Simulation, rnd: int) -> Path:
         "best": json.dumps([sim.best_round, sim.best_score if sim.best_round is not None else None]),
         "metrics": json.dumps(sim.metrics.rows),
         "clients": json.dumps([c.data.cid for c in sim.clients]),
+        "average": json.dumps(sim.avg_count),
     }
     path = sim.output_dir / CHECKPOINT
     save_state(path, tensors, meta)
@@ -119,6 +124,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{str(path)!r} is not an mmfl round checkpoint (format {meta.get('format')!r})")
     try:
         parsed = {k: json.loads(meta[k]) for k in ("rng", "best", "metrics", "clients")}
+        parsed["average"] = json.loads(meta.get("average", "0"))  # checkpoints before selection: average have none
         return Checkpoint(int(meta["round"]), int(meta["seed"]), tensors, {**meta, **parsed})
     except (KeyError, ValueError) as e:
         raise ValueError(f"{str(path)!r}: damaged checkpoint metadata ({e})") from e
@@ -158,6 +164,9 @@ def _check_structure(ckpt: Checkpoint) -> None:
             and len(meta["best"]) == 2
             and (meta["best"][0] is None or isinstance(meta["best"][0], int))
             and (meta["best"][1] is None or isinstance(meta["best"][1], int | float))
+        ),
+        "average": not (
+            isinstance(meta["average"], int) and not isinstance(meta["average"], bool) and meta["average"] >= 0
         ),
         "rng": not (
             isinstance(extra, dict)
@@ -208,6 +217,17 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
         ref = sim.global_state[k]
         if v.shape != ref.shape or v.dtype != ref.dtype:
             raise ValueError(f"{where}: {k} is {tuple(v.shape)} {v.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
+    avg_count, avg_global, avg_local = ckpt.meta["average"], ckpt.section("avg"), ckpt.clients("avg_client")
+    expected = max(0, ckpt.round - sim.avg_first + 1) if sim.selection == "average" else 0
+    if not expected:  # e.g. a run extended by more rounds: its window starts after this round, so it starts anew
+        avg_count, avg_global, avg_local = 0, {}, {}
+    elif avg_count != expected or set(avg_global) != set(sim.global_state):
+        raise ValueError(
+            f"it holds the average of {avg_count} round(s) up to round {ckpt.round}, but this run averages rounds "
+            f"{sim.avg_first}–{sim.federation.rounds} (evaluation.average_rounds: {sim.average_rounds}), "
+            f"{expected} of which have ended: the states of the rounds it lacks are gone. Resume with the run's "
+            f"federation.rounds, or with enough more rounds that the averaged ones start after round {ckpt.round}"
+        )
     sim.federation.aggregator.load_state_dict(ckpt.section("aggregator"))  # raises before anything else changes
     try:
         set_rng_state(ckpt.section("rng"), ckpt.meta["rng"])
@@ -223,6 +243,7 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
     sim.best_local = {cid: best_local.get(cid, {}) for cid in cids} if best_round is not None else {}
     sim.best_round = best_round
     sim.best_score = best_score if best_score is not None else float("-inf")
+    sim.avg_count, sim.avg_global, sim.avg_local = avg_count, avg_global, avg_local
     sim.metrics.restore(ckpt.meta["metrics"])
     sim.completed = ckpt.round
     return ckpt.round

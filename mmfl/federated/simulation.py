@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mmfl.backbone import Backbone
 from mmfl.data.task import PreparedTask
+from mmfl.federated.averaging import RoundAverage
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.client_runner import ClientRunner, PartFactory
 from mmfl.federated.faults import spec_of
@@ -32,7 +33,7 @@ from mmfl.progress import NoProgress
 log = logging.getLogger(__name__)
 
 
-class Simulation(ClientRunner, Rounds, TaskEvaluation):
+class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage):
     """Runs a federation in this process.
 
     Clients are (task, modality, data partition). Each round a fraction of them is sampled; each loads
@@ -50,7 +51,10 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation):
         output_dir: where ``metrics.csv`` and ``global.safetensors`` go (None: write nothing).
         selection: ``last``, or ``best_val``: keep the global state of the evaluated round with the best mean
             validation accuracy over tasks (``best_state``, ``best.safetensors``). Needs tasks with ``val``
-            data; test data never take part.
+            data; test data never take part. Or ``average``: the mean of the states after each of the last
+            ``average_rounds`` rounds (:mod:`mmfl.federated.averaging`; ``average.safetensors``).
+        average_rounds: with ``selection="average"``, how many of the last rounds are averaged (None: the last
+            half, rounded up).
         per_client_modules: give every client a module of its own instead of one per (task, modality) with each
             client's own state swapped in (:mod:`mmfl.federated.pool`); the same results, more memory.
     """
@@ -66,17 +70,19 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation):
         output_dir: str | Path | None = None,
         selection: str = "last",
         per_client_modules: bool = False,
+        average_rounds: int | None = None,
     ) -> None:
         super().__init__(backbone, parts, training, federation, seed)
         self.tasks = list(tasks)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.federation.check()
         self.training.check()
-        if selection not in ("last", "best_val"):
-            raise ValueError(f"selection must be 'last' or 'best_val', got {selection!r}")
+        if selection not in ("last", "best_val", "average"):
+            raise ValueError(f"selection must be 'last', 'best_val' or 'average', got {selection!r}")
         if selection == "best_val" and any(t.val is None or len(t.val) == 0 for t in self.tasks):
             raise ValueError("selection 'best_val' needs validation data for every task (evaluation.val_fraction)")
         self.selection = selection
+        self.init_average(selection, average_rounds)
 
         names: dict[str, list[str]] = {}
         for task in self.tasks:
@@ -206,6 +212,8 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation):
         """The state the selection rule picks: (global tensors, local tensors per client id)."""
         if self.selection == "best_val" and self.best_round is not None:
             return self.best_state, self.best_local
+        if self.selection == "average" and self.avg_count:
+            return self.averaged()
         return self.global_state, {c.data.cid: self.local_state(c) for c in self.clients}
 
     @staticmethod
@@ -292,6 +300,9 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation):
                     if rnd % self.federation.eval_every == 0 or rnd == rounds:
                         accs = self.evaluate_tasks(rnd)
                         msg += f", test accuracy {_fmt(accs)}"
+                    accs = self.end_average(rnd)
+                    if accs:
+                        msg += f"; averaged over {self.window()}: {_fmt(accs)}"
                     left = (time.perf_counter() - t_first) / (rnd - first + 1) * (rounds - rnd)  # mean round so far
                     self._end_round(rnd, t0, msg, f", ETA {human_duration(left)}" if rnd < rounds else "")
         finally:

@@ -33,15 +33,20 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) ->
         seconds: this invocation's wall time.
     """
     acc: dict[tuple[str, str], dict[int, float]] = {}
+    averaged: dict[tuple[str, str], float] = {}
     sent: dict[tuple[str, str], float] = {}
     for r in rows:
         name = f"{r['task']}/{r['modality']}"
+        key = (name, "novel" if r["split"] == "test_novel" else "")
         if r["level"] == "task" and r["split"] in ("test", "test_novel"):
-            key = (name, "novel" if r["split"] == "test_novel" else "")
             acc.setdefault(key, {})[int(r["round"])] = float(r["accuracy"])
+        elif r["level"] == "average" and r["split"] in ("test", "test_novel"):
+            averaged[key] = float(r["accuracy"])
         elif r["level"] == "traffic":
             sent[name] = sent.get(name, 0.0) + float(r["value"])
     header = ["task/modality", "zero-shot", "final", "best round", "bytes sent"]
+    if averaged:  # selection: average — the mean state's accuracy, beside the last round's
+        header.insert(3, "averaged")
     table = [header]
     for (name, split), by_round in acc.items():
         last = max(by_round)
@@ -49,15 +54,16 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) ->
         if best_round is not None:
             best = f"{best_round} ({100 * by_round[best_round]:.1f}%)" if best_round in by_round else str(best_round)
         zs = f"{100 * by_round[0]:.1f}%" if 0 in by_round else "—"
-        table.append(
-            [
-                f"{name} {split}".strip(),
-                zs,
-                f"{100 * by_round[last]:.1f}% (round {last})",
-                best,
-                "" if split else human_bytes(sent.get(name, 0.0)),  # novel classes: the same clients, counted once
-            ]
-        )
+        line = [
+            f"{name} {split}".strip(),
+            zs,
+            f"{100 * by_round[last]:.1f}% (round {last})",
+            best,
+            "" if split else human_bytes(sent.get(name, 0.0)),  # novel classes: the same clients, counted once
+        ]
+        if averaged:
+            line.insert(3, f"{100 * averaged[(name, split)]:.1f}%" if (name, split) in averaged else "—")
+        table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -65,4 +71,6 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) ->
     lines.append(f"sent by all clients: {human_bytes(total)}; wall time {human_duration(seconds, decimals=1)}")
     if best_round is not None:
         lines.append("best round: the round validation selected (its test accuracy in brackets)")
+    if averaged:
+        lines.append("averaged: the mean of the last rounds' states (evaluation.selection: average), scored once")
     return "\n".join(lines)
