@@ -37,6 +37,7 @@ every client's figure per seed, the bytes a client sends per round and the serve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -119,6 +120,8 @@ class SettingResult:
     seconds: float
     shares: dict[str, list[float]] = field(default_factory=dict)
     """``own val``: the own share chosen for each group, round by round."""
+    averaged: dict[str, float] | None = None
+    """With ``average_rounds``: each client's accuracy with its tensors averaged over the last rounds."""
 
 
 class _TimedSimulation(Simulation):
@@ -159,6 +162,7 @@ def run_setting(
     seed: int | None = None,
     edit: Callable[[Namespace], None] | None = None,
     base: str | None = None,
+    average_rounds: int | None = None,
 ) -> SettingResult:
     """Run the recipe's federation under ``setting`` and score each client on its (task, modality) test split.
 
@@ -170,6 +174,8 @@ def run_setting(
         seed: the run's seed (None: the recipe's).
         edit: changes the parsed recipe further (the tests shrink the tasks with it).
         base: the base scope to take for the parts of a wide base scope (see :func:`configure`).
+        average_rounds: also score each client with its merged and local tensors averaged over this many last
+            rounds (``evaluation.selection: average``; :attr:`SettingResult.averaged`), from the same training.
     """
     parser = fit_parser()
     cfg = parser.parse_args(["-c", str(recipe), *overrides, *([f"--seed={seed}"] if seed is not None else [])])
@@ -179,7 +185,8 @@ def run_setting(
     init = parser.instantiate(cfg)
     val_fraction = (init.evaluation or Protocol()).val_fraction
     prepared = [prepare_task(t, seed=cfg.seed, val_fraction=val_fraction) for t in init.tasks]
-    sim = _TimedSimulation(backbone, prepared, init.parts, init.training, init.federation, seed=cfg.seed)
+    selection = {"selection": "average", "average_rounds": average_rounds} if average_rounds else {}
+    sim = _TimedSimulation(backbone, prepared, init.parts, init.training, init.federation, seed=cfg.seed, **selection)
     t0 = time.perf_counter()
     accs, groups = {}, {}
     sent = [
@@ -189,10 +196,19 @@ def run_setting(
     with quiet_lightning():
         for rnd in range(1, rounds + 1):
             sim.run_round(rnd)
+            sim.accumulate(rnd)  # the running sums of selection: average (nothing without it)
         for c in sim.clients:
             c.module.load_trainable_state_dict(sim.global_state)  # merged tensors; its local ones stay its own
             accs[c.data.cid] = sim.evaluate(c.module, c.task, c.task.test)["accuracy"]
             groups[c.data.cid] = f"{c.task.name}/{c.task.modality}"
+        averaged = None
+        if average_rounds:
+            glob, local = sim.averaged()
+            averaged = {}
+            for c in sim.clients:
+                module = c.module  # (asking for it again would load its last local tensors back in)
+                module.load_trainable_state_dict({**glob, **local[c.data.cid]})
+                averaged[c.data.cid] = sim.evaluate(module, c.task, c.task.test)["accuracy"]
     return SettingResult(
         accs,
         groups,
@@ -201,6 +217,7 @@ def run_setting(
         sim.server_seconds / max(rounds, 1),
         time.perf_counter() - t0,
         _shares(sim),
+        averaged,
     )
 
 
@@ -312,6 +329,13 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
         default=0.2,
         help="share of each task's training pool held out as validation data in every setting (own val chooses on it)",
     )
+    ap.add_argument(
+        "--average-rounds",
+        type=int,
+        default=None,
+        help="also score every setting with the tensors averaged over this many last rounds (evaluation.selection: "
+        "average), from the same training: rows 'SETTING, averaged'",
+    )
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. -- --training.epochs=2")
     args = ap.parse_args(argv)
@@ -321,13 +345,19 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
     overrides += [f"--federation.rounds={args.rounds}"] if args.rounds else []
     backbone = build_backbone(recipe, overrides)
     runs: dict[str, dict[int, SettingResult]] = {name: {} for name in args.settings}
+    if args.average_rounds:
+        runs.update({f"{name}, averaged": {} for name in args.settings})
     for seed in args.seeds:
         for name in args.settings:
-            r = run_setting(recipe, name, overrides, backbone, seed, base=args.base)
+            r = run_setting(recipe, name, overrides, backbone, seed, base=args.base, average_rounds=args.average_rounds)
             runs[name][seed] = r
             log.warning(
                 "seed %d, %s: mean %.1f%% (%.0f s)", seed, name, 100 * statistics.mean(r.accuracy.values()), r.seconds
             )
+            if r.averaged is not None:
+                runs[f"{name}, averaged"][seed] = dataclasses.replace(r, accuracy=r.averaged, averaged=None)
+                mean = 100 * statistics.mean(r.averaged.values())
+                log.warning("seed %d, %s, averaged: mean %.1f%%", seed, name, mean)
     summaries = {name: summarize(r) for name, r in runs.items()}
     reference = "same (task, modality)" if "same (task, modality)" in summaries else next(iter(summaries))
     print(table(summaries) + "\n\n" + paired_table(summaries, reference))  # the benchmark's output
@@ -340,6 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
             "seeds": args.seeds,
             "base": args.base,
             "val_fraction": args.val_fraction,
+            "average_rounds": args.average_rounds,
             "groups": first[args.seeds[0]].groups,
             "settings": {name: asdict(s) for name, s in summaries.items()},
             "paired_reference": reference,

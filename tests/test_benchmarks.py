@@ -110,10 +110,13 @@ def test_collaboration_json_holds_means_spreads_and_every_client(tmp_path: Path)
 
     recipe, out = tmp_path / "r.yaml", tmp_path / "c.json"
     recipe.write_text(RECIPE.replace("data: {text:", "data: {label: [0, 1, 0, 1, 0, 1], text:"))
-    args = ["-c", str(recipe), "--seeds", "0", "1", "--settings", "alone", "others 0.1"]
+    args = ["-c", str(recipe), "--seeds", "0", "1", "--settings", "alone", "others 0.1", "--average-rounds", "1"]
     summaries = main([*args, "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["seeds"] == [0, 1] and list(saved["settings"]) == ["alone", "others 0.1"]
+    assert saved["seeds"] == [0, 1] and saved["average_rounds"] == 1
+    assert list(saved["settings"]) == ["alone", "others 0.1", "alone, averaged", "others 0.1, averaged"]
+    for name in ("alone", "others 0.1"):  # the mean of the last round alone is the last round's state
+        assert saved["settings"][f"{name}, averaged"]["per_seed"] == saved["settings"][name]["per_seed"]
     s = saved["settings"]["alone"]
     assert list(s["rows"]) == ["digits/image", "moods/text"]
     for row in s["rows"].values():
