@@ -299,10 +299,11 @@ def _fit(
         for lg in loggers:
             lg.finalize(status)
     plots.plot_run(out)
-    log.info("summary:\n%s", run_summary(sim.metrics.rows, sim.best_round, time.monotonic() - t0))
+    log.info("summary:\n%s", run_summary(sim.metrics.rows, sim.best_round, time.monotonic() - t0, sim.best_average))
     if sim.best_round is not None:
-        log.info("best validation accuracy %.1f%% at round %d: best.safetensors", 100 * sim.best_score, sim.best_round)
-    if sim.selection == "average" and sim.avg_count:
+        where = f"the average of rounds {sim.best_average}" if sim.best_average else f"round {sim.best_round}"
+        log.info("best validation accuracy %.1f%% at %s: best.safetensors", 100 * sim.best_score, where)
+    if sim.averaging and sim.avg_count:
         log.info("the mean of the states after %s: %s (local_average/ for the clients' own)", sim.window(), AVERAGE)
     log.info("done: %s", ", ".join(str(out / f) for f in RUN_FILES))
     return sim

@@ -143,3 +143,48 @@ def test_extending_a_run_restarts_the_window_or_refuses_what_it_cannot_separate(
     caplog.clear()
     assert cli.main(["fit", "--resume", str(tmp_path / "a"), "--federation.rounds=7"]) == 0
     assert "averaged over rounds 4–7" in caplog.text
+
+
+class _Rigged(Simulation):
+    """Validation accuracy ``avg_val`` for the averaged state (scored once the window's 2 rounds are summed), the
+    real one for every round's: so either outcome of the validation choice can be tested."""
+
+    avg_val = 1.0
+
+    def evaluate(self, module, task, ds):
+        m = super().evaluate(module, task, ds)
+        if ds is task.val and self.avg_count == 2:
+            return {**m, "accuracy": self.avg_val}
+        return m
+
+
+@pytest.mark.parametrize("avg_val", [1.0, 0.0])
+def test_best_val_keeps_the_average_only_when_validation_prefers_it(
+    tiny_backbone: Backbone, tmp_path: Path, avg_val: float
+) -> None:
+    task = prepare_task(Task("digits", SklearnDigits(), clients=3, shots=3, max_test_examples=30), val_fraction=0.3)
+    parts = [functools.partial(PromptFolio, n_ctx=2, fraction=0.3)]
+    training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu")
+    args = (tiny_backbone, [task], parts, training, Federation(rounds=4, fraction=0.5))
+    sim = _Rigged(*args, seed=0, output_dir=tmp_path, selection="best_val", average_rounds=2)
+    sim.avg_val = avg_val
+    sim.progress = keep = _Keep(sim)
+    sim.run()
+    glob, local = sim.selected()
+    avg_glob, avg_local = sim.averaged()
+    best = load_file(tmp_path / "best.safetensors")
+    if avg_val == 1.0:  # above every round's: the average of rounds 3–4 is the state kept
+        assert sim.best_average == "3–4" and sim.best_round == 4 and sim.best_score == 1.0
+        assert all(torch.equal(glob[k], avg_glob[k]) for k in avg_glob)
+        assert all(torch.equal(local[c][k], avg_local[c][k]) for c in avg_local for k in avg_local[c])
+        assert all(torch.equal(best[k], avg_glob[k]) for k in avg_glob)
+    else:  # below: the best round's own state, as without averaging
+        vals = {r["round"]: r["accuracy"] for r in sim.metrics.rows if r["level"] == "task" and r["split"] == "val"}
+        assert sim.best_average is None and sim.best_round == max(vals, key=lambda r: (vals[r], -r))
+        g, loc = keep.states[sim.best_round]
+        assert all(torch.equal(glob[k], g[k]) for k in g) and all(torch.equal(best[k], g[k]) for k in g)
+        assert all(torch.equal(local[c][k], loc[c][k]) for c in loc for k in loc[c])
+    again = Simulation(*args, seed=0, selection="best_val", average_rounds=2)
+    assert again.resume(tmp_path) == 4 and again.best_average == sim.best_average  # kept in the checkpoint
+    g2, _ = again.selected()
+    assert g2.keys() == glob.keys() and all(torch.equal(g2[k], glob[k]) for k in glob)

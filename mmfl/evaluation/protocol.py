@@ -63,7 +63,8 @@ class Protocol:
             local ones, as PromptSRC averages prompts over training; :mod:`mmfl.federated.averaging`). Test data
             never take part in the choice.
         average_rounds: with ``selection: average``, how many of the last rounds are averaged (None: the last
-            half of ``federation.rounds``, rounded up).
+            half of ``federation.rounds``, rounded up); with ``best_val``, the average of that many last rounds is one
+            more candidate, kept when its mean validation accuracy beats every evaluated round's.
         unseen_clients: per task, the last this many client partitions are never trained; they are evaluated
             with the merged tensors on their own data.
         transfer: cross-dataset targets.
@@ -92,10 +93,11 @@ class Protocol:
         """Cheap checks against the recipe's tasks. Raises ValueError naming the setting and the fix."""
         if self.selection not in SELECTIONS:
             raise ValueError(f"evaluation.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
-        if self.average_rounds is not None and self.selection != "average":
+        if self.average_rounds is not None and self.selection == "last":
             raise ValueError(
-                f"evaluation.average_rounds is {self.average_rounds} but evaluation.selection is {self.selection!r}: "
-                "set selection: average, or remove average_rounds"
+                f"evaluation.average_rounds is {self.average_rounds} but evaluation.selection is 'last': set "
+                "selection: average (score the average) or best_val (let validation choose it), or remove "
+                "average_rounds"
             )
         if self.average_rounds is not None and self.average_rounds < 1:
             raise ValueError(f"evaluation.average_rounds must be >= 1 (rounds averaged), got {self.average_rounds}")

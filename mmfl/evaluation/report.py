@@ -88,7 +88,13 @@ def report_lines(facts: dict, summary: dict) -> list[str]:
         f" (max steps {facts['max_steps']}), batch {facts['batch_size']}, parts: {', '.join(facts['parts'])}",
         f"- checkpoint selection: **{facts['selection']}**"
         + (
-            f" — the round with the best mean validation accuracy; validation = {facts['val_fraction']:.0%} of each "
+            " — the round with the best mean validation accuracy"
+            + (
+                f" (or the average of the last {facts['average_rounds']} rounds, when it scores higher)"
+                if facts.get("average_rounds")
+                else ""
+            )
+            + f"; validation = {facts['val_fraction']:.0%} of each "
             "task's training split, held out before partitioning; test data are never read to choose"
             if facts["selection"] == "best_val"
             else " — the mean of the states the last "

@@ -289,7 +289,8 @@ def run_seed(
         log.info("seed %d: training %s (%d clients, %d rounds)", seed, label, len(sim.clients), federation.rounds)
         sim.progress = progress_for(quiet=not log.isEnabledFor(logging.INFO), label=f"seed {seed}, {label}:")
         sim.run()
-        selected = {"best_val": sim.best_round, "average": sim.window()}
+        best = f"average of rounds {sim.best_average}" if sim.best_average else sim.best_round
+        selected = {"best_val": best, "average": sim.window()}
         facts[f"{label}_selected_round"] = selected.get(protocol.selection, federation.rounds)
         return sim.selected()
 

@@ -8,6 +8,11 @@ window (the last ``average_rounds`` rounds) — and at the end the evaluated sta
 length. The sums are float64 (the same result whatever the order of rounds) and are kept in the round checkpoint,
 so a resumed run ends with the same average. Training never sees the average: each round starts from the last
 round's merged tensors as before.
+
+With ``selection: best_val`` and ``average_rounds``, the average is one more candidate of the validation choice:
+after the last round it replaces the best round's state when its mean validation accuracy over tasks is higher
+(``best.safetensors`` then says ``average_of_rounds``), so a run keeps the average only where validation data
+say it helps.
 """
 
 from __future__ import annotations
@@ -58,9 +63,14 @@ class RoundAverage:
     float64 sum) and ``avg_local`` (client id → key → float64 sum)."""
 
     def init_average(self, selection: str, average_rounds: int | None) -> None:
-        """Check the window against the rounds (before any work) and start with empty sums."""
+        """Check the window against the rounds (before any work) and start with empty sums. The run averages with
+        ``selection="average"``, and with ``"best_val"`` when ``average_rounds`` is given (the average is then one
+        more candidate of the validation choice)."""
         self.average_rounds = average_rounds
-        self.avg_first = window_start(self.federation.rounds, average_rounds) if selection == "average" else 0
+        self.averaging = selection == "average" or (selection == "best_val" and average_rounds is not None)
+        self.avg_first = window_start(self.federation.rounds, average_rounds) if self.averaging else 0
+        self.best_average: str | None = None
+        """With ``best_val``: the averaged rounds (e.g. ``"3–4"``) when the best state is their average, else None."""
         self.avg_count = 0
         self.avg_global: dict[str, Tensor] = {}
         self.avg_local: dict[str, dict[str, Tensor]] = {}
@@ -69,7 +79,7 @@ class RoundAverage:
 
     def accumulate(self, rnd: int) -> None:
         """Add the state after round ``rnd`` to the sums when the run averages and ``rnd`` is in the window."""
-        if self.selection != "average" or rnd < self.avg_first:
+        if not self.averaging or rnd < self.avg_first:
             return
         self.avg_global = add_to(self.avg_global, self.global_state)
         for c in self.clients if self.average_local else []:
@@ -92,12 +102,14 @@ class RoundAverage:
     def end_average(self, rnd: int) -> dict[str, float]:
         """After round ``rnd``: add its state to the sums; after the last round, score the averaged state on every
         task's test (novel-class, validation) split — rows of level ``average`` — and write :data:`AVERAGE` and the
-        averaged local tensors. Returns the test accuracies (empty before the last round or without averaging)."""
+        averaged local tensors; with ``best_val``, keep the average as the best state when its mean validation
+        accuracy over tasks beats the best round's. Returns the test accuracies (empty before the last round or
+        without averaging)."""
         self.accumulate(rnd)
-        if self.selection != "average" or rnd != self.federation.rounds:
+        if not self.averaging or rnd != self.federation.rounds:
             return {}
         glob, local = self.averaged()
-        accs = {}
+        accs, vals = {}, []
         for task in self.tasks:
             splits = [("test", False, task.test), ("test_novel", True, task.test_novel), ("val", False, task.val)]
             for split, novel, ds in splits:
@@ -105,8 +117,12 @@ class RoundAverage:
                     continue
                 m = self.evaluate(self.evaluator(task, novel, state=glob), task, ds)
                 self.metrics.add(rnd, "average", task.name, task.modality, "", split, m["loss"], m["accuracy"], len(ds))
-                if split != "val":
+                if split == "val":
+                    vals.append(m["accuracy"])
+                else:
                     accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
+        if self.selection == "best_val" and sum(vals) / len(vals) > self.best_score:
+            self.keep_best(rnd, sum(vals) / len(vals), glob, local, average=self.window(numbers=True))
         if self.output_dir is not None:
             meta = {"rounds": f"{self.avg_first}-{rnd}", "backbone": self.backbone.model_name}
             save_state(self.output_dir / AVERAGE, glob, meta)
@@ -115,7 +131,8 @@ class RoundAverage:
                     save_state(self.output_dir / "local_average" / f"{cid}.safetensors", state, meta)
         return accs
 
-    def window(self) -> str:
-        """The averaged rounds, in words."""
+    def window(self, numbers: bool = False) -> str:
+        """The averaged rounds, in words (``numbers``: just ``"3–4"``)."""
         last = self.federation.rounds
-        return f"round {last}" if self.avg_first == last else f"rounds {self.avg_first}–{last}"
+        span = str(last) if self.avg_first == last else f"{self.avg_first}–{last}"
+        return span if numbers else f"round {span}" if self.avg_first == last else f"rounds {span}"

@@ -100,7 +100,7 @@ def save_checkpoint(sim: Simulation, rnd: int) -> Path:
         "seed": str(sim.seed),
         "backbone": sim.backbone.model_name,
         "rng": json.dumps(rng_extra),
-        "best": json.dumps([sim.best_round, sim.best_score if sim.best_round is not None else None]),
+        "best": json.dumps([sim.best_round, sim.best_score if sim.best_round is not None else None, sim.best_average]),
         "metrics": json.dumps(sim.metrics.rows),
         "clients": json.dumps([c.data.cid for c in sim.clients]),
         "average": json.dumps(sim.avg_count),
@@ -161,7 +161,8 @@ def _check_structure(ckpt: Checkpoint) -> None:
         "clients": not (isinstance(meta["clients"], list) and all(isinstance(c, str) for c in meta["clients"])),
         "best": not (
             isinstance(meta["best"], list)
-            and len(meta["best"]) == 2
+            and len(meta["best"]) in (2, 3)  # a third entry since selection: average (None: a round's state)
+            and (len(meta["best"]) == 2 or meta["best"][2] is None or isinstance(meta["best"][2], str))
             and (meta["best"][0] is None or isinstance(meta["best"][0], int))
             and (meta["best"][1] is None or isinstance(meta["best"][1], int | float))
         ),
@@ -218,7 +219,7 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
         if v.shape != ref.shape or v.dtype != ref.dtype:
             raise ValueError(f"{where}: {k} is {tuple(v.shape)} {v.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
     avg_count, avg_global, avg_local = ckpt.meta["average"], ckpt.section("avg"), ckpt.clients("avg_client")
-    expected = max(0, ckpt.round - sim.avg_first + 1) if sim.selection == "average" else 0
+    expected = max(0, ckpt.round - sim.avg_first + 1) if sim.averaging else 0
     if not expected:  # e.g. a run extended by more rounds: its window starts after this round, so it starts anew
         avg_count, avg_global, avg_local = 0, {}, {}
     elif avg_count != expected or set(avg_global) != set(sim.global_state):
@@ -238,10 +239,11 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
     for c in sim.clients:
         c.restore(glob, local.get(c.data.cid, {}))
     sim.best_state = ckpt.section("best")
-    best_round, best_score = ckpt.meta["best"]
+    best_round, best_score, *average = ckpt.meta["best"]
     best_local = ckpt.clients("best_client")
     sim.best_local = {cid: best_local.get(cid, {}) for cid in cids} if best_round is not None else {}
     sim.best_round = best_round
+    sim.best_average = average[0] if average else None
     sim.best_score = best_score if best_score is not None else float("-inf")
     sim.avg_count, sim.avg_global, sim.avg_local = avg_count, avg_global, avg_local
     sim.metrics.restore(ckpt.meta["metrics"])

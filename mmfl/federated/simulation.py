@@ -199,13 +199,22 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage):
             rnd, "client", c.task.name, c.task.modality, c.data.cid, split, m["loss"], m["accuracy"], examples, value
         )
 
-    def _keep_best(self, rnd: int, score: float) -> None:
-        """Snapshot the global state and every client's local tensors as the best so far (by validation)."""
-        self.best_round, self.best_score = rnd, score
-        self.best_state = {k: v.clone() for k, v in self.global_state.items()}
-        self.best_local = {c.data.cid: c.local_snapshot() for c in self.clients}
+    def keep_best(
+        self,
+        rnd: int,
+        score: float,
+        state: dict[str, Tensor] | None = None,
+        local: dict[str, dict[str, Tensor]] | None = None,
+        average: str | None = None,
+    ) -> None:
+        """Keep a state as the best so far (by validation): the global state and every client's local tensors after
+        round ``rnd``, or the given ones (``average``: they are the mean of these rounds, e.g. ``"3–4"``)."""
+        self.best_round, self.best_score, self.best_average = rnd, score, average
+        self.best_state = {k: v.clone() for k, v in (self.global_state if state is None else state).items()}
+        self.best_local = local if local is not None else {c.data.cid: c.local_snapshot() for c in self.clients}
         if self.output_dir is not None:
             meta = {"round": str(rnd), "val_accuracy": f"{score:.6f}", "backbone": self.backbone.model_name}
+            meta.update({"average_of_rounds": average} if average else {})
             save_state(self.output_dir / "best.safetensors", self.best_state, meta)
 
     def selected(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:

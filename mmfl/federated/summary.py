@@ -24,13 +24,14 @@ def human_duration(seconds: float, decimals: int = 0) -> str:
     return f"{h} h {m} min" if h else f"{m} min {sec} s"
 
 
-def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) -> str:
+def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float, best_average: str | None = None) -> str:
     """A plain-text table from a run's metric rows (``metrics.csv``'s), one line per task, modality and test split.
 
     Args:
         rows: the run's metric rows.
         best_round: the round picked by validation (None: no validation split; the last round is used).
         seconds: this invocation's wall time.
+        best_average: the rounds (e.g. ``"3–4"``) whose average validation selected instead of a round.
     """
     acc: dict[tuple[str, str], dict[int, float]] = {}
     averaged: dict[tuple[str, str], float] = {}
@@ -51,7 +52,11 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) ->
     for (name, split), by_round in acc.items():
         last = max(by_round)
         best = "—"
-        if best_round is not None:
+        if best_average is not None:
+            best = f"avg {best_average}" + (
+                f" ({100 * averaged[key]:.1f}%)" if (key := (name, split)) in averaged else ""
+            )
+        elif best_round is not None:
             best = f"{best_round} ({100 * by_round[best_round]:.1f}%)" if best_round in by_round else str(best_round)
         zs = f"{100 * by_round[0]:.1f}%" if 0 in by_round else "—"
         line = [
@@ -70,7 +75,7 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float) ->
     total = sum(sent.values())
     lines.append(f"sent by all clients: {human_bytes(total)}; wall time {human_duration(seconds, decimals=1)}")
     if best_round is not None:
-        lines.append("best round: the round validation selected (its test accuracy in brackets)")
+        lines.append("best round: the round (or avg: the average of rounds) validation selected (its test accuracy)")
     if averaged:
         lines.append("averaged: the mean of the last rounds' states (evaluation.selection: average), scored once")
     return "\n".join(lines)

@@ -81,7 +81,7 @@ class TaskEvaluation:
                 else:
                     accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
         if self.selection == "best_val" and sum(vals) / len(vals) > self.best_score:
-            self._keep_best(rnd, sum(vals) / len(vals))
+            self.keep_best(rnd, sum(vals) / len(vals))
         for c in self.clients if local_tests else []:
             if c.data.test is not None and len(c.data.test):
                 c.module.load_trainable_state_dict(self.global_state)
