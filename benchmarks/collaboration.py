@@ -122,6 +122,8 @@ class SettingResult:
     """``own val``: the own share chosen for each group, round by round."""
     averaged: dict[str, float] | None = None
     """With ``average_rounds``: each client's accuracy with its tensors averaged over the last rounds."""
+    best_val: dict[str, float] | None = None
+    """With ``best_val``: each client's accuracy with the state ``selection: best_val`` keeps."""
 
 
 class _TimedSimulation(Simulation):
@@ -163,6 +165,7 @@ def run_setting(
     edit: Callable[[Namespace], None] | None = None,
     base: str | None = None,
     average_rounds: int | None = None,
+    best_val: bool = False,
 ) -> SettingResult:
     """Run the recipe's federation under ``setting`` and score each client on its (task, modality) test split.
 
@@ -176,6 +179,8 @@ def run_setting(
         base: the base scope to take for the parts of a wide base scope (see :func:`configure`).
         average_rounds: also score each client with its merged and local tensors averaged over this many last
             rounds (``evaluation.selection: average``; :attr:`SettingResult.averaged`), from the same training.
+        best_val: also score each client with the state ``evaluation.selection: best_val`` keeps (every round scored
+            on the tasks' validation splits; with ``average_rounds``, the average is a candidate too).
     """
     parser = fit_parser()
     cfg = parser.parse_args(["-c", str(recipe), *overrides, *([f"--seed={seed}"] if seed is not None else [])])
@@ -185,7 +190,8 @@ def run_setting(
     init = parser.instantiate(cfg)
     val_fraction = (init.evaluation or Protocol()).val_fraction
     prepared = [prepare_task(t, seed=cfg.seed, val_fraction=val_fraction) for t in init.tasks]
-    selection = {"selection": "average", "average_rounds": average_rounds} if average_rounds else {}
+    selection = {"selection": "best_val" if best_val else "average" if average_rounds else "last"}
+    selection["average_rounds"] = average_rounds
     sim = _TimedSimulation(backbone, prepared, init.parts, init.training, init.federation, seed=cfg.seed, **selection)
     t0 = time.perf_counter()
     accs, groups = {}, {}
@@ -194,21 +200,19 @@ def run_setting(
     ]
     rounds = init.federation.rounds
     with quiet_lightning():
+        if best_val:
+            sim.evaluate_tasks(0, local_tests=False)  # round 0 is a candidate of best_val, as in `mmfl fit`
         for rnd in range(1, rounds + 1):
             sim.run_round(rnd)
-            sim.accumulate(rnd)  # the running sums of selection: average (nothing without it)
+            if best_val:
+                sim.evaluate_tasks(rnd, local_tests=False)
+            sim.end_average(rnd)  # the running sums of the average; after the last round, the average's score
         for c in sim.clients:
             c.module.load_trainable_state_dict(sim.global_state)  # merged tensors; its local ones stay its own
             accs[c.data.cid] = sim.evaluate(c.module, c.task, c.task.test)["accuracy"]
             groups[c.data.cid] = f"{c.task.name}/{c.task.modality}"
-        averaged = None
-        if average_rounds:
-            glob, local = sim.averaged()
-            averaged = {}
-            for c in sim.clients:
-                module = c.module  # (asking for it again would load its last local tensors back in)
-                module.load_trainable_state_dict({**glob, **local[c.data.cid]})
-                averaged[c.data.cid] = sim.evaluate(module, c.task, c.task.test)["accuracy"]
+        averaged = _score(sim, *sim.averaged()) if average_rounds else None
+        chosen = _score(sim, *sim.selected()) if best_val else None
     return SettingResult(
         accs,
         groups,
@@ -218,7 +222,18 @@ def run_setting(
         time.perf_counter() - t0,
         _shares(sim),
         averaged,
+        chosen,
     )
+
+
+def _score(sim: Simulation, glob: dict, local: dict) -> dict[str, float]:
+    """Each client's test accuracy with the merged tensors ``glob`` and its local ones from ``local``."""
+    accs = {}
+    for c in sim.clients:
+        module = c.module  # (asking for it again would load its last local tensors back in)
+        module.load_trainable_state_dict({**glob, **local[c.data.cid]})
+        accs[c.data.cid] = sim.evaluate(module, c.task, c.task.test)["accuracy"]
+    return accs
 
 
 def _shares(sim: Simulation) -> dict[str, list[float]]:
@@ -336,6 +351,12 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
         help="also score every setting with the tensors averaged over this many last rounds (evaluation.selection: "
         "average), from the same training: rows 'SETTING, averaged'",
     )
+    ap.add_argument(
+        "--best-val",
+        action="store_true",
+        help="also score every setting with the state evaluation.selection: best_val keeps (with --average-rounds, "
+        "the average is a candidate): rows 'SETTING, best_val'",
+    )
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. -- --training.epochs=2")
     args = ap.parse_args(argv)
@@ -347,9 +368,20 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
     runs: dict[str, dict[int, SettingResult]] = {name: {} for name in args.settings}
     if args.average_rounds:
         runs.update({f"{name}, averaged": {} for name in args.settings})
+    if args.best_val:
+        runs.update({f"{name}, best_val": {} for name in args.settings})
     for seed in args.seeds:
         for name in args.settings:
-            r = run_setting(recipe, name, overrides, backbone, seed, base=args.base, average_rounds=args.average_rounds)
+            r = run_setting(
+                recipe,
+                name,
+                overrides,
+                backbone,
+                seed,
+                base=args.base,
+                average_rounds=args.average_rounds,
+                best_val=args.best_val,
+            )
             runs[name][seed] = r
             log.warning(
                 "seed %d, %s: mean %.1f%% (%.0f s)", seed, name, 100 * statistics.mean(r.accuracy.values()), r.seconds
@@ -358,6 +390,11 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
                 runs[f"{name}, averaged"][seed] = dataclasses.replace(r, accuracy=r.averaged, averaged=None)
                 mean = 100 * statistics.mean(r.averaged.values())
                 log.warning("seed %d, %s, averaged: mean %.1f%%", seed, name, mean)
+            if r.best_val is not None:
+                runs[f"{name}, best_val"][seed] = dataclasses.replace(r, accuracy=r.best_val, best_val=None)
+                log.warning(
+                    "seed %d, %s, best_val: mean %.1f%%", seed, name, 100 * statistics.mean(r.best_val.values())
+                )
     summaries = {name: summarize(r) for name, r in runs.items()}
     reference = "same (task, modality)" if "same (task, modality)" in summaries else next(iter(summaries))
     print(table(summaries) + "\n\n" + paired_table(summaries, reference))  # the benchmark's output
@@ -371,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
             "base": args.base,
             "val_fraction": args.val_fraction,
             "average_rounds": args.average_rounds,
+            "best_val": args.best_val,
             "groups": first[args.seeds[0]].groups,
             "settings": {name: asdict(s) for name, s in summaries.items()},
             "paired_reference": reference,

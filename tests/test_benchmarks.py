@@ -111,10 +111,12 @@ def test_collaboration_json_holds_means_spreads_and_every_client(tmp_path: Path)
     recipe, out = tmp_path / "r.yaml", tmp_path / "c.json"
     recipe.write_text(RECIPE.replace("data: {text:", "data: {label: [0, 1, 0, 1, 0, 1], text:"))
     args = ["-c", str(recipe), "--seeds", "0", "1", "--settings", "alone", "others 0.1", "--average-rounds", "1"]
-    summaries = main([*args, "--json", str(out)])
+    summaries = main([*args, "--best-val", "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["seeds"] == [0, 1] and saved["average_rounds"] == 1
-    assert list(saved["settings"]) == ["alone", "others 0.1", "alone, averaged", "others 0.1, averaged"]
+    assert saved["seeds"] == [0, 1] and saved["average_rounds"] == 1 and saved["best_val"]
+    assert list(saved["settings"]) == [
+        *("alone", "others 0.1", "alone, averaged", "others 0.1, averaged", "alone, best_val", "others 0.1, best_val")
+    ]
     for name in ("alone", "others 0.1"):  # the mean of the last round alone is the last round's state
         assert saved["settings"][f"{name}, averaged"]["per_seed"] == saved["settings"][name]["per_seed"]
     s = saved["settings"]["alone"]
