@@ -110,3 +110,31 @@ def test_summary_table_against_hand_written_rows() -> None:
         "12 s", "59 s", "1 min 0 s", "2 min 0 s", "1 h 2 min"
     ]  # fmt: skip
     assert human_duration(2.25, decimals=1) == "2.2 s"
+
+
+def test_summary_shows_the_averaged_state_and_when_validation_kept_it() -> None:
+    rows = [
+        _row(0, "task", "digits", "test", 0.1),
+        _row(1, "task", "digits", "test", 0.5),
+        _row(2, "task", "digits", "test", 0.4),
+        _row(2, "average", "digits", "test", 0.45),  # the mean of rounds 1–2's states
+        _row(2, "average", "digits", "val", 0.9),  # a validation row: not in the table
+    ]
+    lines = run_summary(rows, best_round=2, seconds=1, best_average="1–2").splitlines()
+    assert lines[0].split() == ["task/modality", "zero-shot", "final", "averaged", "best", "round", "bytes", "sent"]
+    assert lines[2].split() == [
+        "digits/image",
+        "10.0%",
+        "40.0%",
+        "(round",
+        "2)",
+        "45.0%",
+        "avg",
+        "1–2",
+        "(45.0%)",
+        "0",
+        "B",
+    ]
+    assert lines[-1].startswith("averaged: the mean of the last rounds' states")
+    kept_a_round = run_summary(rows, best_round=1, seconds=1).splitlines()
+    assert kept_a_round[2].split()[5:8] == ["45.0%", "1", "(50.0%)"]

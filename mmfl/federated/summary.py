@@ -77,5 +77,7 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float, be
     if best_round is not None:
         lines.append("best round: the round (or avg: the average of rounds) validation selected (its test accuracy)")
     if averaged:
-        lines.append("averaged: the mean of the last rounds' states (evaluation.selection: average), scored once")
+        lines.append(
+            "averaged: the mean of the last rounds' states (evaluation.average_rounds), scored after the last round"
+        )
     return "\n".join(lines)
