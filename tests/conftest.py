@@ -83,8 +83,11 @@ def _write_tiny_bert(folder: Path) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
-    """``mmfl-tiny``: a native open_clip ViT + text transformer with random weights."""
-    return Backbone("mmfl-tiny")
+    """``mmfl-tiny``: a native open_clip ViT + text transformer with random weights — the same weights whichever
+    test asks first (seeded in a forked RNG, so the global one is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Backbone("mmfl-tiny")
 
 
 @pytest.fixture(scope="session")

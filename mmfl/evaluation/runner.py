@@ -11,6 +11,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from mmfl.backbone import Backbone
@@ -187,7 +188,7 @@ def personal_method(
 
 def load_checkpoint(sim: Simulation, path: Path) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """A run's saved state for ``sim``'s clients: global tensors from ``path``, local ones from ``local/`` beside it
-    (``local_average/`` for a run's ``average.safetensors``).
+    (``local_average/`` for a run's ``average.safetensors``, and for a ``best.safetensors`` that holds the average).
 
     Raises:
         ValueError: the checkpoint's keys or shapes do not match the recipe's parts.
@@ -201,9 +202,11 @@ def load_checkpoint(sim: Simulation, path: Path) -> tuple[dict[str, Tensor], dic
             f"checkpoint {str(path)!r} does not fit the recipe's tasks and parts: missing {missing[:5]}, unexpected "
             f"{extra[:5]}, wrong shape {bad[:5]}. Evaluate with the recipe the run was trained with (its config.yaml)"
         )
+    with safe_open(path, "pt") as fh:
+        averaged = path.name == AVERAGE or "average_of_rounds" in (fh.metadata() or {})
     local = {}
     for c in sim.clients:
-        f = path.parent / ("local_average" if path.name == AVERAGE else "local") / f"{c.data.cid}.safetensors"
+        f = path.parent / ("local_average" if averaged else "local") / f"{c.data.cid}.safetensors"
         local[c.data.cid] = load_state(f) if f.is_file() else {}
         if any(not is_local(k) for k in local[c.data.cid]):
             raise ValueError(f"{str(f)!r} holds tensors that are not local; it is not a client's local state")

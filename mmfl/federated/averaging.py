@@ -31,18 +31,18 @@ AVERAGE = "average.safetensors"
 
 def window_start(rounds: int, average_rounds: int | None) -> int:
     """The first round of the averaging window: the last ``average_rounds`` rounds (None: the last half of them,
-    rounded up).
+    rounded up; more than ``rounds``: all of them, so a recipe's window survives ``--federation.rounds=1``).
 
     Raises:
-        ValueError: ``average_rounds`` is not in ``[1, rounds]``.
+        ValueError: ``average_rounds`` is below 1.
     """
     k = math.ceil(rounds / 2) if average_rounds is None else average_rounds
-    if not 1 <= k <= rounds:
+    if k < 1:
         raise ValueError(
-            f"evaluation.average_rounds must be between 1 and federation.rounds ({rounds}), got {average_rounds}; "
-            "it is how many of the last rounds' states are averaged (leave it unset for the last half)"
+            f"evaluation.average_rounds must be >= 1, got {average_rounds}; it is how many of the last rounds' "
+            "states are averaged (leave it unset for the last half)"
         )
-    return rounds - k + 1
+    return max(1, rounds - k + 1)
 
 
 def add_to(sums: dict[str, Tensor], state: dict[str, Tensor]) -> dict[str, Tensor]:

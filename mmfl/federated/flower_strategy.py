@@ -231,7 +231,7 @@ class ScopedFedAvg(FlowerFedAvg):
         if rnd == 0 or rnd % sim.federation.eval_every == 0 or rnd == rounds:
             out = {k: float(v) for k, v in sim.evaluate_tasks(rnd, local_tests=False).items()}
             log.info("round %d: test accuracy %s", rnd, out)
-        averaged = sim.end_average(rnd)  # selection: average — the merged tensors only (the nodes keep the local)
+        averaged = sim.end_average(rnd)  # average_rounds: the merged tensors only (the nodes keep their local ones)
         if averaged:
             log.info("averaged over %s: test accuracy %s", sim.window(), averaged)
         sim.metrics.flush()

@@ -226,7 +226,8 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
         raise ValueError(
             f"it holds the average of {avg_count} round(s) up to round {ckpt.round}, but this run averages rounds "
             f"{sim.avg_first}–{sim.federation.rounds} (evaluation.average_rounds: {sim.average_rounds}), "
-            f"{expected} of which have ended: the states of the rounds it lacks are gone. Resume with the run's "
+            f"{expected} of which have ended, and a sum cannot be split into rounds (their own states are not kept). "
+            "Resume with the run's "
             f"federation.rounds, or with enough more rounds that the averaged ones start after round {ckpt.round}"
         )
     sim.federation.aggregator.load_state_dict(ckpt.section("aggregator"))  # raises before anything else changes

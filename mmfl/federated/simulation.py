@@ -54,7 +54,7 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage):
             data; test data never take part. Or ``average``: the mean of the states after each of the last
             ``average_rounds`` rounds (:mod:`mmfl.federated.averaging`; ``average.safetensors``).
         average_rounds: with ``selection="average"``, how many of the last rounds are averaged (None: the last
-            half, rounded up).
+            half, rounded up); with ``"best_val"``, the average of that many last rounds is one more candidate.
         per_client_modules: give every client a module of its own instead of one per (task, modality) with each
             client's own state swapped in (:mod:`mmfl.federated.pool`); the same results, more memory.
     """
