@@ -225,7 +225,8 @@ def restore(sim: Simulation, ckpt: Checkpoint) -> int:
     elif avg_count != expected or set(avg_global) != set(sim.global_state):
         raise ValueError(
             f"it holds the average of {avg_count} round(s) up to round {ckpt.round}, but this run averages rounds "
-            f"{sim.avg_first}–{sim.federation.rounds} (evaluation.average_rounds: {sim.average_rounds}), "
+            f"{sim.avg_first}–{sim.federation.rounds} "
+            f"(evaluation.average_rounds: {sim.average_rounds or 'the last half'}), "
             f"{expected} of which have ended, and a sum cannot be split into rounds (their own states are not kept). "
             "Resume with the run's "
             f"federation.rounds, or with enough more rounds that the averaged ones start after round {ckpt.round}"
