@@ -109,18 +109,7 @@ class RoundAverage:
         if not self.averaging or rnd != self.federation.rounds:
             return {}
         glob, local = self.averaged()
-        accs, vals = {}, []
-        for task in self.tasks:
-            splits = [("test", False, task.test), ("test_novel", True, task.test_novel), ("val", False, task.val)]
-            for split, novel, ds in splits:
-                if ds is None or len(ds) == 0:
-                    continue
-                m = self.evaluate(self.evaluator(task, novel, state=glob), task, ds)
-                self.metrics.add(rnd, "average", task.name, task.modality, "", split, m["loss"], m["accuracy"], len(ds))
-                if split == "val":
-                    vals.append(m["accuracy"])
-                else:
-                    accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
+        accs, vals = self.score_tasks(rnd, "average", glob)
         if self.selection == "best_val" and sum(vals) / len(vals) > self.best_score:
             self.keep_best(rnd, sum(vals) / len(vals), glob, local, average=self.window(numbers=True))
         if self.output_dir is not None:

@@ -68,18 +68,7 @@ class TaskEvaluation:
             local_tests: also score each client with a local test split on it (its module: the global tensors and
                 its local ones). A Flower server leaves that to the nodes, which hold the data and local tensors.
         """
-        accs, vals = {}, []
-        for task in self.tasks:
-            splits = [("test", False, task.test), ("test_novel", True, task.test_novel), ("val", False, task.val)]
-            for split, novel, ds in splits:
-                if ds is None or len(ds) == 0:
-                    continue
-                m = self.evaluate(self.evaluator(task, novel), task, ds)
-                self.metrics.add(rnd, "task", task.name, task.modality, "", split, m["loss"], m["accuracy"], len(ds))
-                if split == "val":
-                    vals.append(m["accuracy"])
-                else:
-                    accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
+        accs, vals = self.score_tasks(rnd)
         if self.selection == "best_val" and sum(vals) / len(vals) > self.best_score:
             self.keep_best(rnd, sum(vals) / len(vals))
         for c in self.clients if local_tests else []:
@@ -89,6 +78,26 @@ class TaskEvaluation:
                     rnd, c, "local_test", self.evaluate(c.module, c.task, c.data.test), len(c.data.test)
                 )
         return accs
+
+    def score_tasks(
+        self, rnd: int, level: str = "task", state: Mapping[str, Tensor] | None = None
+    ) -> tuple[dict[str, float], list[float]]:
+        """Score ``state`` (None: the global tensors) on every task's test, novel-class and validation splits, each a
+        metrics row of ``level``. Returns (test accuracy per ``task/modality[/novel]``, validation accuracy per task
+        that has validation data)."""
+        accs, vals = {}, []
+        for task in self.tasks:
+            splits = [("test", False, task.test), ("test_novel", True, task.test_novel), ("val", False, task.val)]
+            for split, novel, ds in splits:
+                if ds is None or len(ds) == 0:
+                    continue
+                m = self.evaluate(self.evaluator(task, novel, state=state), task, ds)
+                self.metrics.add(rnd, level, task.name, task.modality, "", split, m["loss"], m["accuracy"], len(ds))
+                if split == "val":
+                    vals.append(m["accuracy"])
+                else:
+                    accs[f"{task.name}/{task.modality}" + ("/novel" if novel else "")] = m["accuracy"]
+        return accs, vals
 
     def val_mixed_tasks(self, keys: set[str]) -> list[PreparedTask]:
         """The tasks whose clients hold any of ``keys`` (their evaluators do)."""
