@@ -123,5 +123,7 @@ class RoundAverage:
     def window(self, numbers: bool = False) -> str:
         """The averaged rounds, in words (``numbers``: just ``"3–4"``)."""
         last = self.federation.rounds
-        span = str(last) if self.avg_first == last else f"{self.avg_first}–{last}"
-        return span if numbers else f"round {span}" if self.avg_first == last else f"rounds {span}"
+        if self.avg_first == last:
+            return str(last) if numbers else f"round {last}"
+        span = f"{self.avg_first}–{last}"
+        return span if numbers else f"rounds {span}"

@@ -53,9 +53,8 @@ def run_summary(rows: Sequence[dict], best_round: int | None, seconds: float, be
         last = max(by_round)
         best = "—"
         if best_average is not None:
-            best = f"avg {best_average}" + (
-                f" ({100 * averaged[key]:.1f}%)" if (key := (name, split)) in averaged else ""
-            )
+            acc = averaged.get((name, split))
+            best = f"avg {best_average}" + (f" ({100 * acc:.1f}%)" if acc is not None else "")
         elif best_round is not None:
             best = f"{best_round} ({100 * by_round[best_round]:.1f}%)" if best_round in by_round else str(best_round)
         zs = f"{100 * by_round[0]:.1f}%" if 0 in by_round else "—"
