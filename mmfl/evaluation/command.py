@@ -131,6 +131,10 @@ def describe_variant(v: Namespace) -> str:
         )
     if v.optimizer is not None:
         out.append("optimizer " + _call(v.optimizer))
+    if v.calibration is not None:
+        out.append(
+            f"server calibration ({v.calibration.samples} virtual features per class, {v.calibration.epochs} epochs)"
+        )
     return "; ".join(out)
 
 

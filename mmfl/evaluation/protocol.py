@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from mmfl.data.task import Task
+from mmfl.federated.calibration import Calibration
 from mmfl.federated.settings import OptimizerFactory
 from mmfl.federated.simulation import PartFactory
 from mmfl.knowledge import KnowledgeGuidance
@@ -39,12 +40,14 @@ class Variant:
         parts: the trainable parts instead of the recipe's (class_path + init_args, as ``parts:``).
         knowledge: ``training.knowledge`` instead of the recipe's.
         optimizer: ``training.optimizer`` instead of the recipe's.
+        calibration: ``federation.calibration`` instead of the recipe's (server calibration on virtual features).
     """
 
     name: str
     parts: list[PartFactory] | None = None
     knowledge: KnowledgeGuidance | None = None
     optimizer: OptimizerFactory | None = None
+    calibration: Calibration | None = None
 
 
 @dataclass
@@ -169,7 +172,13 @@ class Protocol:
                     v.knowledge.check()
                 except ValueError as e:
                     raise ValueError(f"evaluation.variants.{i} ({v.name}): {e}") from None
-            if v.parts is None and v.knowledge is None and v.optimizer is None:
+            if v.calibration is not None:
+                try:
+                    v.calibration.check()
+                except ValueError as e:
+                    raise ValueError(f"evaluation.variants.{i} ({v.name}): {e}") from None
+            if v.parts is None and v.knowledge is None and v.optimizer is None and v.calibration is None:
                 raise ValueError(
-                    f"evaluation.variants.{i} ({v.name}) changes nothing; give parts, knowledge or optimizer"
+                    f"evaluation.variants.{i} ({v.name}) changes nothing; give parts, knowledge, optimizer or "
+                    "calibration"
                 )

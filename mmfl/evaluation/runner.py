@@ -281,7 +281,10 @@ def run_seed(
     scorer = Scorer(prepared, targets, protocol, training.eval_batch_size, training.accelerator)
 
     def simulation(
-        ptasks: list[PreparedTask], parts: list[PartFactory] = parts, training: LocalTraining = training
+        ptasks: list[PreparedTask],
+        parts: list[PartFactory] = parts,
+        training: LocalTraining = training,
+        federation: Federation = federation,
     ) -> Simulation:
         return Simulation(
             backbone, ptasks, parts, training, federation, seed=seed, output_dir=None, **protocol.selection_args()
@@ -310,7 +313,7 @@ def run_seed(
         state, local = train("federated", sim)
     results["federated"] = scorer.score(learned_method(sim, state), personal_method(sim, state, local))
     for v in protocol.variants:
-        v_sim = simulation(prepared, *variant_settings(v, parts, training))
+        v_sim = simulation(prepared, *variant_settings(v, parts, training, federation))
         v_state, v_local = train(v.name, v_sim)
         results[v.name] = scorer.score(learned_method(v_sim, v_state), personal_method(v_sim, v_state, v_local))
     if "centralised" in protocol.baselines:
@@ -321,7 +324,11 @@ def run_seed(
     return results, facts
 
 
-def variant_settings(v: Variant, parts: list[PartFactory], training: LocalTraining) -> tuple[list, LocalTraining]:
-    """A variant's parts and local training: the recipe's, with what the variant changes."""
+def variant_settings(
+    v: Variant, parts: list[PartFactory], training: LocalTraining, federation: Federation
+) -> tuple[list, LocalTraining, Federation]:
+    """A variant's parts, local training and federation settings: the recipe's, with what the variant changes."""
     changes = {k: getattr(v, k) for k in ("knowledge", "optimizer") if getattr(v, k) is not None}
-    return (parts if v.parts is None else v.parts), dataclasses.replace(training, **changes)
+    if v.calibration is not None:
+        federation = dataclasses.replace(federation, calibration=v.calibration)
+    return (parts if v.parts is None else v.parts), dataclasses.replace(training, **changes), federation

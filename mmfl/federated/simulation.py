@@ -15,6 +15,7 @@ from torch import Tensor
 from mmfl.backbone import Backbone
 from mmfl.data.task import PreparedTask
 from mmfl.federated.averaging import RoundAverage
+from mmfl.federated.calibration import ServerCalibration
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.client_runner import ClientRunner, PartFactory
 from mmfl.federated.faults import spec_of
@@ -33,7 +34,7 @@ from mmfl.progress import NoProgress
 log = logging.getLogger(__name__)
 
 
-class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage):
+class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage, ServerCalibration):
     """Runs a federation in this process.
 
     Clients are (task, modality, data partition). Each round a fraction of them is sampled; each loads
@@ -156,6 +157,7 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage):
             if task.novel_class_names:  # fail now, not after training, when a part cannot serve new classes
                 self.evaluator(task, novel=True)
         self.check_val_mixing()  # mix(..., own=val) needs each task holding its keys to have validation data
+        self.init_calibration()
         self.best_round: int | None = None
         self.best_score = -math.inf
         self.best_state: dict[str, Tensor] = {}

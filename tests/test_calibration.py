@@ -1,0 +1,173 @@
+"""``federation.calibration``: class statistics against hand computations, virtual features, the server's virtual
+clients in a round, exact resume, and the refusals."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from flwr_datasets.partitioner import PathologicalPartitioner
+
+from mmfl import cli
+from mmfl.backbone import Backbone
+from mmfl.data import SklearnDigits, Task, prepare_task
+from mmfl.evaluation.protocol import Protocol, Variant
+from mmfl.evaluation.runner import variant_settings
+from mmfl.federated import FedAvg, Federation, LocalTraining, Simulation
+from mmfl.federated.calibration import Calibration, ClassStatistics, draw
+from mmfl.federated.privacy import DifferentialPrivacy
+from mmfl.progress import NoProgress
+from mmfl.prompts import CoOp, PaddingPrompt
+
+
+def test_class_statistics_are_the_hand_computed_sums_means_and_covariances() -> None:
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [2.0, 4.0]])  # [N=4, D=2]
+    y = torch.tensor([0, 0, 1, 0])
+    s = ClassStatistics(num_classes=3, dim=2)
+    s.add(x, y)
+    assert s.count.tolist() == [3, 1, 0]
+    assert s.sum.tolist() == [[6.0, 4.0], [0.0, 2.0], [0.0, 0.0]]
+    assert s.outer[0].tolist() == [[1 + 9 + 4, 8.0], [8.0, 16.0]]  # Σ xxᵀ over (1,0), (3,0), (2,4)
+    g = s.gaussians()
+    assert sorted(g) == [0, 1]  # class 2 has no example: no Gaussian
+    mu, factor = g[0]
+    assert mu.tolist() == [2.0, 4 / 3]
+    # unbiased covariance of (1,0), (3,0), (2,4): var x = 1, var y = 16/3, cov = ((−1)(−4/3) + (1)(−4/3) + 0) / 2 = 0
+    cov = factor @ factor.T
+    torch.testing.assert_close(cov, torch.tensor([[1.0, 0.0], [0.0, 16 / 3]], dtype=torch.float64))
+    mu1, factor1 = g[1]
+    assert mu1.tolist() == [0.0, 2.0] and factor1.shape == (2, 0)  # one example: its feature, no spread
+
+
+def test_statistics_add_up_over_clients_and_a_rank_deficient_covariance_keeps_its_rank() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 5), torch.tensor([0, 1] * 6)
+    whole, a, b = ClassStatistics(2, 5), ClassStatistics(2, 5), ClassStatistics(2, 5)
+    whole.add(x, y)
+    a.add(x[:7], y[:7])
+    b.add(x[7:], y[7:])
+    torch.testing.assert_close(a.sum + b.sum, whole.sum)
+    torch.testing.assert_close(a.outer + b.outer, whole.outer)
+    assert (a.count + b.count).tolist() == whole.count.tolist()
+    g = whole.gaussians()
+    for c in (0, 1):  # 6 examples in 5 dimensions: rank 5; the factor reproduces the unbiased covariance
+        xs = x[y == c].double()
+        torch.testing.assert_close(g[c][1] @ g[c][1].T, torch.cov(xs.T))
+    few = ClassStatistics(1, 5)
+    few.add(x[:3], torch.zeros(3, dtype=torch.long))  # 3 examples: a covariance of rank 2
+    assert few.gaussians()[0][1].shape == (5, 2)
+
+
+def test_virtual_features_follow_each_classs_gaussian() -> None:
+    mu = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    factor = torch.tensor([[2.0], [1.0]], dtype=torch.float64)  # covariance [[4, 2], [2, 1]]: a line through μ
+    point = torch.tensor([5.0, 5.0], dtype=torch.float64)
+    x, y = draw({3: (mu, factor), 7: (point, point.new_zeros(2, 0))}, 4000, torch.Generator().manual_seed(0))
+    assert x.shape == (8000, 2) and x.dtype == torch.float32
+    assert y[:4000].eq(3).all() and y[4000:].eq(7).all()
+    assert (x[4000:] == torch.tensor([5.0, 5.0])).all()  # no spread: the one feature
+    a = x[:4000].double()
+    torch.testing.assert_close(a.mean(0), mu, atol=0.1, rtol=0)
+    torch.testing.assert_close(torch.cov(a.T), factor @ factor.T, atol=0.2, rtol=0)
+    torch.testing.assert_close(a[:, 0] - 2 * a[:, 1], torch.full((4000,), 5.0, dtype=torch.float64))  # on the line
+
+
+def _skewed(clients: int = 5) -> Task:
+    part = functools.partial(
+        PathologicalPartitioner,
+        partition_by="label",
+        num_classes_per_partition=2,
+        class_assignment_mode="deterministic",
+    )
+    return Task("digits", SklearnDigits(), clients=clients, shots=4, max_test_examples=30, partitioner=part)
+
+
+def _sim(bb: Backbone, calibration: Calibration | None, rounds: int = 2, out: Path | None = None) -> Simulation:
+    training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu")
+    fed = Federation(rounds=rounds, calibration=calibration)
+    parts = [functools.partial(CoOp, n_ctx=2)]
+    return Simulation(bb, [prepare_task(_skewed())], parts, training, fed, seed=0, output_dir=out)
+
+
+def test_the_servers_virtual_client_trains_the_merge_on_every_classs_virtual_features(tiny_backbone: Backbone) -> None:
+    plain, cal = _sim(tiny_backbone, None, rounds=1), _sim(tiny_backbone, Calibration(samples=6, epochs=2), rounds=1)
+    labels = set()
+    for c in cal.clients:  # client i holds classes i and i + 1: together classes 0-5 of the 10
+        held = set(c.data.train["label"])
+        assert len(held) <= 2
+        labels |= held
+    assert labels == set(range(6))
+    plain.run()
+    cal.run()
+    key = "task/digits/coop.ctx"
+    assert not torch.allclose(plain.global_state[key], cal.global_state[key])  # the server trained after the merge
+    rows = [r for r in cal.metrics.rows if r["split"] == "calibration"]
+    assert len(rows) == 1 and int(rows[0]["examples"]) == 6 * 6 and rows[0]["level"] == "server"
+    assert rows[0]["note"] == "6 classes x 6 virtual features"  # a class no client holds has no virtual features
+    # the Gaussians are those of the clients' frozen features, pooled
+    gauss = cal.class_gaussians()["digits/image"]
+    assert sorted(gauss) == list(range(6))
+    module = cal._calibrators["digits/image"][1]
+    feats = torch.cat([cal.features.encodings(module.modality, c.data.train, train=False) for c in cal.clients])
+    labels_all = torch.cat([torch.as_tensor(c.data.train["label"]) for c in cal.clients])
+    for k in range(6):
+        torch.testing.assert_close(gauss[k][0], feats[labels_all == k].double().mean(0))
+
+
+class _StopAfter(NoProgress):
+    def __init__(self, rnd: int) -> None:
+        self.rnd = rnd
+
+    def round_end(self, rnd: int) -> None:
+        if rnd == self.rnd:
+            raise KeyboardInterrupt
+
+
+def test_a_calibrated_run_resumes_to_the_same_tensors(tiny_backbone: Backbone, tmp_path: Path) -> None:
+    whole = _sim(tiny_backbone, Calibration(samples=4), rounds=3, out=tmp_path / "whole")
+    whole.run()
+    stopped = _sim(tiny_backbone, Calibration(samples=4), rounds=3, out=tmp_path / "stopped")
+    stopped.progress = _StopAfter(1)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    resumed = _sim(tiny_backbone, Calibration(samples=4), rounds=3, out=tmp_path / "stopped")
+    assert resumed.resume(tmp_path / "stopped") == 1
+    resumed.run()
+    for k, v in whole.global_state.items():
+        torch.testing.assert_close(resumed.global_state[k], v, atol=1e-6, rtol=0)
+
+
+def test_calibration_refuses_what_it_cannot_serve(tiny_backbone: Backbone, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="samples and epochs must be >= 1"):
+        Federation(calibration=Calibration(samples=0)).check()
+    dp = DifferentialPrivacy(noise_multiplier=1.0, clip_norm=0.1)
+    with pytest.raises(ValueError, match=r"cannot be combined with federation\.dp"):
+        Federation(aggregator=FedAvg(weighted=False), dp=dp, calibration=Calibration()).check()
+    training = LocalTraining(max_steps=1, accelerator="cpu")
+    task = prepare_task(_skewed())
+    with pytest.raises(ValueError, match=r"part\(s\) \['pixel'\] act before or inside the encoder"):
+        Simulation(tiny_backbone, [task], [CoOp, PaddingPrompt], training, Federation(calibration=Calibration()))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "backbone: {model_name: mmfl-tiny}\n"
+        "tasks:\n  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 2, shots: 2}\n"
+        "parts:\n  - class_path: mmfl.prompts.CoOp\n"
+        "federation: {rounds: 1, calibration: {samples: 10}}\n"
+    )
+    args = ["flower-app", "-c", str(recipe), "--app_dir", str(tmp_path / "app"), "--output_dir", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    assert "federation.calibration runs on mmfl's in-process engine only" in capsys.readouterr().err
+    assert not (tmp_path / "app").exists()
+
+
+def test_an_evaluation_variant_may_change_only_the_calibration() -> None:
+    with pytest.raises(ValueError, match=r"variants\.0 \(cal\): federation\.calibration\.samples and epochs"):
+        Protocol(variants=[Variant(name="cal", calibration=Calibration(epochs=0))]).check_variants()
+    v = Variant(name="cal", calibration=Calibration(samples=7))
+    Protocol(variants=[v]).check_variants()  # a change of its own: not "changes nothing"
+    training, fed = LocalTraining(epochs=2), Federation(rounds=4)
+    parts, got_training, got_fed = variant_settings(v, [CoOp], training, fed)
+    assert parts == [CoOp] and got_training == training
+    assert got_fed.calibration == Calibration(samples=7) and got_fed.rounds == 4 and fed.calibration is None
