@@ -106,8 +106,13 @@ def test_the_servers_virtual_client_trains_the_merge_on_every_classs_virtual_fea
     rows = [r for r in cal.metrics.rows if r["split"] == "calibration"]
     assert len(rows) == 1 and int(rows[0]["examples"]) == 6 * 6 and rows[0]["level"] == "server"
     assert rows[0]["note"] == "6 classes x 6 virtual features"  # a class no client holds has no virtual features
+    sent = [r for r in cal.metrics.rows if r["level"] == "traffic" and r["split"] == "statistics"]
+    d = tiny_backbone.embed_dim
+    held = sum(len(set(c.data.train["label"])) for c in cal.clients)  # classes held, summed over the clients
+    assert len(sent) == 1 and int(sent[0]["examples"]) == 5
+    assert float(sent[0]["value"]) == held * 8 * (1 + d + d * (d + 1) // 2)  # count, Σx, Σxxᵀ's upper triangle
     # the Gaussians are those of the clients' frozen features, pooled
-    gauss = cal.class_gaussians()["digits/image"]
+    gauss = cal.class_gaussians(1)["digits/image"]
     assert sorted(gauss) == list(range(6))
     module = cal._calibrators["digits/image"][1]
     feats = torch.cat([cal.features.encodings(module.modality, c.data.train, train=False) for c in cal.clients])

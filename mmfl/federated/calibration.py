@@ -148,22 +148,42 @@ class ServerCalibration:
             local = module.trainable_state_dict(local_only=True)  # its local tensors stay as built
             self._calibrators[f"{task.name}/{task.modality}"] = (task, module, local)
 
-    def class_gaussians(self) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
+    def class_gaussians(self, rnd: int) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
         """Each (task, modality)'s class Gaussians from the sums of its labelled clients' training features (every
-        labelled client's, computed once: its data and the frozen encoder do not change)."""
+        labelled client's, gathered once, at round ``rnd``: its data and the frozen encoder do not change). What the
+        clients send is counted in a ``traffic`` row (split ``statistics``) of that round: per class held, the
+        count, ``Σx`` and the upper triangle of the symmetric ``Σxxᵀ``, in float64."""
         if self._gaussians is None:
             cache = self.features or FeatureCache(self.backbone, None, self.training.eval_batch_size)
             self._gaussians = {}
             for key, (task, module, _) in self._calibrators.items():
                 stats: ClassStatistics | None = None
+                senders, nbytes = 0, 0
                 for c in self.clients:
                     if c.task is not task or not c.data.labeled or not len(c.data.train):
                         continue
                     x = cache.encodings(module.modality, c.data.train, train=False)  # [N, D]: no random transform
+                    labels = cache.labels(c.data.train)  # [N]
                     if stats is None:
                         stats = ClassStatistics(len(task.class_names), x.shape[1])
-                    stats.add(x, cache.labels(c.data.train))
+                    stats.add(x, labels)
+                    d = x.shape[1]
+                    senders += 1
+                    nbytes += len(labels.unique()) * 8 * (1 + d + d * (d + 1) // 2)
                 self._gaussians[key] = stats.gaussians() if stats is not None else {}
+                if senders:
+                    self.metrics.add(
+                        rnd, "traffic", task.name, task.modality, "", "statistics", math.nan, math.nan, senders,
+                        value=nbytes,
+                    )  # fmt: skip
+                log.info(
+                    "server calibration: %s: class statistics (count, mean, covariance) of %d labelled clients, "
+                    "%d classes (%.1f MB sent, once)",
+                    key,
+                    senders,
+                    len(self._gaussians[key]),
+                    nbytes / 1e6,
+                )
         return self._gaussians
 
     def calibrate(self, rnd: int) -> dict[str, Tensor]:
@@ -174,7 +194,7 @@ class ServerCalibration:
         cal = self.federation.calibration
         sums: dict[str, Tensor] = {}
         weights: dict[str, int] = {}
-        for key, gaussians in self.class_gaussians().items():
+        for key, gaussians in self.class_gaussians(rnd).items():
             if not gaussians:
                 continue
             task, module, local = self._calibrators[key]

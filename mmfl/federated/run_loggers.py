@@ -90,7 +90,7 @@ def round_metrics(rows: Sequence[dict], rnd: int) -> dict[str, float]:
             out[f"client/{r['client']}/fit_acc"] = float(r["accuracy"])
             fit.setdefault(group, []).append((float(r["loss"]), float(r["accuracy"]), int(r["examples"])))
         elif r["level"] == "traffic":
-            out[f"bytes_sent/{group}"] = float(r["value"])
+            out[f"bytes_sent/{group}"] = out.get(f"bytes_sent/{group}", 0.0) + float(r["value"])  # replies, statistics
             out["bytes_sent/total"] = out.get("bytes_sent/total", 0.0) + float(r["value"])
         elif r["level"] == "server" and r["split"] == "privacy":
             out["epsilon"] = float(r["value"])
