@@ -17,6 +17,7 @@ from mmfl.evaluation.protocol import Protocol, Variant
 from mmfl.evaluation.runner import variant_settings
 from mmfl.federated import FedAvg, Federation, LocalTraining, Simulation
 from mmfl.federated.calibration import Calibration, ClassStatistics, draw
+from mmfl.federated.node import read_recipe
 from mmfl.federated.privacy import DifferentialPrivacy
 from mmfl.progress import NoProgress
 from mmfl.prompts import CoOp, PaddingPrompt
@@ -165,6 +166,9 @@ def test_calibration_refuses_what_it_cannot_serve(tiny_backbone: Backbone, tmp_p
     assert cli.main(args) == 2
     assert "federation.calibration runs on mmfl's in-process engine only" in capsys.readouterr().err
     assert not (tmp_path / "app").exists()
+    with pytest.raises(ValueError, match="in-process engine only"):  # an app's run config that sets it anyway
+        read_recipe({"recipe-yaml": recipe.read_text().replace(", calibration: {samples: 10}", ""), "overrides": ""})
+        read_recipe({"recipe-yaml": recipe.read_text(), "overrides": ""})
 
 
 def test_an_evaluation_variant_may_change_only_the_calibration() -> None:
