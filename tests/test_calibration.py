@@ -3,6 +3,7 @@ clients in a round, exact resume, and the refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -180,3 +181,23 @@ def test_an_evaluation_variant_may_change_only_the_calibration() -> None:
     parts, got_training, got_fed = variant_settings(v, [CoOp], training, fed)
     assert parts == [CoOp] and got_training == training
     assert got_fed.calibration == Calibration(samples=7) and got_fed.rounds == 4 and fed.calibration is None
+
+
+def test_a_key_several_groups_hold_takes_their_virtual_clients_mean_weighted_by_virtual_examples(
+    tiny_backbone: Backbone,
+) -> None:
+    iid = Task("digits", SklearnDigits(), clients=2, shots=4, max_test_examples=30)  # all 10 classes
+    tasks = [prepare_task(iid), prepare_task(dataclasses.replace(_skewed(), name="skewed"))]  # classes 0-5 only
+    parts = [functools.partial(CoOp, n_ctx=2, scope="global")]  # one context for both tasks
+    fed = Federation(rounds=1, calibration=Calibration(samples=3, epochs=1))
+    sim = Simulation(tiny_backbone, tasks, parts, LocalTraining(max_steps=1, accelerator="cpu"), fed, seed=0)
+    a, na = sim.virtual_client("digits/image", 1)
+    b, nb = sim.virtual_client("skewed/image", 1)
+    assert (na, nb) == (10 * 3, 6 * 3) and list(a) == list(b) == ["global/coop.ctx"]
+    assert not torch.allclose(a["global/coop.ctx"], b["global/coop.ctx"])
+    again, _ = sim.virtual_client("digits/image", 1)
+    assert torch.equal(again["global/coop.ctx"], a["global/coop.ctx"])  # from the global tensors, same draws
+    out = sim.calibrate(1)
+    want = (a["global/coop.ctx"].double() * 30 + b["global/coop.ctx"].double() * 18) / 48
+    torch.testing.assert_close(out["global/coop.ctx"], want.float())
+    assert torch.equal(sim.global_state["global/coop.ctx"], out["global/coop.ctx"])

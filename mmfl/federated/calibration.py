@@ -188,34 +188,43 @@ class ServerCalibration:
 
     def calibrate(self, rnd: int) -> dict[str, Tensor]:
         """Train the merged tensors on virtual features, one virtual client per (task, modality), and put the
-        results (merged over the virtual clients that hold each key) into the global state. Returns them."""
-        from mmfl.federated.settings import derived_seed, seed_all
-
-        cal = self.federation.calibration
+        results (merged over the virtual clients that hold each key, weighted by their virtual examples) into the
+        global state. Returns them."""
         sums: dict[str, Tensor] = {}
         weights: dict[str, int] = {}
-        for key, gaussians in self.class_gaussians(rnd).items():
-            if not gaussians:
-                continue
-            task, module, local = self._calibrators[key]
-            s = derived_seed(self.seed, rnd, "calibration", key)
-            x, y = draw(gaussians, cal.samples, torch.Generator().manual_seed(s))  # [C·S, D], [C·S]
-            module.load_trainable_state_dict({**self.global_state, **local})
-            seed_all(s)
-            trainer = self._trainer(cal.epochs)
-            module.epoch_metrics = {}
-            try:
-                trainer.fit(module, train_dataloaders=encoded_loader(x, y, self.training.batch_size, True, seed=s))
-            finally:
-                module.trainer = None
-            m = {k: float(v) for k, v in module.epoch_metrics.items()}
-            self.metrics.add(
-                rnd, "server", task.name, task.modality, "", "calibration", m.get("train_loss", math.nan),
-                m.get("train_acc", math.nan), len(y), note=f"{len(gaussians)} classes x {cal.samples} virtual features",
-            )  # fmt: skip
-            for k, v in module.trainable_state_dict(include_local=False).items():
-                sums[k] = sums.get(k, 0) + v.detach().to(torch.float64) * len(y)
-                weights[k] = weights.get(k, 0) + len(y)
+        for key in self.class_gaussians(rnd):
+            state, n = self.virtual_client(key, rnd)
+            for k, v in state.items():
+                sums[k] = sums.get(k, 0) + v.to(torch.float64) * n
+                weights[k] = weights.get(k, 0) + n
         out = {k: (sums[k] / weights[k]).to(self.global_state[k].dtype) for k in sums}
         self.global_state.update(out)
         return out
+
+    def virtual_client(self, key: str, rnd: int) -> tuple[dict[str, Tensor], int]:
+        """The virtual client of (task, modality) ``key`` at round ``rnd``: from the global tensors, trained on its
+        virtual features (drawn with a seed of the run's seed, the round and ``key``). Returns its non-local
+        tensors and its number of virtual features (0, and no tensors, when none of its clients holds labels)."""
+        from mmfl.federated.settings import derived_seed, seed_all
+
+        cal = self.federation.calibration
+        gaussians = self.class_gaussians(rnd)[key]
+        if not gaussians:
+            return {}, 0
+        task, module, local = self._calibrators[key]
+        s = derived_seed(self.seed, rnd, "calibration", key)
+        x, y = draw(gaussians, cal.samples, torch.Generator().manual_seed(s))  # [C·S, D], [C·S]
+        module.load_trainable_state_dict({**self.global_state, **local})
+        seed_all(s)
+        trainer = self._trainer(cal.epochs)
+        module.epoch_metrics = {}
+        try:
+            trainer.fit(module, train_dataloaders=encoded_loader(x, y, self.training.batch_size, True, seed=s))
+        finally:
+            module.trainer = None
+        m = {k: float(v) for k, v in module.epoch_metrics.items()}
+        self.metrics.add(
+            rnd, "server", task.name, task.modality, "", "calibration", m.get("train_loss", math.nan),
+            m.get("train_acc", math.nan), len(y), note=f"{len(gaussians)} classes x {cal.samples} virtual features",
+        )  # fmt: skip
+        return {k: v.detach().clone() for k, v in module.trainable_state_dict(include_local=False).items()}, len(y)
