@@ -206,3 +206,12 @@ def test_a_key_several_groups_hold_takes_their_virtual_clients_mean_weighted_by_
     want = (a["global/coop.ctx"].double() * 30 + b["global/coop.ctx"].double() * 18) / 48
     torch.testing.assert_close(out["global/coop.ctx"], want.float())
     assert torch.equal(sim.global_state["global/coop.ctx"], out["global/coop.ctx"])
+
+
+def test_a_group_whose_tensors_are_all_local_has_no_virtual_client(tiny_backbone: Backbone) -> None:
+    fed = Federation(rounds=1, calibration=Calibration(samples=3, epochs=1))
+    parts = [functools.partial(CoOp, n_ctx=2, scope="local")]
+    sim = Simulation(tiny_backbone, [prepare_task(_skewed())], parts, LocalTraining(max_steps=1), fed, seed=0)
+    assert sim._calibrators == {}
+    sim.run()
+    assert not [r for r in sim.metrics.rows if r["split"] in ("calibration", "statistics")]  # nothing sent or trained

@@ -125,8 +125,8 @@ class ServerCalibration:
     tasks, training settings and global state)."""
 
     def init_calibration(self) -> None:
-        """Check the recipe and build one virtual client's module per (task, modality) with labelled clients (built
-        now, so the runs' random draws do not depend on when they are first needed)."""
+        """Check the recipe and build one virtual client's module per (task, modality) with labelled clients and
+        tensors that are merged (built now, so the runs' random draws do not depend on when they are first needed)."""
         self._calibrators: dict[str, tuple[PreparedTask, ClientModule, dict[str, Tensor]]] = {}
         self._gaussians: dict[str, dict[int, tuple[Tensor, Tensor]]] | None = None
         cal = self.federation.calibration
@@ -144,6 +144,8 @@ class ServerCalibration:
                     f"({task.modality}) part(s) {changing} act before or inside the encoder: use parts that leave "
                     "the input encoder untouched (text prompts, adapters after it), or drop federation.calibration"
                 )
+            if not module.trainable_state_dict(include_local=False):  # all its tensors are local: nothing to calibrate
+                continue
             module.mixup = 0.0
             local = module.trainable_state_dict(local_only=True)  # its local tensors stay as built
             self._calibrators[f"{task.name}/{task.modality}"] = (task, module, local)
