@@ -100,14 +100,14 @@ def flower_app_parser() -> ArgumentParser:
 
 def write_flower_app(parser: ArgumentParser, cfg: Namespace) -> Path:
     """Check the recipe, then write the app whose ServerApp writes to ``--output_dir``."""
-    from mmfl.federated.calibration import refuse_on_flower
+    from mmfl.federated.virtual_features import refuse_on_flower
 
     try:
         from mmfl.federated.flower import write_app
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"the Flower engine needs flwr: pip install 'mmfl[flower]' ({e})") from None
     init, tasks, federation = check_recipe(parser, cfg)
-    refuse_on_flower(federation.calibration)
+    refuse_on_flower(federation.virtual_features)
     secagg = None
     if cfg.secure_aggregation:
         from mmfl.federated.flower_secagg import check_secure

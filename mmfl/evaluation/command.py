@@ -131,9 +131,10 @@ def describe_variant(v: Namespace) -> str:
         )
     if v.optimizer is not None:
         out.append("optimizer " + _call(v.optimizer))
-    if v.calibration is not None:
+    if v.virtual_features is not None:
         out.append(
-            f"server calibration ({v.calibration.samples} virtual features per class, {v.calibration.epochs} epochs)"
+            f"server training on virtual features ({v.virtual_features.samples} per class, "
+            f"{v.virtual_features.epochs} epochs a round)"
         )
     return "; ".join(out)
 

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass, field
 
 from mmfl.data.task import Task
-from mmfl.federated.calibration import Calibration
 from mmfl.federated.settings import OptimizerFactory
 from mmfl.federated.simulation import PartFactory
+from mmfl.federated.virtual_features import VirtualFeatures
 from mmfl.knowledge import KnowledgeGuidance
 
 SELECTIONS = ("last", "best_val", "average")
@@ -40,14 +40,15 @@ class Variant:
         parts: the trainable parts instead of the recipe's (class_path + init_args, as ``parts:``).
         knowledge: ``training.knowledge`` instead of the recipe's.
         optimizer: ``training.optimizer`` instead of the recipe's.
-        calibration: ``federation.calibration`` instead of the recipe's (server calibration on virtual features).
+        virtual_features: ``federation.virtual_features`` instead of the recipe's (the server's training on virtual
+            features).
     """
 
     name: str
     parts: list[PartFactory] | None = None
     knowledge: KnowledgeGuidance | None = None
     optimizer: OptimizerFactory | None = None
-    calibration: Calibration | None = None
+    virtual_features: VirtualFeatures | None = None
 
 
 @dataclass
@@ -172,13 +173,13 @@ class Protocol:
                     v.knowledge.check()
                 except ValueError as e:
                     raise ValueError(f"evaluation.variants.{i} ({v.name}): {e}") from None
-            if v.calibration is not None:
+            if v.virtual_features is not None:
                 try:
-                    v.calibration.check()
+                    v.virtual_features.check()
                 except ValueError as e:
                     raise ValueError(f"evaluation.variants.{i} ({v.name}): {e}") from None
-            if v.parts is None and v.knowledge is None and v.optimizer is None and v.calibration is None:
+            if v.parts is None and v.knowledge is None and v.optimizer is None and v.virtual_features is None:
                 raise ValueError(
                     f"evaluation.variants.{i} ({v.name}) changes nothing; give parts, knowledge, optimizer or "
-                    "calibration"
+                    "virtual_features"
                 )

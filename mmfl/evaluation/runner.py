@@ -329,6 +329,6 @@ def variant_settings(
 ) -> tuple[list, LocalTraining, Federation]:
     """A variant's parts, local training and federation settings: the recipe's, with what the variant changes."""
     changes = {k: getattr(v, k) for k in ("knowledge", "optimizer") if getattr(v, k) is not None}
-    if v.calibration is not None:
-        federation = dataclasses.replace(federation, calibration=v.calibration)
+    if v.virtual_features is not None:
+        federation = dataclasses.replace(federation, virtual_features=v.virtual_features)
     return (parts if v.parts is None else v.parts), dataclasses.replace(training, **changes), federation

@@ -93,7 +93,7 @@ def read_recipe(run_config: dict) -> tuple:
     Raises:
         ValueError: the recipe is missing or invalid (the message names what to fix).
     """
-    from mmfl.federated.calibration import refuse_on_flower
+    from mmfl.federated.virtual_features import refuse_on_flower
     from mmfl.recipe import check_recipe, fit_parser
 
     text = str(run_config.get("recipe-yaml", ""))
@@ -105,7 +105,7 @@ def read_recipe(run_config: dict) -> tuple:
         parser = fit_parser()
         cfg = parser.parse_args(["-c", str(recipe), *shlex.split(str(run_config.get("overrides", "")))])
     init, tasks, federation = check_recipe(parser, cfg)
-    refuse_on_flower(federation.calibration)
+    refuse_on_flower(federation.virtual_features)
     return cfg, init, tasks, federation
 
 

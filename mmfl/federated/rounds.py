@@ -199,8 +199,8 @@ class Rounds:
             release = functools.partial(self.private, rnd, sampled=sampled, replied=stream.replies)
         merged = stream.result(release, self.share_chooser(rnd) if self.chooses_shares else None)
         self.global_state.update(merged)
-        if self.federation.calibration is not None:  # the server's virtual clients (mmfl.federated.calibration)
-            merged.update(self.calibrate(rnd))
+        if self.federation.virtual_features is not None:  # the server's virtual clients (.virtual_features)
+            merged.update(self.virtual_round(rnd))
         return merged
 
     @property

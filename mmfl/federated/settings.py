@@ -12,9 +12,9 @@ import torch
 from jsonargparse import lazy_instance
 
 from mmfl.federated.aggregate import Aggregator, FedAvg
-from mmfl.federated.calibration import Calibration
 from mmfl.federated.privacy import DifferentialPrivacy
 from mmfl.federated.pseudo_labels import PseudoLabels
+from mmfl.federated.virtual_features import VirtualFeatures
 from mmfl.knowledge import KnowledgeGuidance
 from mmfl.module import OptimizerFactory, default_optimizer
 
@@ -40,8 +40,8 @@ class Federation:
         clip_norm: clip each client's update (over all its keys) to this L2 norm before merging (None: no
             clipping).
         dp: client-level differential privacy (clipping + Gaussian noise + accounting); None: off.
-        calibration: after every merge, train the merged tensors on virtual features drawn from the clients' class
-            statistics (CCVR; :class:`~mmfl.federated.calibration.Calibration`), against label skew; None: off.
+        virtual_features: after every merge, train the merged tensors on virtual features drawn from the clients' class
+            statistics (CCVR; :class:`~mmfl.federated.virtual_features.VirtualFeatures`), against label skew; None: off.
     """
 
     rounds: int = 5
@@ -53,7 +53,7 @@ class Federation:
     client_timeout: float | None = None
     clip_norm: float | None = None
     dp: DifferentialPrivacy | None = None
-    calibration: Calibration | None = None
+    virtual_features: VirtualFeatures | None = None
 
     def check(self) -> None:
         """Raise a clear error for impossible settings (before any data or model is loaded)."""
@@ -69,11 +69,11 @@ class Federation:
             if self.clip_norm is not None:
                 raise ValueError("give the clip norm once: federation.dp.clip_norm (drop federation.clip_norm)")
             self.dp.check(self.aggregator, self.fraction)
-        if self.calibration is not None:
-            self.calibration.check()
+        if self.virtual_features is not None:
+            self.virtual_features.check()
             if self.dp is not None:
                 raise ValueError(
-                    "federation.calibration sends each task's class statistics to the server unprotected, so it "
+                    "federation.virtual_features sends each task's class statistics to the server unprotected, so it "
                     "cannot be combined with federation.dp: drop one of them"
                 )
 

@@ -15,7 +15,6 @@ from torch import Tensor
 from mmfl.backbone import Backbone
 from mmfl.data.task import PreparedTask
 from mmfl.federated.averaging import RoundAverage
-from mmfl.federated.calibration import ServerCalibration
 from mmfl.federated.checkpoint import save_state
 from mmfl.federated.client_runner import ClientRunner, PartFactory
 from mmfl.federated.faults import spec_of
@@ -28,13 +27,14 @@ from mmfl.federated.run_loggers import log_round
 from mmfl.federated.settings import Federation, LocalTraining, seed_all
 from mmfl.federated.summary import human_duration
 from mmfl.federated.task_eval import TaskEvaluation
+from mmfl.federated.virtual_features import VirtualClients
 from mmfl.module import ClientModule, quiet_lightning
 from mmfl.progress import NoProgress
 
 log = logging.getLogger(__name__)
 
 
-class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage, ServerCalibration):
+class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage, VirtualClients):
     """Runs a federation in this process.
 
     Clients are (task, modality, data partition). Each round a fraction of them is sampled; each loads
@@ -157,7 +157,7 @@ class Simulation(ClientRunner, Rounds, TaskEvaluation, RoundAverage, ServerCalib
             if task.novel_class_names:  # fail now, not after training, when a part cannot serve new classes
                 self.evaluator(task, novel=True)
         self.check_val_mixing()  # mix(..., own=val) needs each task holding its keys to have validation data
-        self.init_calibration()
+        self.init_virtual_clients()
         self.best_round: int | None = None
         self.best_score = -math.inf
         self.best_state: dict[str, Tensor] = {}

@@ -1,5 +1,6 @@
-"""Server calibration on virtual features (CCVR, "No Fear of Heterogeneity", NeurIPS 2021): the server trains the
-merged tensors of each (task, modality) on features drawn from its clients' class statistics.
+"""Server training on virtual features (CCVR's classifier calibration with virtual representations, "No Fear of
+Heterogeneity", NeurIPS 2021): the server trains the merged tensors of each (task, modality) on features drawn from
+its clients' class statistics.
 
 Under label skew each client's update pulls a task's shared prompt toward telling its own few classes apart, and
 merging the updates does not undo that (docs/evaluation.md, "Knowledge guidance"). With a frozen input encoder a
@@ -36,8 +37,8 @@ log = logging.getLogger("mmfl.federated.simulation")
 
 
 @dataclass
-class Calibration:
-    """Server calibration on virtual features (recipe ``federation.calibration``; :mod:`mmfl.federated.calibration`).
+class VirtualFeatures:
+    """Server training on virtual features (recipe ``federation.virtual_features``; :mod:`.virtual_features`).
 
     Args:
         samples: virtual features drawn per class each round.
@@ -53,19 +54,19 @@ class Calibration:
         """Raise a clear error for impossible settings."""
         if self.samples < 1 or self.epochs < 1:
             raise ValueError(
-                f"federation.calibration.samples and epochs must be >= 1, got samples={self.samples}, "
+                f"federation.virtual_features.samples and epochs must be >= 1, got samples={self.samples}, "
                 f"epochs={self.epochs}"
             )
 
 
-def refuse_on_flower(calibration: Calibration | None) -> None:
-    """The Flower engine does not calibrate (yet): its server lets the clients' data go and no message carries class
-    statistics. Raises a clear error when a recipe asks for it there."""
-    if calibration is not None:
+def refuse_on_flower(virtual_features: VirtualFeatures | None) -> None:
+    """The Flower engine does not train on virtual features (yet): its server lets the clients' data go and no
+    message carries class statistics. Raises a clear error when a recipe asks for it there."""
+    if virtual_features is not None:
         raise ValueError(
-            "federation.calibration runs on mmfl's in-process engine only (mmfl fit, mmfl evaluate): on Flower the "
-            "class statistics would need messages of their own, which are not built; drop federation.calibration "
-            "for `mmfl flower-app`"
+            "federation.virtual_features runs on mmfl's in-process engine only (mmfl fit, mmfl evaluate): on Flower "
+            "the class statistics would need messages of their own, which are not built; drop "
+            "federation.virtual_features for `mmfl flower-app`"
         )
 
 
@@ -120,16 +121,16 @@ def draw(
     return torch.cat(xs).float(), torch.cat(ys)
 
 
-class ServerCalibration:
-    """The calibration of :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the simulation's clients,
+class VirtualClients:
+    """The virtual clients of :class:`~mmfl.federated.simulation.Simulation` (a mixin: it uses the simulation's clients,
     tasks, training settings and global state)."""
 
-    def init_calibration(self) -> None:
+    def init_virtual_clients(self) -> None:
         """Check the recipe and build one virtual client's module per (task, modality) with labelled clients and
         tensors that are merged (built now, so the runs' random draws do not depend on when they are first needed)."""
-        self._calibrators: dict[str, tuple[PreparedTask, ClientModule, dict[str, Tensor]]] = {}
+        self._virtual: dict[str, tuple[PreparedTask, ClientModule, dict[str, Tensor]]] = {}
         self._gaussians: dict[str, dict[int, tuple[Tensor, Tensor]]] | None = None
-        cal = self.federation.calibration
+        cal = self.federation.virtual_features
         if cal is None:
             return
         cal.check()
@@ -140,15 +141,16 @@ class ServerCalibration:
             changing = [n for n, p in module.parts.items() if p.changes_encoding(module.modality.name)]
             if changing:
                 raise ValueError(
-                    f"federation.calibration draws virtual features of the frozen encoder, but on task {task.name!r} "
-                    f"({task.modality}) part(s) {changing} act before or inside the encoder: use parts that leave "
-                    "the input encoder untouched (text prompts, adapters after it), or drop federation.calibration"
+                    "federation.virtual_features draws virtual features of the frozen encoder, but on task "
+                    f"{task.name!r} ({task.modality}) part(s) {changing} act before or inside the encoder: use parts "
+                    "that leave the input encoder untouched (text prompts, adapters after it), or drop "
+                    "federation.virtual_features"
                 )
-            if not module.trainable_state_dict(include_local=False):  # all its tensors are local: nothing to calibrate
+            if not module.trainable_state_dict(include_local=False):  # all its tensors are local: nothing to train
                 continue
             module.mixup = 0.0
             local = module.trainable_state_dict(local_only=True)  # its local tensors stay as built
-            self._calibrators[f"{task.name}/{task.modality}"] = (task, module, local)
+            self._virtual[f"{task.name}/{task.modality}"] = (task, module, local)
 
     def class_gaussians(self, rnd: int) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
         """Each (task, modality)'s class Gaussians from the sums of its labelled clients' training features (every
@@ -158,7 +160,7 @@ class ServerCalibration:
         if self._gaussians is None:
             cache = self.features or FeatureCache(self.backbone, None, self.training.eval_batch_size)
             self._gaussians = {}
-            for key, (task, module, _) in self._calibrators.items():
+            for key, (task, module, _) in self._virtual.items():
                 stats: ClassStatistics | None = None
                 senders, nbytes = 0, 0
                 for c in self.clients:
@@ -179,7 +181,7 @@ class ServerCalibration:
                         value=nbytes,
                     )  # fmt: skip
                 log.info(
-                    "server calibration: %s: class statistics (count, mean, covariance) of %d labelled clients, "
+                    "virtual features: %s: class statistics (count, mean, covariance) of %d labelled clients, "
                     "%d classes (%.1f MB sent, once)",
                     key,
                     senders,
@@ -188,7 +190,7 @@ class ServerCalibration:
                 )
         return self._gaussians
 
-    def calibrate(self, rnd: int) -> dict[str, Tensor]:
+    def virtual_round(self, rnd: int) -> dict[str, Tensor]:
         """Train the merged tensors on virtual features, one virtual client per (task, modality), and put the
         results (merged over the virtual clients that hold each key, weighted by their virtual examples) into the
         global state. Returns them."""
@@ -209,12 +211,12 @@ class ServerCalibration:
         tensors and its number of virtual features (0, and no tensors, when none of its clients holds labels)."""
         from mmfl.federated.settings import derived_seed, seed_all
 
-        cal = self.federation.calibration
+        cal = self.federation.virtual_features
         gaussians = self.class_gaussians(rnd)[key]
         if not gaussians:
             return {}, 0
-        task, module, local = self._calibrators[key]
-        s = derived_seed(self.seed, rnd, "calibration", key)
+        task, module, local = self._virtual[key]
+        s = derived_seed(self.seed, rnd, "virtual_features", key)
         x, y = draw(gaussians, cal.samples, torch.Generator().manual_seed(s))  # [C·S, D], [C·S]
         module.load_trainable_state_dict({**self.global_state, **local})
         seed_all(s)
@@ -226,7 +228,7 @@ class ServerCalibration:
             module.trainer = None
         m = {k: float(v) for k, v in module.epoch_metrics.items()}
         self.metrics.add(
-            rnd, "server", task.name, task.modality, "", "calibration", m.get("train_loss", math.nan),
+            rnd, "server", task.name, task.modality, "", "virtual_features", m.get("train_loss", math.nan),
             m.get("train_acc", math.nan), len(y), note=f"{len(gaussians)} classes x {cal.samples} virtual features",
         )  # fmt: skip
         return {k: v.detach().clone() for k, v in module.trainable_state_dict(include_local=False).items()}, len(y)

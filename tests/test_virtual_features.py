@@ -1,4 +1,4 @@
-"""``federation.calibration``: class statistics against hand computations, virtual features, the server's virtual
+"""``federation.virtual_features``: class statistics against hand computations, virtual features, the server's virtual
 clients in a round, exact resume, and the refusals."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from mmfl.data import SklearnDigits, Task, prepare_task
 from mmfl.evaluation.protocol import Protocol, Variant
 from mmfl.evaluation.runner import variant_settings
 from mmfl.federated import FedAvg, Federation, LocalTraining, Simulation
-from mmfl.federated.calibration import Calibration, ClassStatistics, draw
 from mmfl.federated.node import read_recipe
 from mmfl.federated.privacy import DifferentialPrivacy
+from mmfl.federated.virtual_features import ClassStatistics, VirtualFeatures, draw
 from mmfl.module import quiet_lightning
 from mmfl.progress import NoProgress
 from mmfl.prompts import CoOp, PaddingPrompt
@@ -90,15 +90,18 @@ def _skewed(clients: int = 5) -> Task:
     return Task("digits", SklearnDigits(), clients=clients, shots=4, max_test_examples=30, partitioner=part)
 
 
-def _sim(bb: Backbone, calibration: Calibration | None, rounds: int = 2, out: Path | None = None) -> Simulation:
+def _sim(bb: Backbone, virtual: VirtualFeatures | None, rounds: int = 2, out: Path | None = None) -> Simulation:
     training = LocalTraining(max_steps=2, batch_size=8, accelerator="cpu")
-    fed = Federation(rounds=rounds, calibration=calibration)
+    fed = Federation(rounds=rounds, virtual_features=virtual)
     parts = [functools.partial(CoOp, n_ctx=2)]
     return Simulation(bb, [prepare_task(_skewed())], parts, training, fed, seed=0, output_dir=out)
 
 
 def test_the_servers_virtual_client_trains_the_merge_on_every_classs_virtual_features(tiny_backbone: Backbone) -> None:
-    plain, cal = _sim(tiny_backbone, None, rounds=1), _sim(tiny_backbone, Calibration(samples=6, epochs=2), rounds=1)
+    plain, cal = (
+        _sim(tiny_backbone, None, rounds=1),
+        _sim(tiny_backbone, VirtualFeatures(samples=6, epochs=2), rounds=1),
+    )
     labels = set()
     for c in cal.clients:  # client i holds classes i and i + 1: together classes 0-5 of the 10
         held = set(c.data.train["label"])
@@ -109,7 +112,7 @@ def test_the_servers_virtual_client_trains_the_merge_on_every_classs_virtual_fea
     cal.run()
     key = "task/digits/coop.ctx"
     assert not torch.allclose(plain.global_state[key], cal.global_state[key])  # the server trained after the merge
-    rows = [r for r in cal.metrics.rows if r["split"] == "calibration"]
+    rows = [r for r in cal.metrics.rows if r["split"] == "virtual_features"]
     assert len(rows) == 1 and int(rows[0]["examples"]) == 6 * 6 and rows[0]["level"] == "server"
     assert rows[0]["note"] == "6 classes x 6 virtual features"  # a class no client holds has no virtual features
     sent = [r for r in cal.metrics.rows if r["level"] == "traffic" and r["split"] == "statistics"]
@@ -120,7 +123,7 @@ def test_the_servers_virtual_client_trains_the_merge_on_every_classs_virtual_fea
     # the Gaussians are those of the clients' frozen features, pooled
     gauss = cal.class_gaussians(1)["digits/image"]
     assert sorted(gauss) == list(range(6))
-    module = cal._calibrators["digits/image"][1]
+    module = cal._virtual["digits/image"][1]
     feats = torch.cat([cal.features.encodings(module.modality, c.data.train, train=False) for c in cal.clients])
     labels_all = torch.cat([torch.as_tensor(c.data.train["label"]) for c in cal.clients])
     for k in range(6):
@@ -136,55 +139,61 @@ class _StopAfter(NoProgress):
             raise KeyboardInterrupt
 
 
-def test_a_calibrated_run_resumes_to_the_same_tensors(tiny_backbone: Backbone, tmp_path: Path) -> None:
-    whole = _sim(tiny_backbone, Calibration(samples=4), rounds=3, out=tmp_path / "whole")
+def test_a_run_with_virtual_features_resumes_to_the_same_tensors(tiny_backbone: Backbone, tmp_path: Path) -> None:
+    whole = _sim(tiny_backbone, VirtualFeatures(samples=4), rounds=3, out=tmp_path / "whole")
     whole.run()
-    stopped = _sim(tiny_backbone, Calibration(samples=4), rounds=3, out=tmp_path / "stopped")
+    stopped = _sim(tiny_backbone, VirtualFeatures(samples=4), rounds=3, out=tmp_path / "stopped")
     stopped.progress = _StopAfter(1)
     with pytest.raises(KeyboardInterrupt):
         stopped.run()
-    resumed = _sim(tiny_backbone, Calibration(samples=4), rounds=3, out=tmp_path / "stopped")
+    resumed = _sim(tiny_backbone, VirtualFeatures(samples=4), rounds=3, out=tmp_path / "stopped")
     assert resumed.resume(tmp_path / "stopped") == 1
     resumed.run()
     for k, v in whole.global_state.items():
         torch.testing.assert_close(resumed.global_state[k], v, atol=1e-6, rtol=0)
 
 
-def test_calibration_refuses_what_it_cannot_serve(tiny_backbone: Backbone, tmp_path: Path, capsys) -> None:
+def test_virtual_features_refuse_what_it_cannot_serve(tiny_backbone: Backbone, tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="samples and epochs must be >= 1"):
-        Federation(calibration=Calibration(samples=0)).check()
+        Federation(virtual_features=VirtualFeatures(samples=0)).check()
     dp = DifferentialPrivacy(noise_multiplier=1.0, clip_norm=0.1)
     with pytest.raises(ValueError, match=r"cannot be combined with federation\.dp"):
-        Federation(aggregator=FedAvg(weighted=False), dp=dp, calibration=Calibration()).check()
+        Federation(aggregator=FedAvg(weighted=False), dp=dp, virtual_features=VirtualFeatures()).check()
     training = LocalTraining(max_steps=1, accelerator="cpu")
     task = prepare_task(_skewed())
     with pytest.raises(ValueError, match=r"part\(s\) \['pixel'\] act before or inside the encoder"):
-        Simulation(tiny_backbone, [task], [CoOp, PaddingPrompt], training, Federation(calibration=Calibration()))
+        Simulation(
+            tiny_backbone, [task], [CoOp, PaddingPrompt], training, Federation(virtual_features=VirtualFeatures())
+        )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "backbone: {model_name: mmfl-tiny}\n"
         "tasks:\n  - {name: digits, data: {class_path: mmfl.data.SklearnDigits}, clients: 2, shots: 2}\n"
         "parts:\n  - class_path: mmfl.prompts.CoOp\n"
-        "federation: {rounds: 1, calibration: {samples: 10}}\n"
+        "federation: {rounds: 1, virtual_features: {samples: 10}}\n"
     )
     args = ["flower-app", "-c", str(recipe), "--app_dir", str(tmp_path / "app"), "--output_dir", str(tmp_path / "o")]
     assert cli.main(args) == 2
-    assert "federation.calibration runs on mmfl's in-process engine only" in capsys.readouterr().err
+    assert "federation.virtual_features runs on mmfl's in-process engine only" in capsys.readouterr().err
     assert not (tmp_path / "app").exists()
     with pytest.raises(ValueError, match="in-process engine only"):  # an app's run config that sets it anyway
-        read_recipe({"recipe-yaml": recipe.read_text().replace(", calibration: {samples: 10}", ""), "overrides": ""})
+        read_recipe(
+            {"recipe-yaml": recipe.read_text().replace(", virtual_features: {samples: 10}", ""), "overrides": ""}
+        )
         read_recipe({"recipe-yaml": recipe.read_text(), "overrides": ""})
 
 
-def test_an_evaluation_variant_may_change_only_the_calibration() -> None:
-    with pytest.raises(ValueError, match=r"variants\.0 \(cal\): federation\.calibration\.samples and epochs"):
-        Protocol(variants=[Variant(name="cal", calibration=Calibration(epochs=0))]).check_variants()
-    v = Variant(name="cal", calibration=Calibration(samples=7))
+def test_an_evaluation_variant_may_change_only_the_virtual_features() -> None:
+    with pytest.raises(ValueError, match=r"variants\.0 \(cal\): federation\.virtual_features\.samples and epochs"):
+        Protocol(variants=[Variant(name="cal", virtual_features=VirtualFeatures(epochs=0))]).check_variants()
+    v = Variant(name="cal", virtual_features=VirtualFeatures(samples=7))
     Protocol(variants=[v]).check_variants()  # a change of its own: not "changes nothing"
     training, fed = LocalTraining(epochs=2), Federation(rounds=4)
     parts, got_training, got_fed = variant_settings(v, [CoOp], training, fed)
     assert parts == [CoOp] and got_training == training
-    assert got_fed.calibration == Calibration(samples=7) and got_fed.rounds == 4 and fed.calibration is None
+    assert (
+        got_fed.virtual_features == VirtualFeatures(samples=7) and got_fed.rounds == 4 and fed.virtual_features is None
+    )
 
 
 def test_a_key_several_groups_hold_takes_their_virtual_clients_mean_weighted_by_virtual_examples(
@@ -193,13 +202,13 @@ def test_a_key_several_groups_hold_takes_their_virtual_clients_mean_weighted_by_
     iid = Task("digits", SklearnDigits(), clients=2, shots=4, max_test_examples=30)  # all 10 classes
     tasks = [prepare_task(iid), prepare_task(dataclasses.replace(_skewed(), name="skewed"))]  # classes 0-5 only
     parts = [functools.partial(CoOp, n_ctx=2, scope="global")]  # one context for both tasks
-    fed = Federation(rounds=1, calibration=Calibration(samples=3, epochs=1))
+    fed = Federation(rounds=1, virtual_features=VirtualFeatures(samples=3, epochs=1))
     sim = Simulation(tiny_backbone, tasks, parts, LocalTraining(max_steps=1, accelerator="cpu"), fed, seed=0)
     with quiet_lightning():  # as a run calls them
         a, na = sim.virtual_client("digits/image", 1)
         b, nb = sim.virtual_client("skewed/image", 1)
         again, _ = sim.virtual_client("digits/image", 1)
-        out = sim.calibrate(1)
+        out = sim.virtual_round(1)
     assert (na, nb) == (10 * 3, 6 * 3) and list(a) == list(b) == ["global/coop.ctx"]
     assert not torch.allclose(a["global/coop.ctx"], b["global/coop.ctx"])
     assert torch.equal(again["global/coop.ctx"], a["global/coop.ctx"])  # from the global tensors, same draws
@@ -209,9 +218,11 @@ def test_a_key_several_groups_hold_takes_their_virtual_clients_mean_weighted_by_
 
 
 def test_a_group_whose_tensors_are_all_local_has_no_virtual_client(tiny_backbone: Backbone) -> None:
-    fed = Federation(rounds=1, calibration=Calibration(samples=3, epochs=1))
+    fed = Federation(rounds=1, virtual_features=VirtualFeatures(samples=3, epochs=1))
     parts = [functools.partial(CoOp, n_ctx=2, scope="local")]
     sim = Simulation(tiny_backbone, [prepare_task(_skewed())], parts, LocalTraining(max_steps=1), fed, seed=0)
-    assert sim._calibrators == {}
+    assert sim._virtual == {}
     sim.run()
-    assert not [r for r in sim.metrics.rows if r["split"] in ("calibration", "statistics")]  # nothing sent or trained
+    assert not [
+        r for r in sim.metrics.rows if r["split"] in ("virtual_features", "statistics")
+    ]  # nothing sent or trained
