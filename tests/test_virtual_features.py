@@ -151,6 +151,8 @@ def test_a_run_with_virtual_features_resumes_to_the_same_tensors(tiny_backbone: 
     resumed.run()
     for k, v in whole.global_state.items():
         torch.testing.assert_close(resumed.global_state[k], v, atol=1e-6, rtol=0)
+    sent = [r for r in resumed.metrics.rows if r["split"] == "statistics"]
+    assert len(sent) == 1 and int(sent[0]["round"]) == 1  # sent once, in round 1, though gathered again on resuming
 
 
 def test_virtual_features_refuse_what_it_cannot_serve(tiny_backbone: Backbone, tmp_path: Path, capsys) -> None:

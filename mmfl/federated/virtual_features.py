@@ -175,7 +175,11 @@ class VirtualClients:
                     senders += 1
                     nbytes += len(labels.unique()) * 8 * (1 + d + d * (d + 1) // 2)
                 self._gaussians[key] = stats.gaussians() if stats is not None else {}
-                if senders:
+                sent = any(
+                    r["split"] == "statistics" and (r["task"], r["modality"]) == (task.name, task.modality)
+                    for r in self.metrics.rows
+                )
+                if senders and not sent:  # (a resumed run gathers them again from the data, but they were sent once)
                     self.metrics.add(
                         rnd, "traffic", task.name, task.modality, "", "statistics", math.nan, math.nan, senders,
                         value=nbytes,
@@ -216,7 +220,7 @@ class VirtualClients:
         if not gaussians:
             return {}, 0
         task, module, local = self._virtual[key]
-        s = derived_seed(self.seed, rnd, "virtual_features", key)
+        s = derived_seed(self.seed, rnd, "calibration", key)  # the seed's name since it was first measured (CCVR's)
         x, y = draw(gaussians, cal.samples, torch.Generator().manual_seed(s))  # [C·S, D], [C·S]
         module.load_trainable_state_dict({**self.global_state, **local})
         seed_all(s)
