@@ -31,7 +31,7 @@ from mmfl.interrupt import Interrupted, flush_streams, interrupted_message, stop
 from mmfl.modalities import ModalityError, available_modalities
 from mmfl.progress import progress_for
 from mmfl.quiet import setup_logging
-from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, resume_argv
+from mmfl.recipe import Parser, check_recipe, check_resume, fit_parser, lists_replace, resume_argv
 
 log = logging.getLogger("mmfl")
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(resumed[2]).parent
         print(f"mmfl fit: error: --resume {str(run)!r}: no run there (no config.yaml)", file=sys.stderr)
         return 2
-    cfg = parser.parse_args(flags + resumed)  # bad keys/types/files: prints the problem, exits 2
+    cfg = parser.parse_args(flags + lists_replace(resumed))  # bad keys/types/files: prints the problem, exits 2
     if cfg.subcommand == "modalities":
         for name, source in available_modalities().items():
             print(f"{name:<16} {source}")

@@ -255,3 +255,22 @@ def resume_argv(argv: list[str]) -> list[str]:
         if run:
             return ["fit", "-c", str(Path(run) / "config.yaml"), f"--output_dir={run}", *argv[1:]]
     return argv
+
+
+LIST_KEYS = ("--tasks", "--parts", "--loggers", "--evaluation.variants", "--evaluation.transfer")
+"""The recipe's lists of objects, which jsonargparse would merge item by item (lists of plain values it replaces)."""
+
+
+def lists_replace(argv: list[str]) -> list[str]:
+    """A list of objects given on the command line replaces the recipe's list: ``--tasks=[...]`` becomes
+    ``--tasks=[] --tasks=[...]`` (keys in :data:`LIST_KEYS`). jsonargparse merges a new list of the same length item
+    by item into the one before it, so a task or an evaluation variant written on the command line would silently
+    keep fields of the recipe's item at its index — its shots, partitioner or knowledge weights. ``--key+=item``
+    (append) is left alone."""
+    out: list[str] = []
+    for a in argv:
+        key = a.partition("=")[0]
+        if key in LIST_KEYS:  # `--key=[...]` or `--key [...]` (the value follows)
+            out.append(f"{key}=[]")
+        out.append(a)
+    return out

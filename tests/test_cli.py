@@ -23,8 +23,10 @@ from safetensors.torch import load_file
 from mmfl import cli
 from mmfl.data.wordnet import WORDNET_DIR
 from mmfl.prompts import CoOp
+from mmfl.recipe import fit_parser, lists_replace
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 # one round of two steps; unlabeled clients take part at once (a recipe may have them wait some rounds)
 TINY = ["--federation.rounds=1", "--training.max_steps=2", "--training.pseudo_labels.start_round=1"]
 
@@ -308,3 +310,18 @@ def test_quiet_and_verbose_flags_anywhere_on_the_line(tmp_path: Path, caplog, ca
     assert logging.getLogger("mmfl").isEnabledFor(logging.DEBUG)
     assert cli.main(["plot", str(tmp_path / "q"), "-v", "--quiet"]) == 2
     assert "give -v (show everything) or -q (warnings only), not both" in capsys.readouterr().err
+
+
+def test_a_list_given_on_the_command_line_replaces_the_recipes_list() -> None:
+    two = "[{name: x, data: {class_path: mmfl.data.SklearnDigits}, clients: 2}, {name: y, data: {class_path: mmfl.data.SklearnDigits}, clients: 2}]"  # noqa: E501
+    assert lists_replace(["fit", "-c", "r.yaml", f"--tasks={two}", "--seed=1", "--tasks+={name: z}"]) == [
+        "fit", "-c", "r.yaml", "--tasks=[]", f"--tasks={two}", "--seed=1", "--tasks+={name: z}",
+    ]  # fmt: skip
+    assert lists_replace(["--evaluation.variants", "[{name: a}]"]) == [
+        "--evaluation.variants=[]", "--evaluation.variants", "[{name: a}]",
+    ]  # fmt: skip
+    parser = fit_parser()
+    merged = parser.parse_args(["-c", str(RECIPES_DIR / "quickstart.yaml"), f"--tasks={two}"])
+    assert [t.shots for t in merged.tasks] == [16, 16]  # jsonargparse alone: the recipe's tasks' fields leak in
+    cfg = parser.parse_args(lists_replace(["-c", str(RECIPES_DIR / "quickstart.yaml"), f"--tasks={two}"]))
+    assert [(t.name, t.shots, t.partitioner) for t in cfg.tasks] == [("x", None, None), ("y", None, None)]

@@ -94,7 +94,7 @@ def read_recipe(run_config: dict) -> tuple:
         ValueError: the recipe is missing or invalid (the message names what to fix).
     """
     from mmfl.federated.virtual_features import refuse_on_flower
-    from mmfl.recipe import check_recipe, fit_parser
+    from mmfl.recipe import check_recipe, fit_parser, lists_replace
 
     text = str(run_config.get("recipe-yaml", ""))
     if not text.strip():
@@ -103,7 +103,7 @@ def read_recipe(run_config: dict) -> tuple:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(text)
         parser = fit_parser()
-        cfg = parser.parse_args(["-c", str(recipe), *shlex.split(str(run_config.get("overrides", "")))])
+        cfg = parser.parse_args(["-c", str(recipe), *lists_replace(shlex.split(str(run_config.get("overrides", ""))))])
     init, tasks, federation = check_recipe(parser, cfg)
     refuse_on_flower(federation.virtual_features)
     return cfg, init, tasks, federation
