@@ -56,7 +56,7 @@ from mmfl.federated.round_merge import RoundMerge
 from mmfl.federated.scopes import parse_scope
 from mmfl.federated.simulation import seed_all
 from mmfl.module import quiet_lightning
-from mmfl.recipe import fit_parser
+from mmfl.recipe import fit_parser, lists_replace
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class _TimedSimulation(Simulation):
 
 def build_backbone(recipe: str | Path, overrides: list[str]) -> Backbone:
     """The recipe's frozen backbone (built once and shared by every setting and seed)."""
-    cfg = fit_parser().parse_args(["-c", str(recipe), *overrides])
+    cfg = fit_parser().parse_args(["-c", str(recipe), *lists_replace(overrides)])
     seed_all(cfg.seed)
     return Backbone(**cfg.backbone.as_dict())
 
@@ -183,7 +183,9 @@ def run_setting(
             on the tasks' validation splits; with ``average_rounds``, the average is a candidate too).
     """
     parser = fit_parser()
-    cfg = parser.parse_args(["-c", str(recipe), *overrides, *([f"--seed={seed}"] if seed is not None else [])])
+    cfg = parser.parse_args(
+        ["-c", str(recipe), *lists_replace(overrides), *([f"--seed={seed}"] if seed is not None else [])]
+    )
     configure(cfg, setting, base)
     if edit is not None:
         edit(cfg)

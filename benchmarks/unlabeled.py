@@ -36,7 +36,7 @@ from mmfl.federated import Simulation
 from mmfl.federated.simulation import seed_all
 from mmfl.module import quiet_lightning
 from mmfl.prompts.alignment import BackboneProjections
-from mmfl.recipe import fit_parser
+from mmfl.recipe import fit_parser, lists_replace
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run(
 ) -> dict:
     """One federation; returns each task's final test (and validation) accuracy (percent) and its run folder."""
     parser = fit_parser()
-    cfg = parser.parse_args(["-c", str(recipe), *overrides, *SETTINGS[setting], f"--seed={seed}"])
+    cfg = parser.parse_args(["-c", str(recipe), *lists_replace(overrides), *SETTINGS[setting], f"--seed={seed}"])
     init = parser.instantiate(cfg)
     prepared = [prepare_task(t, seed=seed, val_fraction=val_fraction) for t in init.tasks]
     if setting == "labeled alone":
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     datasets.disable_progress_bars()
-    cfg = fit_parser().parse_args(["-c", args.recipe, *overrides])
+    cfg = fit_parser().parse_args(["-c", args.recipe, *lists_replace(overrides)])
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     out = Path(tmp.name) if tmp is not None else args.out
     settings = args.settings
