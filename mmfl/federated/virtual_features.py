@@ -130,10 +130,10 @@ class VirtualClients:
         tensors that are merged (built now, so the runs' random draws do not depend on when they are first needed)."""
         self._virtual: dict[str, tuple[PreparedTask, ClientModule, dict[str, Tensor]]] = {}
         self._gaussians: dict[str, dict[int, tuple[Tensor, Tensor]]] | None = None
-        cal = self.federation.virtual_features
-        if cal is None:
+        vf = self.federation.virtual_features
+        if vf is None:
             return
-        cal.check()
+        vf.check()
         for task in self.tasks:
             if not any(c.labeled for c in task.clients):
                 continue
@@ -215,16 +215,16 @@ class VirtualClients:
         tensors and its number of virtual features (0, and no tensors, when none of its clients holds labels)."""
         from mmfl.federated.settings import derived_seed, seed_all
 
-        cal = self.federation.virtual_features
+        vf = self.federation.virtual_features
         gaussians = self.class_gaussians(rnd)[key]
         if not gaussians:
             return {}, 0
         task, module, local = self._virtual[key]
         s = derived_seed(self.seed, rnd, "calibration", key)  # the seed's name since it was first measured (CCVR's)
-        x, y = draw(gaussians, cal.samples, torch.Generator().manual_seed(s))  # [C·S, D], [C·S]
+        x, y = draw(gaussians, vf.samples, torch.Generator().manual_seed(s))  # [C·S, D], [C·S]
         module.load_trainable_state_dict({**self.global_state, **local})
         seed_all(s)
-        trainer = self._trainer(cal.epochs)
+        trainer = self._trainer(vf.epochs)
         module.epoch_metrics = {}
         try:
             trainer.fit(module, train_dataloaders=encoded_loader(x, y, self.training.batch_size, True, seed=s))
@@ -233,6 +233,6 @@ class VirtualClients:
         m = {k: float(v) for k, v in module.epoch_metrics.items()}
         self.metrics.add(
             rnd, "server", task.name, task.modality, "", "virtual_features", m.get("train_loss", math.nan),
-            m.get("train_acc", math.nan), len(y), note=f"{len(gaussians)} classes x {cal.samples} virtual features",
+            m.get("train_acc", math.nan), len(y), note=f"{len(gaussians)} classes x {vf.samples} virtual features",
         )  # fmt: skip
         return {k: v.detach().clone() for k, v in module.trainable_state_dict(include_local=False).items()}, len(y)
