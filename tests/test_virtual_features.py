@@ -19,7 +19,7 @@ from mmfl.evaluation.runner import variant_settings
 from mmfl.federated import FedAvg, Federation, LocalTraining, Simulation
 from mmfl.federated.node import read_recipe
 from mmfl.federated.privacy import DifferentialPrivacy
-from mmfl.federated.virtual_features import ClassStatistics, VirtualFeatures, draw
+from mmfl.federated.virtual_features import ClassStatistics, VirtualFeatures, draw, pooled_covariances
 from mmfl.module import quiet_lightning
 from mmfl.progress import NoProgress
 from mmfl.prompts import CoOp, PaddingPrompt
@@ -64,6 +64,47 @@ def test_statistics_add_up_over_clients_and_a_rank_deficient_covariance_keeps_it
     few = ClassStatistics(1, 5)
     few.add(x[:3], torch.zeros(3, dtype=torch.long))  # 3 examples: a covariance of rank 2
     assert few.gaussians()[0][1].shape == (5, 2)
+
+
+def test_a_pooled_covariance_is_the_groups_within_class_scatter_over_their_degrees_of_freedom() -> None:
+    # group (a, image): class 0 = (0,0), (2,0) → scatter [[2,0],[0,0]], 1 dof; class 1 = (5,5) alone → 0 dof
+    a = ClassStatistics(2, 2)
+    a.add(torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]))
+    # group (b, audio): class 0 = (1,1), (1,3), (1,5) → mean (1,3), scatter [[0,0],[0,8]], 2 dof
+    b = ClassStatistics(1, 2)
+    b.add(torch.tensor([[1.0, 1.0], [1.0, 3.0], [1.0, 5.0]]), torch.tensor([0, 0, 0]))
+    w, dof = a.within()
+    assert w.tolist() == [[2.0, 0.0], [0.0, 0.0]] and dof == 1
+    stats = {("a", "image"): a, ("b", "audio"): b}
+    both = torch.tensor([[2.0, 0.0], [0.0, 8.0]], dtype=torch.float64) / 3  # (W_a + W_b) / (1 + 2)
+    for scope in ("global", "task", "modality", "task_modality"):
+        pools = pooled_covariances(stats, scope)
+        if scope == "global":
+            assert torch.equal(pools[("a", "image")], both) and torch.equal(pools[("b", "audio")], both)
+        else:  # different tasks and modalities: each group pools its own classes only
+            assert pools[("a", "image")].tolist() == [[2.0, 0.0], [0.0, 0.0]]
+            assert pools[("b", "audio")].tolist() == [[0.0, 0.0], [0.0, 4.0]]
+    lone = ClassStatistics(1, 2)
+    lone.add(torch.tensor([[1.0, 1.0]]), torch.tensor([0]))
+    assert pooled_covariances({("c", "text"): lone}, "global") == {}  # no degree of freedom: nothing to pool
+    wide = ClassStatistics(1, 3)
+    wide.add(torch.ones(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"differ in width \(a/image: 2, c/text: 3\)"):
+        pooled_covariances({("a", "image"): a, ("c", "text"): wide}, "global")
+
+
+def test_a_class_covariance_shrinks_toward_the_pool_by_its_prior() -> None:
+    a = ClassStatistics(2, 2)
+    a.add(torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]]), torch.tensor([0, 0, 1]))
+    pooled = torch.tensor([[1.0, 0.5], [0.5, 3.0]], dtype=torch.float64)
+    g = a.gaussians(pooled, prior=2.0)
+    # class 0: (S + 2 P) / (n − 1 + 2) = ([[2,0],[0,0]] + [[2,1],[1,6]]) / 3; full rank now (it was a line)
+    want = torch.tensor([[4.0, 1.0], [1.0, 6.0]], dtype=torch.float64) / 3
+    assert g[0][0].tolist() == [1.0, 0.0] and g[0][1].shape == (2, 2)
+    torch.testing.assert_close(g[0][1] @ g[0][1].T, want)
+    torch.testing.assert_close(g[1][1] @ g[1][1].T, pooled)  # a class seen once takes the pool's shape exactly
+    assert g[1][0].tolist() == [5.0, 5.0]
+    assert a.gaussians()[0][1].shape == (2, 1) and a.gaussians()[1][1].shape == (2, 0)  # without a pool: as before
 
 
 def test_virtual_features_follow_each_classs_gaussian() -> None:
@@ -158,6 +199,12 @@ def test_a_run_with_virtual_features_resumes_to_the_same_tensors(tiny_backbone: 
 def test_virtual_features_refuse_what_it_cannot_serve(tiny_backbone: Backbone, tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="samples and epochs must be >= 1"):
         Federation(virtual_features=VirtualFeatures(samples=0)).check()
+    with pytest.raises(
+        ValueError, match=r"covariance must be one of class, task_modality, task, modality, global, got"
+    ):
+        Federation(virtual_features=VirtualFeatures(covariance="local")).check()
+    with pytest.raises(ValueError, match=r"prior must be a finite number > 0, got 0"):
+        Federation(virtual_features=VirtualFeatures(covariance="global", prior=0)).check()
     dp = DifferentialPrivacy(noise_multiplier=1.0, clip_norm=0.1)
     with pytest.raises(ValueError, match=r"cannot be combined with federation\.dp"):
         Federation(aggregator=FedAvg(weighted=False), dp=dp, virtual_features=VirtualFeatures()).check()
@@ -228,3 +275,37 @@ def test_a_group_whose_tensors_are_all_local_has_no_virtual_client(tiny_backbone
     assert not [
         r for r in sim.metrics.rows if r["split"] in ("virtual_features", "statistics")
     ]  # nothing sent or trained
+
+
+def test_a_run_pools_the_class_covariances_over_the_groups_of_its_scope(tiny_backbone: Backbone) -> None:
+    iid = Task("digits", SklearnDigits(), clients=2, shots=4, max_test_examples=30)
+    scarce = Task("few", SklearnDigits(), clients=1, shots=2, max_test_examples=30)
+    tasks = [prepare_task(iid), prepare_task(scarce)]
+    training = LocalTraining(max_steps=1, accelerator="cpu")
+    parts = [functools.partial(CoOp, n_ctx=2)]
+    gaussians, stats = {}, {}
+    for covariance in ("class", "global", "task_modality"):
+        fed = Federation(rounds=1, virtual_features=VirtualFeatures(samples=3, covariance=covariance, prior=4.0))
+        sim = Simulation(tiny_backbone, tasks, parts, training, fed, seed=0)
+        gaussians[covariance] = sim.class_gaussians(1)
+    for task in tasks:  # the statistics by hand, from every client's frozen features
+        module = sim._virtual[f"{task.name}/image"][1]
+        s = ClassStatistics(10, tiny_backbone.embed_dim)
+        for c in sim.clients:
+            if c.task is task:
+                s.add(
+                    sim.features.encodings(module.modality, c.data.train, train=False),
+                    torch.as_tensor(c.data.train["label"]),
+                )
+        stats[task.name] = s
+    (wd, dd), (wf, df) = stats["digits"].within(), stats["few"].within()
+    assert (dd, df) == (2 * 4 * 10 - 10, 2 * 10 - 10)
+    for name, pool in (("global", (wd + wf) / (dd + df)), ("task_modality", wf / df)):
+        want = stats["few"].gaussians(pool, 4.0)
+        got = gaussians[name]["few/image"]
+        for c in range(10):
+            torch.testing.assert_close(got[c][0], want[c][0])
+            torch.testing.assert_close(got[c][1] @ got[c][1].T, want[c][1] @ want[c][1].T)
+    own = gaussians["class"]["few/image"][0][1]
+    assert own.shape[1] == 1  # two examples: a line; pooled, the class spreads in the pool's directions
+    assert gaussians["global"]["few/image"][0][1].shape[1] > 1

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from mmfl.data.feature_cache import FeatureCache, encoded_loader
+from mmfl.federated.scopes import scope_prefix
 
 if TYPE_CHECKING:
     from mmfl.data.task import PreparedTask
@@ -45,10 +46,21 @@ class VirtualFeatures:
         epochs: epochs the server's virtual client of each (task, modality) trains on them after every merge
             (with the recipe's optimizer and batch size). 5 was chosen over 1 on the validation split of
             ``recipes/label_skew.yaml`` (mean validation accuracy 84.9 ± 2.7 against 79.8 ± 5.1, 3 seeds).
+        covariance: the covariance each class's features are drawn with. ``class`` (CCVR's): the class's own, from
+            its examples alone (rank at most n_c − 1: a class with 2 examples varies along one line). A scope
+            (``task_modality``, ``task``, ``modality``, ``global``): the class's own shrunk toward the within-class
+            covariance pooled over every (task, modality) group that shares the class's key of that scope —
+            ``(S_c + prior · Σ_pool) / (n_c − 1 + prior)`` with ``S_c`` the class's scatter — so a class with few
+            examples borrows the shape of its spread from the classes (of its own group, or of other tasks and
+            modalities) that have many. No more is sent: the pool is made of the statistics the server has.
+        prior: how many examples' worth of the pooled covariance each class's covariance takes (``covariance`` a
+            scope only).
     """
 
     samples: int = 100
     epochs: int = 5
+    covariance: str = "class"
+    prior: float = 10.0
 
     def check(self) -> None:
         """Raise a clear error for impossible settings."""
@@ -57,6 +69,18 @@ class VirtualFeatures:
                 f"federation.virtual_features.samples and epochs must be >= 1, got samples={self.samples}, "
                 f"epochs={self.epochs}"
             )
+        if self.covariance not in COVARIANCES:
+            raise ValueError(
+                f"federation.virtual_features.covariance must be one of {', '.join(COVARIANCES)}, got "
+                f"{self.covariance!r}: `class` keeps each class's own covariance, a scope pools the within-class "
+                "covariance over the (task, modality) groups that share its key"
+            )
+        if not (self.prior > 0 and math.isfinite(self.prior)):
+            raise ValueError(f"federation.virtual_features.prior must be a finite number > 0, got {self.prior}")
+
+
+COVARIANCES: tuple[str, ...] = ("class", "task_modality", "task", "modality", "global")
+"""What ``federation.virtual_features.covariance`` may be: each class's own, or a scope to pool over."""
 
 
 def refuse_on_flower(virtual_features: VirtualFeatures | None) -> None:
@@ -92,21 +116,76 @@ class ClassStatistics:
             self.sum[c] += xs.sum(0)
             self.outer[c] += xs.T @ xs
 
-    def gaussians(self) -> dict[int, tuple[Tensor, Tensor]]:
-        """Per class with examples: (mean μ [D], a factor L [D, r] with L Lᵀ the unbiased covariance, r its rank);
-        μ + L z with z ~ N(0, I_r) is a draw from N(μ, Σ). A class seen once has r = 0 (its one feature)."""
+    def scatter(self, c: int) -> Tensor:
+        """Class ``c``'s scatter ``Σ (x − μ_c)(x − μ_c)ᵀ = Σxxᵀ − n_c μ_c μ_cᵀ`` [D, D] (0 for a class seen once)."""
+        n = int(self.count[c])
+        mu = self.sum[c] / n  # [D]
+        return self.outer[c] - n * torch.outer(mu, mu)
+
+    def within(self) -> tuple[Tensor, int]:
+        """The within-class scatter summed over the classes with examples [D, D], and its degrees of freedom
+        ``Σ_c (n_c − 1)`` (the pooled within-class covariance is their quotient)."""
+        total = torch.zeros_like(self.outer[0])  # [D, D]
+        dof = 0
+        for c in torch.nonzero(self.count).flatten().tolist():
+            total += self.scatter(c)
+            dof += int(self.count[c]) - 1
+        return total, dof
+
+    def gaussians(self, pooled: Tensor | None = None, prior: float = 0.0) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per class with examples: (mean μ [D], a factor L [D, r] with L Lᵀ the covariance, r its rank);
+        μ + L z with z ~ N(0, I_r) is a draw from N(μ, Σ).
+
+        Args:
+            pooled: a covariance [D, D] to shrink each class's toward; None: the class's own, unbiased (a class
+                seen once has r = 0: its one feature).
+            prior: the examples' worth of ``pooled`` in each class's: ``Σ_c = (S_c + prior · pooled) /
+                (n_c − 1 + prior)`` with ``S_c`` the class's :meth:`scatter`.
+        """
         out = {}
         for c in torch.nonzero(self.count).flatten().tolist():
             n = int(self.count[c])
             mu = self.sum[c] / n  # [D]
-            if n < 2:
+            if pooled is not None:
+                cov = (self.scatter(c) + prior * pooled) / (n - 1 + prior)  # [D, D]
+            elif n < 2:
                 out[c] = (mu, mu.new_zeros(mu.shape[0], 0))
                 continue
-            cov = (self.outer[c] - n * torch.outer(mu, mu)) / (n - 1)  # [D, D]
+            else:
+                cov = self.scatter(c) / (n - 1)  # [D, D]
             ev, vec = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
-            keep = ev > ev.max().clamp_min(0) * 1e-10  # the covariance's rank is at most n - 1
+            keep = ev > ev.max().clamp_min(0) * 1e-10  # the covariance's rank is at most n - 1 (+ the pool's)
             out[c] = (mu, vec[:, keep] * ev[keep].sqrt())  # [D, r]
         return out
+
+
+def pooled_covariances(stats: dict[tuple[str, str], ClassStatistics], scope: str) -> dict[tuple[str, str], Tensor]:
+    """For each (task, modality) group, the within-class covariance pooled over the groups that share its key of
+    ``scope`` (``task_modality``: its own classes only; ``global``: every group's): ``Σ_g W_g / Σ_g dof_g`` [D, D]
+    with :meth:`ClassStatistics.within`'s scatter and degrees of freedom. A group whose pool has no degree of
+    freedom (every class seen once) is left out.
+
+    Raises:
+        ValueError: groups of one pool whose features differ in width.
+    """
+    within = {g: s.within() for g, s in stats.items()}
+    pools: dict[str, list[tuple[str, str]]] = {}
+    for task, modality in stats:
+        pools.setdefault(scope_prefix(scope, task, modality), []).append((task, modality))
+    out = {}
+    for members in pools.values():
+        widths = {within[g][0].shape[0] for g in members}
+        if len(widths) > 1:
+            raise ValueError(
+                f"federation.virtual_features.covariance={scope!r} pools groups whose features differ in width "
+                f"({', '.join(f'{t}/{m}: {within[(t, m)][0].shape[0]}' for t, m in members)}): pool over a narrower "
+                "scope"
+            )
+        dof = sum(within[g][1] for g in members)
+        if dof > 0:
+            total = sum(within[g][0] for g in members)  # [D, D]
+            out.update({g: total / dof for g in members})
+    return out
 
 
 def draw(
@@ -154,45 +233,56 @@ class VirtualClients:
 
     def class_gaussians(self, rnd: int) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
         """Each (task, modality)'s class Gaussians from the sums of its labelled clients' training features (every
-        labelled client's, gathered once, at round ``rnd``: its data and the frozen encoder do not change). What the
-        clients send is counted in a ``traffic`` row (split ``statistics``) of that round: per class held, the
-        count, ``Σx`` and the upper triangle of the symmetric ``Σxxᵀ``, in float64."""
+        labelled client's, gathered once, at round ``rnd``: its data and the frozen encoder do not change), their
+        covariances pooled as ``covariance`` says. What the clients send is counted in a ``traffic`` row (split
+        ``statistics``) of that round: per class held, the count, ``Σx`` and the upper triangle of the symmetric
+        ``Σxxᵀ``, in float64."""
         if self._gaussians is None:
-            cache = self.features or FeatureCache(self.backbone, None, self.training.eval_batch_size)
+            vf = self.federation.virtual_features
+            stats = {key: self._class_statistics(key, rnd) for key in self._virtual}
+            held = {(task.name, task.modality): stats[key] for key, (task, _, _) in self._virtual.items() if stats[key]}
+            pools = {} if vf.covariance == "class" else pooled_covariances(held, vf.covariance)
             self._gaussians = {}
-            for key, (task, module, _) in self._virtual.items():
-                stats: ClassStatistics | None = None
-                senders, nbytes = 0, 0
-                for c in self.clients:
-                    if c.task is not task or not c.data.labeled or not len(c.data.train):
-                        continue
-                    x = cache.encodings(module.modality, c.data.train, train=False)  # [N, D]: no random transform
-                    labels = cache.labels(c.data.train)  # [N]
-                    if stats is None:
-                        stats = ClassStatistics(len(task.class_names), x.shape[1])
-                    stats.add(x, labels)
-                    d = x.shape[1]
-                    senders += 1
-                    nbytes += len(labels.unique()) * 8 * (1 + d + d * (d + 1) // 2)
-                self._gaussians[key] = stats.gaussians() if stats is not None else {}
-                sent = any(
-                    r["split"] == "statistics" and (r["task"], r["modality"]) == (task.name, task.modality)
-                    for r in self.metrics.rows
-                )
-                if senders and not sent:  # (a resumed run gathers them again from the data, but they were sent once)
-                    self.metrics.add(
-                        rnd, "traffic", task.name, task.modality, "", "statistics", math.nan, math.nan, senders,
-                        value=nbytes,
-                    )  # fmt: skip
-                log.info(
-                    "virtual features: %s: class statistics (count, mean, covariance) of %d labelled clients, "
-                    "%d classes (%.1f MB sent, once)",
-                    key,
-                    senders,
-                    len(self._gaussians[key]),
-                    nbytes / 1e6,
-                )
+            for key, (task, _, _) in self._virtual.items():
+                pooled = pools.get((task.name, task.modality))
+                self._gaussians[key] = stats[key].gaussians(pooled, vf.prior) if stats[key] is not None else {}
         return self._gaussians
+
+    def _class_statistics(self, key: str, rnd: int) -> ClassStatistics | None:
+        """The class statistics of (task, modality) ``key``'s labelled clients, summed (None: none has data); their
+        ``traffic`` row (once in a run, also when resumed) and a log line."""
+        cache = self.features or FeatureCache(self.backbone, None, self.training.eval_batch_size)
+        task, module, _ = self._virtual[key]
+        stats: ClassStatistics | None = None
+        senders, nbytes = 0, 0
+        for c in self.clients:
+            if c.task is not task or not c.data.labeled or not len(c.data.train):
+                continue
+            x = cache.encodings(module.modality, c.data.train, train=False)  # [N, D]: no random transform
+            labels = cache.labels(c.data.train)  # [N]
+            if stats is None:
+                stats = ClassStatistics(len(task.class_names), x.shape[1])
+            stats.add(x, labels)
+            d = x.shape[1]
+            senders += 1
+            nbytes += len(labels.unique()) * 8 * (1 + d + d * (d + 1) // 2)
+        sent = any(
+            r["split"] == "statistics" and (r["task"], r["modality"]) == (task.name, task.modality)
+            for r in self.metrics.rows
+        )
+        if senders and not sent:  # (a resumed run gathers them again from the data, but they were sent once)
+            self.metrics.add(
+                rnd, "traffic", task.name, task.modality, "", "statistics", math.nan, math.nan, senders, value=nbytes
+            )
+        log.info(
+            "virtual features: %s: class statistics (count, mean, covariance) of %d labelled clients, %d classes "
+            "(%.1f MB sent, once)",
+            key,
+            senders,
+            0 if stats is None else int((stats.count > 0).sum()),
+            nbytes / 1e6,
+        )
+        return stats
 
     def virtual_round(self, rnd: int) -> dict[str, Tensor]:
         """Train the merged tensors on virtual features, one virtual client per (task, modality), and put the
