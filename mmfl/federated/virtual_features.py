@@ -12,6 +12,12 @@ merge, a *virtual client* per (task, modality) trains the merged tensors on them
 optimizer as a real client, for ``epochs`` epochs. A key held by several (task, modality)s (``global`` or
 ``modality`` scope) takes the mean of their virtual clients' results, weighted by their virtual examples.
 
+A class seen a few times has a covariance of rank n_c − 1 (two examples: a line). With ``covariance`` set to a scope
+instead of ``class``, each class's covariance is shrunk toward the within-class covariance pooled over the (task,
+modality) groups of that scope (as "Free Lunch for Few-shot Learning: Distribution Calibration", ICLR 2021, borrows
+the spread of data-rich classes for few-shot ones), so a scarce group draws its virtual features with the spread
+other groups' classes show — statistics the server already holds.
+
 What it costs: the class statistics leave the clients (the server sees every class's mean and covariance in the
 joint space; not with differential privacy), one pass of the frozen encoder over each labelled client's data at
 the first round, and the virtual clients' training on the server every round.
