@@ -245,13 +245,22 @@ class VirtualClients:
         ``Σxxᵀ``, in float64."""
         if self._gaussians is None:
             vf = self.federation.virtual_features
-            stats = {key: self._class_statistics(key, rnd) for key in self._virtual}
-            held = {(task.name, task.modality): stats[key] for key, (task, _, _) in self._virtual.items() if stats[key]}
-            pools = {} if vf.covariance == "class" else pooled_covariances(held, vf.covariance)
-            self._gaussians = {}
+            self._gaussians, held = {}, {}
             for key, (task, _, _) in self._virtual.items():
-                pooled = pools.get((task.name, task.modality))
-                self._gaussians[key] = stats[key].gaussians(pooled, vf.prior) if stats[key] is not None else {}
+                stats = self._class_statistics(key, rnd)
+                if stats is None:
+                    self._gaussians[key] = {}
+                elif vf.covariance == "class":  # each class its own: one group's C·D² sums held at a time
+                    self._gaussians[key] = stats.gaussians()
+                else:
+                    held[(task.name, task.modality)] = stats
+            if held:  # a pool needs every group's sums at once
+                pools = pooled_covariances(held, vf.covariance)
+                for key, (task, _, _) in self._virtual.items():
+                    if (task.name, task.modality) in held:
+                        group = (task.name, task.modality)
+                        self._gaussians[key] = held[group].gaussians(pools.get(group), vf.prior)
+            self._gaussians = {key: self._gaussians[key] for key in self._virtual}  # the groups' order
         return self._gaussians
 
     def _class_statistics(self, key: str, rnd: int) -> ClassStatistics | None:
