@@ -10,10 +10,11 @@ partitions, shots and training budget (``--settings``; by default the first thre
     with unlabeled, …: the same with one of the recipe's pseudo-label settings changed (ablations: SETTINGS).
 
 Each task is scored on its test split with the final merged state. Then the second run's merged backbone projections
-(a ``BackboneProjections`` part of ``global`` scope, if the recipe has one) are exported as ``mmfl export`` does and
-scored by the forgetting guard: zero-shot top-1 with hand-written templates of the original and the exported
-backbone on the federation's tasks and on bundled sets it never saw. Figures: mean ± std over seeds; differences are
-paired by seed (the same seed draws the same partitions and shots).
+(a ``BackboneProjections`` part of ``global`` scope, if the recipe has one) are exported as ``mmfl export`` does, once
+per ``--mix`` (``mmfl export --mix``: the original projections plus that share of the federation's change), and each
+export is scored by the forgetting guard: zero-shot top-1 with hand-written templates of the original and the
+exported backbone on the federation's tasks and on bundled sets it never saw. Figures: mean ± std over seeds;
+differences are paired by seed (the same seed draws the same partitions and shots).
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--guard-limit", type=int, default=500, help="examples per never-seen set")
     p.add_argument("--no-guard", action="store_true", help="skip the export and its forgetting guard")
+    p.add_argument(
+        "--mix", type=float, nargs="+", default=[1.0], help="export (and guard) with each of these `mmfl export --mix`"
+    )
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS)[:3], choices=list(SETTINGS))
     p.add_argument("--val-fraction", type=float, default=0.1, help="training data held out as validation data")
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(tmp.name) if tmp is not None else args.out
     settings = args.settings
     results: dict = {s: {} for s in settings}
-    guard: dict[int, list[dict]] = {}
+    guard: dict[float, dict[int, list[dict]]] = {m: {} for m in args.mix}
     for seed in args.seeds:
         seed_all(seed)  # as `mmfl fit` (and `mmfl export`) build it: a random-weight backbone depends on the seed
         backbone = Backbone(**cfg.backbone.as_dict())
@@ -138,10 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
             and any(isinstance(f(backbone, ["x"]), BackboneProjections) for f in init.parts)
         ):
             run_dir = results["with unlabeled"][seed]["run"]
-            _, path = export(run_dir, Path(run_dir) / "export.safetensors")
-            adapted = Backbone(backbone.model_name, pretrained=str(path))
-            guard[seed] = forgetting_report(backbone, adapted, guard_tasks(init.tasks, args.guard_limit))
-            path.unlink()
+            for mix in args.mix:
+                _, path = export(run_dir, Path(run_dir) / "export.safetensors", mix=mix)
+                adapted = Backbone(backbone.model_name, pretrained=str(path))
+                guard[mix][seed] = forgetting_report(backbone, adapted, guard_tasks(init.tasks, args.guard_limit))
+                path.unlink()
     tasks = list(results[settings[0]][args.seeds[0]]["accuracy"])
     summary: dict = {"seeds": args.seeds, "recipe": args.recipe, "overrides": overrides, "tasks": {}}
     ref = settings[0]
@@ -162,18 +167,21 @@ def main(argv: list[str] | None = None) -> dict:
             summary["tasks"].setdefault(t, {})["test" if split == "accuracy" else "val"] = row
             label = "test" if split == "accuracy" else "val"
             lines.append(f"{t:<15} {label:<5} {fmt(row['zero_shot']):<12} " + "  ".join(f"{c:<28}" for c in cells))
-    if guard:
-        summary["export"] = {}
-        lines += ["", "exported backbone, zero-shot top-1 (hand-written templates, no prompts)"]
-        lines.append("set             kind         original      exported      change (paired)")
-        for i, r in enumerate(guard[args.seeds[0]]):
-            per = [guard[s][i] for s in args.seeds]
-            row = {k: spread([100 * x[k] for x in per]) for k in ("original", "adapted", "change")}
-            summary["export"][r["set"]] = {"kind": r["kind"], "n": r["n"], **row}
-            lines.append(
-                f"{r['set']:<15} {r['kind']:<12} {fmt(row['original']):<13} {fmt(row['adapted']):<13} "
-                f"{row['change']['mean']:+.1f} ± {row['change']['std']:.1f}"
-            )
+    if any(guard.values()):
+        summary["exports"] = {}
+        for mix, by_seed in guard.items():
+            lines += ["", f"exported backbone (--mix {mix}), zero-shot top-1 (hand-written templates, no prompts)"]
+            lines.append("set             kind         original      exported      change (paired)")
+            rows = summary["exports"][str(mix)] = {}
+            for i, r in enumerate(by_seed[args.seeds[0]]):
+                per = [by_seed[s][i] for s in args.seeds]
+                row = {k: spread([100 * x[k] for x in per]) for k in ("original", "adapted", "change")}
+                rows[r["set"]] = {"kind": r["kind"], "n": r["n"], **row}
+                lines.append(
+                    f"{r['set']:<15} {r['kind']:<12} {fmt(row['original']):<13} {fmt(row['adapted']):<13} "
+                    f"{row['change']['mean']:+.1f} ± {row['change']['std']:.1f}"
+                )
+        summary["export"] = summary["exports"][str(args.mix[0])]  # the first --mix
     summary["runs"] = results
     log.info("results over seeds %s:\n%s", args.seeds, "\n".join(lines))
     if args.json is not None:

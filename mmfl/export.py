@@ -64,15 +64,27 @@ def projection_parts(backbone: Backbone, init) -> list[BackboneProjections]:
     return parts
 
 
-def adapted_state(run: str | Path, state: str = "last") -> tuple[Backbone, dict[str, Tensor], dict[str, str]]:
+def adapted_state(
+    run: str | Path, state: str = "last", mix: float = 1.0
+) -> tuple[Backbone, dict[str, Tensor], dict[str, str]]:
     """The run's backbone with its merged projections: (the original backbone, the adapted full state dict, the
     checkpoint's metadata).
 
+    Args:
+        run: a run folder of ``mmfl fit``.
+        state: which merged state (:data:`STATES`).
+        mix: how much of the federation's change each projection takes, ``W0 + mix · (W − W0)`` (a weight-space
+            ensemble of the original and the adapted backbone, as WiSE-FT's "Robust fine-tuning of zero-shot
+            models", CVPR 2022): 1 the merged projections, 0 the original ones.
+
     Raises:
-        ExportError: see :func:`run_recipe` and :func:`projection_parts`; ``state`` unknown or its file missing.
+        ExportError: see :func:`run_recipe` and :func:`projection_parts`; ``state`` unknown or its file missing;
+            ``mix`` outside [0, 1].
     """
     if state not in STATES:
         raise ExportError(f"--state {state!r}: use one of {sorted(STATES)}")
+    if not 0.0 <= mix <= 1.0:
+        raise ExportError(f"--mix {mix}: give a number from 0 (the original projections) to 1 (the run's merged ones)")
     cfg, init = run_recipe(run)
     path = Path(run) / STATES[state]
     if not path.is_file():
@@ -92,7 +104,7 @@ def adapted_state(run: str | Path, state: str = "last") -> tuple[Backbone, dict[
         missing = [k for k in part.targets if prefix + k not in merged]
         if missing:
             raise ExportError(f"{str(path)!r} has no tensor {prefix + missing[0]!r}: not the state of this recipe")
-        weights.update(part.weights({k: merged[prefix + k] for k in part.targets}))
+        weights.update(part.weights({k: mix * merged[prefix + k] for k in part.targets}))  # W0 + s·(mix·Δ)
     full = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
     for name, w in weights.items():
         full[name] = w.detach().to(full[name].dtype).cpu().contiguous()
@@ -102,12 +114,14 @@ def adapted_state(run: str | Path, state: str = "last") -> tuple[Backbone, dict[
         "adapted": ",".join(sorted(weights)),
         "run": str(Path(run).resolve().name),
         "state": state,
+        "mix": str(mix),
     }
     return backbone, full, meta
 
 
-def export(run: str | Path, output: str | Path, state: str = "last") -> tuple[Backbone, Path]:
-    """Write the run's adapted backbone to ``output`` (safetensors, written atomically).
+def export(run: str | Path, output: str | Path, state: str = "last", mix: float = 1.0) -> tuple[Backbone, Path]:
+    """Write the run's adapted backbone to ``output`` (safetensors, written atomically); ``state`` and ``mix`` as
+    :func:`adapted_state`.
 
     Returns:
         The original backbone (for comparisons) and the written path.
@@ -117,7 +131,7 @@ def export(run: str | Path, output: str | Path, state: str = "last") -> tuple[Ba
         raise ExportError(f"--output {str(output)!r}: give a file name ending in .safetensors")
     if output.is_dir():
         raise ExportError(f"--output {str(output)!r} is a folder; give a file name ending in .safetensors")
-    backbone, full, meta = adapted_state(run, state)
+    backbone, full, meta = adapted_state(run, state, mix)
     save_state(output, full, meta)
     log.info("wrote %s: %s with the run's merged %s", output, backbone.model_name, meta["adapted"])
     return backbone, output
@@ -155,6 +169,14 @@ def export_parser():
         help="last: the last round's merged state; best: best.safetensors; average: average.safetensors",
     )
     p.add_argument(
+        "--mix",
+        type=float,
+        default=1.0,
+        help="how much of the run's change to the projections the checkpoint takes: W0 + mix·(W − W0) (WiSE-FT's "
+        "weight-space ensemble; 1: the merged projections, 0: the original; lower forgets less of what the "
+        "federation never saw)",
+    )
+    p.add_argument(
         "--guard", action=ActionYesNo, default=True, help="score the export against the original (--no_guard: skip)"
     )
     p.add_argument("--limit", type=int | None, default=500, help="examples per never-seen set in the guard")
@@ -169,7 +191,7 @@ def run_export(cfg) -> dict:
 
     from mmfl.evaluation.forgetting import forgetting_report, guard_tasks, report_table
 
-    original, path = export(cfg.run, cfg.output, cfg.state)
+    original, path = export(cfg.run, cfg.output, cfg.state, cfg.mix)
     result: dict = {"checkpoint": str(path), "model_name": original.model_name}
     if cfg.guard:
         _, init = run_recipe(cfg.run)

@@ -127,6 +127,16 @@ def test_export_reloads_through_open_clip_with_the_runs_logits(tmp_path: Path) -
     # and through mmfl: Backbone(pretrained=FILE), `mmfl zeroshot --pretrained FILE`
     again = Backbone("mmfl-tiny", pretrained=str(out))
     assert torch.equal(again.model.visual.proj, state["visual.proj"])
+    # --mix: a weight-space ensemble W0 + mix·(W − W0) of the original and the run's projections
+    half, none = tmp_path / "half.safetensors", tmp_path / "none.safetensors"
+    for path, mix in ((half, "0.5"), (none, "0")):
+        assert cli.main(["export", str(run), "--output", str(path), "--mix", mix, "--no_guard"]) == 0
+    s_half, s_none = load_file(half), load_file(none)
+    for k in ("text_projection", "visual.proj"):
+        w0 = run_backbone.model.state_dict()[k]
+        assert torch.equal(s_none[k], w0)
+        assert torch.allclose(s_half[k], (w0 + state[k]) / 2, atol=1e-6)
+        assert not torch.allclose(s_half[k], state[k]) and not torch.allclose(s_half[k], w0)
 
 
 def test_export_guard_reports_federation_and_never_seen_sets(tmp_path: Path) -> None:
@@ -157,6 +167,8 @@ def test_export_errors_are_clear_and_write_nothing(tmp_path: Path, capsys) -> No
     assert "no mmfl.prompts.BackboneProjections part" in capsys.readouterr().err
     assert cli.main(["export", str(run), "--output", str(tmp_path / "x.pt")]) == 2
     assert "ending in .safetensors" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "--output", str(out), "--mix", "1.5"]) == 2
+    assert "--mix 1.5: give a number from 0" in capsys.readouterr().err
     assert cli.main(["zeroshot", "--data", "digits", "--pretrained", str(tmp_path / "none.safetensors")]) == 2
     assert "existing checkpoint file" in capsys.readouterr().err
     assert not out.exists()
