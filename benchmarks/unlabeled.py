@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS)[:3], choices=list(SETTINGS))
     p.add_argument("--val-fraction", type=float, default=0.1, help="training data held out as validation data")
     args, overrides = p.parse_known_args(argv)
+    if not all(0.0 <= m <= 1.0 for m in args.mix):  # before any training
+        p.error(f"--mix {' '.join(map(str, args.mix))}: each must be from 0 (the original) to 1 (the run's change)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     datasets.disable_progress_bars()
     cfg = fit_parser().parse_args(["-c", args.recipe, *lists_replace(overrides)])
