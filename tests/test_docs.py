@@ -198,7 +198,7 @@ BENCH_TINY = {
     "benchmarks.audio_encoder": ["--data", "digits", "--encoders", "vision+proj", "--shots", "1", "--rounds", "1"],
     "mmfl.backbones.build_mini": ["--out", "{tmp}/proj.safetensors"],
     "benchmarks.unlabeled": [
-        *("--seeds", "0", "--guard-limit", "8", "--settings", "labeled alone", "with unlabeled", "--mix", "1", "0"),
+        *("--seeds", "0", "--guard-limit", "8", "--settings", "labeled alone", "with unlabeled", "--mix", "0"),
         *(*TINY, "--json", "{tmp}/u.json"),
     ],
     "benchmarks.flower_node": ["--out", "{tmp}/n", "--backbone", "mmfl-tiny", "--clients", "2", "--copies", "1"],
@@ -241,8 +241,8 @@ def test_a_quoted_benchmark_runs_with_a_tiny_override(module: str, tmp_path: Pat
             assert set(row) == {"val", "test"} and {"labeled alone", "with unlabeled"} <= set(row["test"])
             assert all(0 <= row["test"][k]["mean"] <= 100 for k in row["test"])
         assert out["export"]["photos/image"]["kind"] == "never seen"
-        assert set(out["exports"]) == {"1.0", "0.0"} and out["export"] == out["exports"]["1.0"]
-        assert all(r["change"]["mean"] == 0 for r in out["exports"]["0.0"].values())  # mix 0: the original backbone
+        assert set(out["exports"]) == {"0.0"} and out["export"] == out["exports"]["0.0"]
+        assert all(r["change"]["mean"] == 0 for r in out["export"].values())  # --mix 0: the original backbone
     if module == "benchmarks.flower_node":  # a real deployment's ClientApp and ServerApp were both measured
         out = json.loads((tmp_path / "n" / "results.json").read_text())
         assert out["node_peak_rss_mib"] > out["backbone_rss_mib"] > 0 and out["server_peak_rss_mib"] > 0
