@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
             and any(isinstance(f(backbone, ["x"]), BackboneProjections) for f in init.parts)
         ):
             run_dir = results["with unlabeled"][seed]["run"]
+            tasks, first = guard_tasks(init.tasks, args.guard_limit), None
             for mix in args.mix:
                 _, path = export(run_dir, Path(run_dir) / "export.safetensors", mix=mix)
                 adapted = Backbone(backbone.model_name, pretrained=str(path))
-                guard[mix][seed] = forgetting_report(backbone, adapted, guard_tasks(init.tasks, args.guard_limit))
+                guard[mix][seed] = first = forgetting_report(backbone, adapted, tasks, reference=first)
                 path.unlink()
     tasks = list(results[settings[0]][args.seeds[0]]["accuracy"])
     summary: dict = {"seeds": args.seeds, "recipe": args.recipe, "overrides": overrides, "tasks": {}}

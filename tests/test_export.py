@@ -205,3 +205,16 @@ def test_keep_penalises_the_relative_change_of_anchor_texts_by_hand(tiny_backbon
     assert torch.allclose(part.regularization(), 2.0 * (text + vision) / 2, rtol=1e-5)
     part.regularization().backward()
     assert all(p.grad is not None for p in part.delta.values())
+
+
+def test_a_guard_with_a_reference_reuses_its_original_scores(tiny_backbone: Backbone) -> None:
+    from mmfl.evaluation.forgetting import forgetting_report, guard_tasks
+
+    tasks = guard_tasks([], limit=4)[:1]  # photos, 4 images: a never-seen set of any machine
+    first = forgetting_report(tiny_backbone, tiny_backbone, tasks, accelerator="cpu")
+    assert first[0]["change"] == 0 and first[0]["n"] == 4
+    again = forgetting_report(
+        tiny_backbone, tiny_backbone, tasks, accelerator="cpu", reference=[{**first[0], "original": 0.125}]
+    )
+    assert again[0]["original"] == 0.125 and again[0]["n"] == 4  # taken, not scored again
+    assert again[0]["change"] == pytest.approx(first[0]["adapted"] - 0.125)

@@ -43,17 +43,25 @@ def forgetting_report(
     tasks: Sequence[tuple[str, Task]],
     batch_size: int = 64,
     accelerator: str = "auto",
+    reference: Sequence[dict] | None = None,
 ) -> list[dict]:
     """Zero-shot top-1 of both backbones on each task's test split (the modality's own templates).
+
+    Args:
+        reference: the rows of an earlier report with the same ``original`` and ``tasks``: their ``original``
+            scores are taken instead of scoring the original backbone again (several exports of one run).
 
     Returns:
         One row per task: ``set`` (``task/modality``), ``kind`` (``federation`` or ``never seen``), ``n``,
         ``original``, ``adapted`` and ``change`` (fractions; change = adapted − original).
     """
     rows = []
-    for kind, task in tasks:
+    for i, (kind, task) in enumerate(tasks):
         limit = task.max_test_examples
-        a = zero_shot(original, task, limit=limit, batch_size=batch_size, accelerator=accelerator)
+        if reference is not None:
+            a = {"n": reference[i]["n"], "top1": reference[i]["original"]}
+        else:
+            a = zero_shot(original, task, limit=limit, batch_size=batch_size, accelerator=accelerator)
         b = zero_shot(adapted, task, limit=limit, batch_size=batch_size, accelerator=accelerator)
         rows.append(
             {

@@ -252,15 +252,11 @@ class VirtualClients:
                     self._gaussians[key] = {}
                 elif vf.covariance == "class":  # each class its own: one group's C·D² sums held at a time
                     self._gaussians[key] = stats.gaussians()
-                else:
-                    held[(task.name, task.modality)] = stats
-            if held:  # a pool needs every group's sums at once
-                pools = pooled_covariances(held, vf.covariance)
-                for key, (task, _, _) in self._virtual.items():
-                    if (task.name, task.modality) in held:
-                        group = (task.name, task.modality)
-                        self._gaussians[key] = held[group].gaussians(pools.get(group), vf.prior)
-            self._gaussians = {key: self._gaussians[key] for key in self._virtual}  # the groups' order
+                else:  # a pool needs every group's sums at once: filled below, in the groups' order
+                    self._gaussians[key], held[key] = {}, ((task.name, task.modality), stats)
+            pools = pooled_covariances(dict(held.values()), vf.covariance) if held else {}
+            for key, (group, stats) in held.items():
+                self._gaussians[key] = stats.gaussians(pools.get(group), vf.prior)
         return self._gaussians
 
     def _class_statistics(self, key: str, rnd: int) -> ClassStatistics | None:
