@@ -44,9 +44,41 @@ def test_hits_misses_and_reuse_across_runs_through_the_disk(tiny_backbone: Backb
     again = cache.encodings(img, ds.select([3, 1, 3]), train=False)  # eval transform = train transform here
     assert (cache.misses, cache.hits) == (10, 3)
     assert torch.equal(again, first[[3, 1, 3]])
-    fresh = FeatureCache(tiny_backbone, tmp_path)  # another run: everything comes from the file
+    fresh = FeatureCache(tiny_backbone, tmp_path, batch_size=4)  # another run: everything comes from the file
     assert torch.equal(fresh.encodings(img, ds, train=True), first)
     assert (fresh.misses, fresh.hits) == (0, 10)
+
+
+def test_an_encoding_does_not_depend_on_what_was_missing_with_it(tiny_backbone: Backbone, tmp_path) -> None:
+    """A cold cache encodes 9 inputs in batches of 4, 4 and 1; one that was asked for inputs 8 and 7 first, then
+    for all, encodes them in batches of 2, then 4 and 3. A ViT's matrix products round small batches
+    differently, so unpadded batches gave other bits; padded to the full size, the two caches agree
+    bit for bit (so a run's figures do not depend on whether the cache was empty when it started)."""
+    ds, img = _images(9), ImageModality()
+    at_once = FeatureCache(tiny_backbone, None, batch_size=4).encodings(img, ds, train=False)  # [9, D]
+    piecewise = FeatureCache(tiny_backbone, None, batch_size=4)
+    first = piecewise.encodings(img, ds.select([8, 7]), train=False)
+    assert piecewise.misses == 2 and torch.equal(first, at_once[[8, 7]])
+    assert torch.equal(piecewise.encodings(img, ds, train=False), at_once)
+    assert piecewise.misses == 9
+    # the encoding batch size is part of the key: another size is another store, never these entries
+    other = FeatureCache(tiny_backbone, tmp_path, batch_size=3)
+    assert other.store_key(img, False) != FeatureCache(tiny_backbone, tmp_path, batch_size=4).store_key(img, False)
+    assert torch.allclose(other.encodings(img, ds, train=False), at_once, atol=1e-5)
+
+
+def test_encoding_leaves_the_global_random_state_alone(tiny_backbone: Backbone) -> None:
+    """A cold cache encodes (its DataLoader draws from the global generator when it starts), a warm one does not:
+    what is drawn after either must be the same, or a run would depend on the cache's state."""
+    ds, img = _images(5), ImageModality()
+    cache = FeatureCache(tiny_backbone, None, batch_size=4)
+    torch.manual_seed(7)
+    cold = cache.encodings(img, ds, train=False)
+    after_cold = torch.rand(3)
+    torch.manual_seed(7)
+    warm = cache.encodings(img, ds, train=False)
+    assert cache.misses == 5 and cache.hits == 5 and torch.equal(cold, warm)
+    assert torch.equal(torch.rand(3), after_cold)
 
 
 def test_invalidated_by_backbone_transform_and_data(tiny_backbone: Backbone, tmp_path) -> None:

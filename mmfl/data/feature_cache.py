@@ -4,7 +4,10 @@ encoding is computed once and reused across epochs, rounds, clients and runs.
 Entries are keyed by (backbone weights, transform, example): the backbone by a digest of its frozen tensors
 (a random-weight backbone built with another seed is another backbone), the transform by the modality's
 :meth:`~mmfl.modalities.base.Modality.cache_id`, the example by a digest of its raw stored value (image bytes,
-waveform, text). Any change to one of the three is a miss, never a stale hit. On disk, one safetensors file per
+waveform, text). Any change to one of the three is a miss, never a stale hit. Inputs are always encoded in batches
+of the cache's full batch size (the last one padded) on its device, and those two are part of the key too: an
+encoding then never depends on which other inputs were missing with it, so a run gives the same figures whether
+the cache was empty or full when it started. On disk, one safetensors file per
 (backbone, transform) under ``$MMFL_CACHE/features`` holds the digests and the features; it is rewritten
 atomically whenever entries were added.
 """
@@ -96,13 +99,15 @@ class FeatureCache:
 
     # ---------------------------------------------------------------- keys
     def store_key(self, modality: Modality, train: bool) -> str | None:
-        """The (backbone, transform) key of a store, or None when the transform is random."""
+        """The (backbone, transform, encoding batch size, device type) key of a store, or None when the transform is
+        random."""
         tid = modality.cache_id(self.backbone, train)
         if tid is None:
             return None
         if self._backbone_digest is None:
             self._backbone_digest = backbone_digest(self.backbone)
-        return hashlib.blake2b(f"{self._backbone_digest}|{modality.name}|{tid}".encode(), digest_size=16).hexdigest()
+        how = f"{self._backbone_digest}|{modality.name}|{tid}|batch {self.batch_size}|{self._device().type}"
+        return hashlib.blake2b(how.encode(), digest_size=16).hexdigest()
 
     def digests(self, ds: datasets.Dataset, input_key: str) -> list[bytes]:
         """The digest of each example of ``ds`` (memoised per dataset fingerprint)."""
@@ -180,12 +185,28 @@ class FeatureCache:
         self._stores[key] = (rows, [feats])
         return feats[torch.tensor([rows[d] for d in digs], dtype=torch.long)]  # [N, D]
 
+    def _device(self) -> torch.device:
+        return torch.device(self.device) if self.device else self.backbone.device
+
     def _encode(self, modality: Modality, ds: datasets.Dataset, train: bool) -> Tensor:
-        device = torch.device(self.device) if self.device else self.backbone.device
+        """Encodings [M, D] of ``ds``'s inputs, every batch at the full batch size: a shorter last batch is padded
+        with copies of its first input, whose encodings are dropped. An encoder's result for one input can depend on
+        the batch's size (on the CPU a batch of one takes other kernels than a larger one, and a ViT's matrix products
+        round small batches differently), not on the batch's other inputs, so this makes each stored encoding the
+        same whichever inputs were missing with it. The global random state is left as it was (a DataLoader draws
+        from it when it starts), so what comes after does not depend on whether the cache had to encode."""
+        device = self._device()
         self.backbone.to(device)
         self.backbone.model.eval()
         loader = make_loader(ds, modality.input_key, modality.transform(self.backbone, train), self.batch_size, False)
-        out = [modality.encode(self.backbone, b[modality.input_key].to(device), []).float().cpu() for b in loader]
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for b in loader:
+                x = b[modality.input_key].to(device)  # [B, ...], B <= batch_size
+                n = x.shape[0]
+                if n < self.batch_size:
+                    x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])  # [batch_size, ...]
+                out.append(modality.encode(self.backbone, x, []).float().cpu()[:n])  # [B, D]
         return torch.cat(out)  # [M, D]
 
 
