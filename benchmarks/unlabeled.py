@@ -53,6 +53,7 @@ SETTINGS: dict[str, list[str]] = {
     "with unlabeled, top 64": ["--training.pseudo_labels.top_k=64"],
     "with unlabeled, every confident one": ["--training.pseudo_labels.top_k=null"],
     "with unlabeled, no threshold": ["--training.pseudo_labels.threshold=0.0"],
+    "with unlabeled, most confident": ["--training.pseudo_labels.pick=most_confident"],
 }
 """Each setting's extra recipe overrides (``labeled alone`` also leaves the unlabeled clients out)."""
 

@@ -42,6 +42,31 @@ def test_pseudo_labels_by_hand() -> None:
     assert math.isnan(pseudo_label_summary(probs, torch.tensor([], dtype=torch.long))["confidence"])
 
 
+def test_random_pick_draws_among_the_confident_ones() -> None:
+    """``pick="random"``: per predicted class, ``top_k`` of the predictions above the threshold, drawn with one
+    ``torch.randperm`` per class (in class order) from the global generator — not the most confident ones."""
+    probs = torch.tensor([[0.90, 0.05, 0.05], [0.60, 0.30, 0.10], [0.95, 0.03, 0.02], [0.20, 0.70, 0.10],
+                          [0.10, 0.40, 0.50], [0.90, 0.05, 0.05]])  # fmt: skip
+    # class 0: examples 0, 1, 2, 5 (0.90, 0.60, 0.95, 0.90); class 1: 3; class 2: 4
+    torch.manual_seed(3)
+    index, labels = select_pseudo_labels(probs, top_k=2, threshold=0.0, pick="random")
+    torch.manual_seed(3)
+    drawn = torch.tensor([0, 1, 2, 5])[torch.randperm(4)[:2]]  # class 0's draw; classes 1 and 2 keep their one
+    assert index.tolist() == sorted([*drawn.tolist(), 3, 4])
+    assert labels.tolist() == [{3: 1, 4: 2}.get(i, 0) for i in index.tolist()]
+    # over seeds every confident example of class 0 is drawn, the least confident one (1, 0.60) included
+    seen = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        seen |= set(select_pseudo_labels(probs, top_k=1, threshold=0.0, pick="random")[0].tolist())
+    assert seen == {0, 1, 2, 3, 4, 5}
+    # the threshold still decides who may be drawn; with room for all, the same set as the most confident pick
+    index, labels = select_pseudo_labels(probs, top_k=None, threshold=0.65, pick="random")
+    assert index.tolist() == [0, 2, 3, 5] and labels.tolist() == [0, 0, 1, 0]
+    with pytest.raises(ValueError, match="pick must be 'most_confident' or 'random'"):
+        select_pseudo_labels(probs, top_k=1, threshold=0.0, pick="top")
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="labeled_fraction must be in"):
         prepare_task(Task("d", SklearnDigits(), clients=2, labeled_fraction=1.5))
@@ -53,6 +78,8 @@ def test_bad_settings_are_refused() -> None:
         PseudoLabels(mixup=-0.5).check()
     with pytest.raises(ValueError, match="start_round must be >= 1"):
         PseudoLabels(start_round=0).check()
+    with pytest.raises(ValueError, match="pick must be 'most_confident' or 'random', got 'top'"):
+        PseudoLabels(pick="top").check()
 
 
 class _Relabeled(DataSource):
@@ -238,7 +265,7 @@ training:
   batch_size: 8
   optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.05}}
   accelerator: cpu
-  pseudo_labels: {top_k: 4, threshold: 0.0}
+  pseudo_labels: {top_k: 4, threshold: 0.0, pick: random}  # the random draw must resume exactly too
 federation: {rounds: 1}
 """
 
