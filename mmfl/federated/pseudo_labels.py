@@ -23,6 +23,12 @@ PICKS = ("most_confident", "random")
 """The values of ``training.pseudo_labels.pick``."""
 
 
+def check_pick(pick: str, name: str = "pick") -> None:
+    """Raise a ValueError naming ``name`` and the choices unless ``pick`` is one of :data:`PICKS`."""
+    if pick not in PICKS:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, PICKS))}, got {pick!r}")
+
+
 @dataclass
 class PseudoLabels:
     """How unlabeled clients choose their pseudo-labels (recipe ``training.pseudo_labels``).
@@ -77,8 +83,7 @@ class PseudoLabels:
             raise ValueError(f"training.pseudo_labels.mixup must be >= 0 (0: off), got {self.mixup}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"training.pseudo_labels.threshold must be in [0, 1), got {self.threshold}")
-        if self.pick not in PICKS:
-            raise ValueError(f"training.pseudo_labels.pick must be {' or '.join(map(repr, PICKS))}, got {self.pick!r}")
+        check_pick(self.pick, "training.pseudo_labels.pick")
 
 
 class NoPseudoLabels(RuntimeError):
@@ -103,8 +108,7 @@ def select_pseudo_labels(
     Returns:
         The kept examples' indices [M] (ascending) and their pseudo-labels [M] (long).
     """
-    if pick not in PICKS:
-        raise ValueError(f"pick must be {' or '.join(map(repr, PICKS))}, got {pick!r}")
+    check_pick(pick)
     conf, pred = probs.max(dim=1)  # [N], [N]
     kept = []
     for c in range(probs.shape[1]):
