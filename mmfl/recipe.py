@@ -262,15 +262,45 @@ LIST_KEYS = ("--tasks", "--parts", "--loggers", "--evaluation.variants", "--eval
 
 
 def lists_replace(argv: list[str]) -> list[str]:
-    """A list of objects given on the command line replaces the recipe's list: ``--tasks=[...]`` becomes
-    ``--tasks=[] --tasks=[...]`` (keys in :data:`LIST_KEYS`). jsonargparse merges a new list of the same length item
-    by item into the one before it, so a task or an evaluation variant written on the command line would silently
-    keep fields of the recipe's item at its index — its shots, partitioner or knowledge weights. ``--key+=item``
-    (append) is left alone."""
+    """A list of objects given on the command line or in a later config file replaces the list set before it:
+    ``--tasks=[...]`` becomes ``--tasks=[] --tasks=[...]``, and ``-c more.yaml`` whose YAML has ``evaluation:
+    variants:`` becomes ``--evaluation.variants=[] -c more.yaml`` once a list was set before (keys in
+    :data:`LIST_KEYS`). jsonargparse merges a new list of the same length item by item into the one before it, so a
+    task or an evaluation variant would silently keep fields of the earlier item at its index — its shots,
+    partitioner or knowledge weights. ``--key+=item`` (append) is left alone."""
     out: list[str] = []
-    for a in argv:
-        key = a.partition("=")[0]
+    set_before: set[str] = set()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, eq, value = a.partition("=")
+        if key in ("-c", "--config"):
+            path = value if eq else argv[i + 1] if i + 1 < len(argv) else ""
+            lists = _lists_in(path)
+            out += [f"{k}=[]" for k in lists if k in set_before]
+            set_before.update(lists)
+            out += [a] if eq or i + 1 == len(argv) else [a, argv[i + 1]]
+            i += 1 if eq else 2
+            continue
         if key in LIST_KEYS:  # `--key=[...]` or `--key [...]` (the value follows)
             out.append(f"{key}=[]")
+            set_before.add(key)
         out.append(a)
+        i += 1
     return out
+
+
+def _lists_in(path: str) -> list[str]:
+    """The keys of :data:`LIST_KEYS` a YAML config file sets (none when it cannot be read: the parser reports that)."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    found = []
+    for key in LIST_KEYS:
+        node = doc
+        for name in key.removeprefix("--").split("."):
+            node = node.get(name) if isinstance(node, dict) else None
+        if node is not None:
+            found.append(key)
+    return found

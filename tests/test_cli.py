@@ -312,6 +312,24 @@ def test_quiet_and_verbose_flags_anywhere_on_the_line(tmp_path: Path, caplog, ca
     assert "give -v (show everything) or -q (warnings only), not both" in capsys.readouterr().err
 
 
+def test_a_list_in_a_later_config_file_replaces_the_earlier_list(tmp_path: Path) -> None:
+    recipe, more = str(RECIPES_DIR / "base_to_novel.yaml"), tmp_path / "more.yaml"
+    more.write_text("evaluation:\n  seeds: [3]\n  variants: [{name: a}, {name: b}, {name: c}]\n")  # the recipe has 3
+    assert lists_replace(["-c", recipe, "-c", str(more)]) == [
+        "-c", recipe, "--evaluation.variants=[]", "-c", str(more),
+    ]  # fmt: skip
+    assert lists_replace(["--config=" + recipe, f"--config={more}"]) == [
+        "--config=" + recipe, "--evaluation.variants=[]", f"--config={more}",
+    ]  # fmt: skip
+    assert lists_replace(["-c", str(more)]) == ["-c", str(more)]  # nothing set before: nothing to replace
+    parser = fit_parser()
+    merged = parser.parse_args(["-c", recipe, "-c", str(more)])
+    assert merged.evaluation.variants[0].knowledge is not None  # jsonargparse alone: the recipe's kgcoop leaks in
+    cfg = parser.parse_args(lists_replace(["-c", recipe, "-c", str(more)]))
+    assert [(v.name, v.knowledge, v.parts) for v in cfg.evaluation.variants] == [(n, None, None) for n in "abc"]
+    assert cfg.evaluation.seeds == [3] and len(cfg.tasks) == 2  # the rest merges as before
+
+
 def test_a_list_given_on_the_command_line_replaces_the_recipes_list() -> None:
     two = "[{name: x, data: {class_path: mmfl.data.SklearnDigits}, clients: 2}, {name: y, data: {class_path: mmfl.data.SklearnDigits}, clients: 2}]"  # noqa: E501
     assert lists_replace(["fit", "-c", "r.yaml", f"--tasks={two}", "--seed=1", "--tasks+={name: z}"]) == [
