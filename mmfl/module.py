@@ -15,10 +15,11 @@ from mmfl.backbone import Backbone
 from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local
-from mmfl.knowledge import KnowledgeGuidance, anchor_loss, prograd_project, total, zero_shot_kl
+from mmfl.guidance import KnowledgeHooks
+from mmfl.knowledge import KnowledgeGuidance
 from mmfl.mixup import mix_features, mixed_cross_entropy
 from mmfl.modalities.base import Modality
-from mmfl.prompts.base import TrainablePart
+from mmfl.prompts.base import TrainablePart, optimizer_for
 from mmfl.text_features import AdaptedTemplates, zero_shot_text_features
 from mmfl.trainer import _placement, make_trainer, quiet_lightning  # noqa: F401  (their home was this module)
 
@@ -32,7 +33,7 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.002, momentum=0.9)
 
 
-class ClientModule(L.LightningModule):
+class ClientModule(KnowledgeHooks, L.LightningModule):
     """One client: frozen backbone + its trainable parts, for one task on one modality.
 
     ``logits = exp(logit_scale) · norm(f_x) · norm(f_t)ᵀ``, where ``f_x`` comes from the modality's
@@ -81,6 +82,8 @@ class ClientModule(L.LightningModule):
             p.split_components()  # a parameter of several scopes becomes one tensor per scope (idempotent)
         self.parts = nn.ModuleDict({p.part_name: p for p in parts})
         self._text_part_name = text_parts[0].part_name if text_parts else None  # a name: no second registration
+        hooks = (TrainablePart.fuse_logits, TrainablePart.training_loss)
+        self._head_names = [p.part_name for p in parts if (type(p).fuse_logits, type(p).training_loss) != hooks]
         self.optimizer_factory = optimizer
         self.templates = list(templates)
         self._zs_text: Tensor | None = None
@@ -106,9 +109,9 @@ class ClientModule(L.LightningModule):
         n = len(self.class_names)
         # validate_args=False: the check counts the unique labels of every batch (a device sync per step); labels
         # outside [0, C) already fail in the cross-entropy
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro", validate_args=False)
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes=n, average="micro", validate_args=False) for _ in range(3)
+        )
 
     # ---------------------------------------------------------------- trainable state
     def _qualified(self) -> Iterable[tuple[str, nn.Parameter]]:
@@ -264,14 +267,20 @@ class ClientModule(L.LightningModule):
                 self._eval_text = f_t.detach()
         scale = self.backbone.logit_scale.exp()
         if f_t.dim() == 3:  # one set of class features per input (CoCoOp)
-            return f_x, f_t, scale * torch.einsum("bd,bcd->bc", f_x, f_t)  # [B, C]
-        return f_x, f_t, scale * f_x @ f_t.t()  # [B, C]
+            logits = scale * torch.einsum("bd,bcd->bc", f_x, f_t)  # [B, C]
+        else:
+            logits = scale * f_x @ f_t.t()  # [B, C]
+        for name in self._head_names if not self.training else ():  # a decoupled head scores beside the prompts
+            logits = self.parts[name].fuse_logits(logits, f_x)
+        return f_x, f_t, logits
 
     def _step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> Tensor:
         x, y, encoded = batch.get(self.modality.input_key), batch[LABEL], batch.get(ENCODED)
         f_x, f_t, logits = self._features_and_logits(x, encoded)
         mix, self._mix = self._mix, None
         loss = F.cross_entropy(logits.float(), y) if mix is None else mixed_cross_entropy(logits, y, *mix)
+        for name in self._head_names if stage == "train" else ():
+            loss = self.parts[name].training_loss(loss, f_x, f_t, y, mix)
         if stage == "train" and self.knowledge is not None:
             loss = loss + self._guidance(x, y, encoded, f_x, f_t, logits)
         if stage == "train":
@@ -288,54 +297,6 @@ class ClientModule(L.LightningModule):
             self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
             self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, batch_size=bs)
         return loss
-
-    def _guidance(
-        self, x: Tensor | None, y: Tensor, encoded: Tensor | None, f_x: Tensor, f_t: Tensor, logits: Tensor
-    ) -> Tensor | float:
-        """The knowledge-guidance terms of one training batch (see :mod:`mmfl.knowledge`)."""
-        k = self.knowledge
-        assert k is not None
-        zs_t = self.hand_written_features()  # [C, D]
-        zs_x = self.frozen_input_features(x, encoded) if k.needs_frozen_input else None
-        scale = self.backbone.logit_scale.exp()
-        extra = total(k.terms(f_t, zs_t, logits, f_x, zs_x, scale))
-        if k.prograd > 0:  # the zero-shot KL's gradient, kept for on_after_backward's projection
-            assert zs_x is not None
-            params = [p for p in self.parts.parameters() if p.requires_grad]
-            kl = zero_shot_kl(logits, zs_x, zs_t, scale)
-            ref = torch.autograd.grad(kl, params, retain_graph=True, allow_unused=True)
-            self._prograd_ref = [(p, h) for p, h in zip(params, ref, strict=True) if h is not None]
-        if k.anchors > 0 and self.held_classes is not None:
-            source = self._anchor_source if self._anchor_source is not None else zs_t  # [C, D]
-            anchors = anchor_loss(source, self.held_classes, f_x, y, f_t, scale, self.class_text_features)
-            extra = extra + k.anchors * anchors
-        return extra
-
-    def on_after_backward(self) -> None:
-        """ProGrad (``knowledge.prograd``): remove the part of this step's gradient that contradicts the zero-shot
-        prediction (:func:`mmfl.knowledge.prograd_project`)."""
-        ref, self._prograd_ref = self._prograd_ref, None
-        if ref is None or self.knowledge is None:
-            return
-        # the tensors the zero-shot KL reaches; the loss reaches them too (through the same logits)
-        pairs = [(p.grad, h) for p, h in ref if p.grad is not None]
-        prograd_project([g for g, _ in pairs], [h for _, h in pairs], self.knowledge.prograd)
-
-    def on_train_start(self) -> None:
-        """With ``knowledge.anchor_source: merged``, fix the class features the anchors are made from: those of the
-        parts as received (the merged state), before this local training moves them."""
-        self._anchor_source = None
-        k = self.knowledge
-        if k is None or k.anchors <= 0 or k.anchor_source != "merged" or self.held_classes is None:
-            return
-        with torch.no_grad():
-            try:
-                self._anchor_source = self.class_text_features()  # [C, D]
-            except ValueError:
-                raise ValueError(
-                    "training.knowledge.anchor_source: merged needs class features that do not depend on the input "
-                    "(CoCoOp's conditional prompts do); use anchor_source: frozen"
-                ) from None
 
     def on_train_epoch_start(self) -> None:
         """Start the epoch's running loss and accuracy."""
@@ -371,11 +332,11 @@ class ClientModule(L.LightningModule):
         return self(batch.get(self.modality.input_key), batch.get(ENCODED)).float(), batch.get(LABEL)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The configured optimizer over the trainable parts only."""
-        params = [p for p in self.parts.parameters() if p.requires_grad]
-        if not params:
+        """The configured optimizer over the trainable parts only (:func:`~mmfl.prompts.base.optimizer_for`)."""
+        opt = optimizer_for(self.parts.values(), self.optimizer_factory)
+        if opt is None:
             raise ValueError(f"client of task {self.task!r} has nothing to train: add a part to `parts`")
-        return self.optimizer_factory(params)
+        return opt
 
     def on_fit_start(self) -> None:
         """Move the backbone once the Trainer has placed this module, and keep it frozen in eval mode (walking its

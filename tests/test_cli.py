@@ -314,7 +314,9 @@ def test_quiet_and_verbose_flags_anywhere_on_the_line(tmp_path: Path, caplog, ca
 
 def test_a_list_in_a_later_config_file_replaces_the_earlier_list(tmp_path: Path) -> None:
     recipe, more = str(RECIPES_DIR / "base_to_novel.yaml"), tmp_path / "more.yaml"
-    more.write_text("evaluation:\n  seeds: [3]\n  variants: [{name: a}, {name: b}, {name: c}]\n")  # the recipe has 3
+    names = [f"v{i}" for i, _ in enumerate(yaml.safe_load(Path(recipe).read_text())["evaluation"]["variants"])]
+    listed = ", ".join(f"{{name: {n}}}" for n in names)  # as many as the recipe's: jsonargparse merges those
+    more.write_text(f"evaluation:\n  seeds: [3]\n  variants: [{listed}]\n")
     assert lists_replace(["-c", recipe, "-c", str(more)]) == [
         "-c", recipe, "--evaluation.variants=[]", "-c", str(more),
     ]  # fmt: skip
@@ -326,7 +328,7 @@ def test_a_list_in_a_later_config_file_replaces_the_earlier_list(tmp_path: Path)
     merged = parser.parse_args(["-c", recipe, "-c", str(more)])
     assert merged.evaluation.variants[0].knowledge is not None  # jsonargparse alone: the recipe's kgcoop leaks in
     cfg = parser.parse_args(lists_replace(["-c", recipe, "-c", str(more)]))
-    assert [(v.name, v.knowledge, v.parts) for v in cfg.evaluation.variants] == [(n, None, None) for n in "abc"]
+    assert [(v.name, v.knowledge, v.parts) for v in cfg.evaluation.variants] == [(n, None, None) for n in names]
     assert cfg.evaluation.seeds == [3] and len(cfg.tasks) == 2  # the rest merges as before
 
 

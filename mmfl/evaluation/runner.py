@@ -159,9 +159,10 @@ def learned_method(sim: Simulation, state: dict[str, Tensor]) -> ModuleFor:
     trained = {t.name: t.class_names for t in sim.tasks}
 
     def module_for(task: PreparedTask, names: list[str]) -> ClientModule:
-        if names != trained.get(task.name):
+        same = names == trained.get(task.name)
+        if not same:
             sim.check_new_classes(dataclasses.replace(task, class_names=names))
-        module = sim.build_module(task, names)
+        module = sim.build_module(task, names, trained_classes=same)
         loaded = module.load_trainable_state_dict(state)
         if module.trainable_keys(include_local=False) and not loaded:
             raise ValueError(f"no trained tensor fits task {task.name!r} on {task.modality!r}: nothing to evaluate")

@@ -69,7 +69,11 @@ class ClientRunner(PseudoLabeling):
         return [f(self.backbone, task.class_names) for f in self.part_factories]
 
     def build_module(
-        self, task: PreparedTask, class_names: list[str] | None = None, templates: list[str] | None = None
+        self,
+        task: PreparedTask,
+        class_names: list[str] | None = None,
+        templates: list[str] | None = None,
+        trained_classes: bool = True,
     ) -> ClientModule:
         """A fresh ClientModule for a client of ``task``, sharing this simulation's backbone.
 
@@ -78,11 +82,19 @@ class ClientRunner(PseudoLabeling):
 
         Args:
             task: the task (its name is the scope key of ``task`` tensors).
-            class_names: other class names than the task's (novel classes, a transfer target).
+            class_names: other class names than the task's (novel classes).
             templates: other hand-written templates than the task's.
+            trained_classes: whether the module classifies the classes the parts were trained on; when not (or when
+                ``class_names`` differ from the task's), parts that serve only those (``trained_classes_only``: a
+                classifier head) are left out.
         """
         names = list(class_names or task.class_names)
-        parts = [p for p in (f(self.backbone, names) for f in self.part_factories) if p.supports(task.modality)]
+        other = not trained_classes or names != list(task.class_names)
+        parts = [
+            p
+            for p in (f(self.backbone, names) for f in self.part_factories)
+            if p.supports(task.modality) and not (other and p.trained_classes_only)
+        ]
         module = ClientModule(
             self.backbone,
             task.task.build_modality(),

@@ -24,9 +24,17 @@ class TaskEvaluation:
 
     def class_dependent_keys(self, task: PreparedTask) -> list[str]:
         """Keys of the task's trainable tensors whose shape depends on the class list (class-specific parts):
-        they cannot serve classes they were not trained on. Found by building the parts for one more class."""
+        they cannot serve classes they were not trained on. Found by building the parts for one more class. Parts
+        that serve only the trained classes (``trained_classes_only``) are left out of other classes' modules, so
+        they do not count."""
         names = list(task.class_names)
-        a = self.build_module(task, names).trainable_state_dict()
+        module = self.build_module(task, names)
+        a = {
+            k: v
+            for p in module.parts.values()
+            if not p.trained_classes_only
+            for k, v in p.qualified_parameters(task.name, task.modality)
+        }
         b = self.build_module(task, [*names, f"{names[0]} extra"]).trainable_state_dict()
         return sorted(k for k in a if k not in b or a[k].shape != b[k].shape)
 

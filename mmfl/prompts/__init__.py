@@ -5,6 +5,7 @@ from mmfl.prompts.alignment import BackboneProjections
 from mmfl.prompts.base import TrainablePart
 from mmfl.prompts.coop import CoOp, PromptFolio
 from mmfl.prompts.generator import PromptGenerator
+from mmfl.prompts.head import DecoupledHead
 from mmfl.prompts.maple import MaPLe
 from mmfl.prompts.pixel import PaddingPrompt
 from mmfl.prompts.text_input import TextInputPrompt
@@ -14,6 +15,7 @@ __all__ = [
     "BackboneProjections",
     "ClipAdapter",
     "CoOp",
+    "DecoupledHead",
     "MaPLe",
     "PaddingPrompt",
     "ProjectionTuning",

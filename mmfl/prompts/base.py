@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,8 @@ class TrainablePart(nn.Module):
         ``class_text_features(input_features)``: class text features that replace the hand-written
             prompts: [C, D], or [B, C, D] when conditioned on the batch's encoded inputs [B, D] (CoCoOp).
         ``adapt_text_features(f)``: change the class text features ([C, D] or [B, C, D]).
+        ``fuse_logits(logits, f_x)``: change the class logits [B, C] when scoring (a decoupled head adds its own).
+        ``training_loss(loss, f_x, f_t, y, mix)``: change the batch's classification loss when training.
 
     Args:
         backbone: the shared frozen backbone (held by reference, never as a submodule).
@@ -74,6 +77,13 @@ class TrainablePart(nn.Module):
 
     modalities: tuple[str, ...] | None = None
     """The modalities this part works with (None: all); read by :meth:`supports`."""
+
+    lr_scale: float = 1.0
+    """The learning rate of this part's tensors is the optimizer's times this (a new head learns faster: DePT)."""
+
+    trained_classes_only: bool = False
+    """A part that serves only the class list it was trained on (a classifier head): a module built for other class
+    names (novel classes, a transfer target) leaves it out, and base-to-novel evaluation does not refuse it."""
 
     def __init__(
         self,
@@ -206,6 +216,39 @@ class TrainablePart(nn.Module):
     def adapt_text_features(self, f: Tensor) -> Tensor:
         """Class text features [C, D] or [B, C, D] after this part (unchanged by default)."""
         return f
+
+    def fuse_logits(self, logits: Tensor, f_x: Tensor) -> Tensor:
+        """The class logits [B, C] a client scores with, from the image-text matching ``logits`` [B, C] of the
+        normalised input features ``f_x`` [B, D] (unchanged by default)."""
+        return logits
+
+    def training_loss(
+        self, loss: Tensor, f_x: Tensor, f_t: Tensor, y: Tensor, mix: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """A training batch's classification loss [] after this part (unchanged by default): ``loss`` is the image-text
+        matching cross-entropy of input features ``f_x`` [B, D], class features ``f_t`` [C, D] (or [B, C, D]) and
+        labels ``y`` [B]; ``mix`` the batch's mixup weights and partners, if mixed."""
+        return loss
+
+
+def optimizer_for(
+    parts: Iterable[TrainablePart], factory: Callable[[Iterable[Any]], torch.optim.Optimizer]
+) -> torch.optim.Optimizer | None:
+    """``factory``'s optimizer over the parts' trainable tensors (None: there are none). Parts whose ``lr_scale`` is
+    not 1 get a parameter group of their own, at the factory's learning rate times their scale."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for part in parts:
+        params = [p for p in part.parameters() if p.requires_grad]
+        if params:
+            groups.setdefault(part.lr_scale, []).extend(params)
+    if not groups:
+        return None
+    if set(groups) == {1.0}:
+        return factory(groups[1.0])
+    opt = factory([{"params": ps} for ps in groups.values()])
+    for group, scale in zip(opt.param_groups, groups, strict=True):
+        group["lr"] *= scale
+    return opt
 
 
 def _logical_name(full: str) -> str:
