@@ -22,7 +22,8 @@ from mmfl import cli
 from mmfl.federated.checkpoint import save_state
 
 # Everything a round depends on: a sampler (fraction < 1), a server optimizer with state (FedAvgM), personal
-# tensors (PromptFolio's local context), best-by-validation selection, AdamW, a Dirichlet split.
+# tensors (PromptFolio's local context), a part with its own learning rate (DePT's head), best-by-validation
+# selection, AdamW, a Dirichlet split.
 RECIPE = """\
 seed: 3
 backbone: {model_name: mmfl-tiny}
@@ -39,6 +40,7 @@ tasks:
 parts:
   - class_path: mmfl.prompts.PromptFolio
     init_args: {n_ctx: 2, fraction: 0.3, scope: task}
+  - class_path: mmfl.prompts.DecoupledHead
 training:
   max_steps: 2
   batch_size: 8
