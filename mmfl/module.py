@@ -38,8 +38,9 @@ class ClientModule(KnowledgeHooks, L.LightningModule):
 
     ``logits = exp(logit_scale) · norm(f_x) · norm(f_t)ᵀ``, where ``f_x`` comes from the modality's
     encoder and ``f_t`` from the text part (or from hand-written templates when no part provides
-    class text features). Only the parts' parameters are optimised; the backbone is held by
-    reference and never appears in this module's state dict or checkpoints.
+    class text features); a part with a classifier of its own (DePT's head) adds its logits when scoring
+    (``fuse_logits``) and its loss when training (``training_loss``). Only the parts' parameters are optimised; the
+    backbone is held by reference and never appears in this module's state dict or checkpoints.
 
     Args:
         backbone: the shared frozen backbone.
