@@ -25,6 +25,7 @@ parts:  # tensors every client keeps to itself, drawn at random per client, afte
     init_args: {n_ctx: 2, scope: global+task, local_rank: 2}
   - class_path: mmfl.prompts.ClipAdapter
     init_args: {scope: local}
+  - class_path: mmfl.prompts.DecoupledHead  # a classifier with its own learning rate, merged per task
 training: {accelerator: cpu, max_steps: 2, batch_size: 4, feature_cache: "off"}
 federation: {rounds: 2}
 """
@@ -70,6 +71,7 @@ def test_a_node_builds_its_clients_as_the_whole_federation_does(sim, monkeypatch
     update, metrics = lone.fit_client(client, 1)
     expected, expected_metrics = sim.fit_client(twin, 1)
     _equal(update.state, expected.state)
+    assert any(k.startswith("task/animals/head.") for k in update.state)
     _equal(client.local_state(), twin.local_state())
     assert metrics == expected_metrics and update.num_examples == expected.num_examples
     moved = [k for k, v in client.local_state().items() if not torch.equal(v, initial["animals/image/2"][k])]
