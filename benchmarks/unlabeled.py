@@ -42,6 +42,7 @@ from mmfl.recipe import fit_parser, lists_replace
 log = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "unlabeled.yaml"
+WEIGHTED = "--federation.aggregator={class_path: mmfl.federated.FedAvg, init_args: {weighted: true}}"
 SETTINGS: dict[str, list[str]] = {
     "labeled alone": [],
     "with unlabeled": [],
@@ -51,9 +52,20 @@ SETTINGS: dict[str, list[str]] = {
     ],
     "with unlabeled, no warm-up": ["--training.pseudo_labels.start_round=1"],
     "with unlabeled, top 64": ["--training.pseudo_labels.top_k=64"],
-    "with unlabeled, every confident one": ["--training.pseudo_labels.top_k=null"],
     "with unlabeled, no threshold": ["--training.pseudo_labels.threshold=0.0"],
-    "with unlabeled, most confident": ["--training.pseudo_labels.pick=most_confident"],
+    "with unlabeled, weighted": [WEIGHTED],
+    "with unlabeled, top 16 above 0.9": [  # the recipe of 2026-12-02
+        "--training.pseudo_labels.top_k=16",
+        "--training.pseudo_labels.threshold=0.9",
+        "--training.pseudo_labels.pick=random",
+        WEIGHTED,
+    ],
+    "with unlabeled, most confident": [  # the recipe before 2026-12-02
+        "--training.pseudo_labels.top_k=16",
+        "--training.pseudo_labels.threshold=0.9",
+        "--training.pseudo_labels.pick=most_confident",
+        WEIGHTED,
+    ],
 }
 """Each setting's extra recipe overrides (``labeled alone`` also leaves the unlabeled clients out)."""
 

@@ -61,8 +61,13 @@ def test_random_pick_draws_among_the_confident_ones() -> None:
         seen |= set(select_pseudo_labels(probs, top_k=1, threshold=0.0, pick="random")[0].tolist())
     assert seen == {0, 1, 2, 3, 4, 5}
     # the threshold still decides who may be drawn; with room for all, the same set as the most confident pick
+    # (and without a cap nothing is drawn: the global random stream is left as it was)
+    torch.manual_seed(5)
     index, labels = select_pseudo_labels(probs, top_k=None, threshold=0.65, pick="random")
     assert index.tolist() == [0, 2, 3, 5] and labels.tolist() == [0, 0, 1, 0]
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(1))
     with pytest.raises(ValueError, match="pick must be 'most_confident' or 'random'"):
         select_pseudo_labels(probs, top_k=1, threshold=0.0, pick="top")
 
