@@ -116,14 +116,13 @@ def select_pseudo_labels(
     kept = []
     for c in range(probs.shape[1]):
         idx = torch.nonzero((pred == c) & (conf >= threshold)).flatten()  # [n_c], ascending
-        if top_k is None:  # every one is kept: nothing to pick, nothing drawn
-            kept.append(idx)
-            continue
-        if pick == "random":
-            order = torch.randperm(len(idx))  # [n_c]
-        else:
-            order = torch.sort(conf[idx], descending=True, stable=True).indices  # stable: ties keep index order
-        kept.append(idx[order[:top_k]])
+        if top_k is not None:  # without a cap every one is kept: nothing to pick, nothing drawn
+            if pick == "random":
+                order = torch.randperm(len(idx))  # [n_c]
+            else:
+                order = torch.sort(conf[idx], descending=True, stable=True).indices  # stable: ties keep index order
+            idx = idx[order[:top_k]]  # [min(n_c, top_k)]
+        kept.append(idx)
     index = torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long)  # [M]
     return index, pred[index]
 
