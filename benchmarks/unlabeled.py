@@ -9,12 +9,13 @@ partitions, shots and training budget (``--settings``; by default the first thre
     with unlabeled:  every client; the unlabeled ones train on pseudo-labels (the recipe's ``training.pseudo_labels``);
     with unlabeled, …: the same with one of the recipe's pseudo-label settings changed (ablations: SETTINGS).
 
-Each task is scored on its test split with the final merged state. Then the second run's merged backbone projections
-(a ``BackboneProjections`` part of ``global`` scope, if the recipe has one) are exported as ``mmfl export`` does, once
-per ``--mix`` (``mmfl export --mix``: the original projections plus that share of the federation's change), and each
-export is scored by the forgetting guard: zero-shot top-1 with hand-written templates of the original and the
-exported backbone on the federation's tasks and on bundled sets it never saw. Figures: mean ± std over seeds;
-differences are paired by seed (the same seed draws the same partitions and shots).
+Each task is scored on its test split with the final merged state (and, with ``--at-rounds R …``, with the state
+after each round R of the same runs: nothing in a round depends on how many follow, so that is an R-round run's).
+Then the second run's merged backbone projections (a ``BackboneProjections`` part of ``global`` scope, if the recipe has
+one) are exported as ``mmfl export`` does, once per ``--mix`` (``mmfl export --mix``: the original projections plus that
+share of the federation's change), and each export is scored by the forgetting guard: zero-shot top-1 with hand-written
+templates of the original and the exported backbone on the federation's tasks and on bundled sets it never saw. Figures:
+mean ± std over seeds; differences are paired by seed (the same seed draws the same partitions and shots).
 """
 
 from __future__ import annotations
@@ -93,17 +94,22 @@ def run(
     t0 = time.perf_counter()
     with quiet_lightning():
         sim.run()
-    rows = [r for r in sim.metrics.rows if r["level"] == "task" and r["split"] == "test"]
-    last = max(int(r["round"]) for r in rows)
-    acc = {f"{r['task']}/{r['modality']}": 100 * float(r["accuracy"]) for r in rows if int(r["round"]) == last}
-    zero = {f"{r['task']}/{r['modality']}": 100 * float(r["accuracy"]) for r in rows if int(r["round"]) == 0}
-    val = {
-        f"{r['task']}/{r['modality']}": 100 * float(r["accuracy"])
-        for r in sim.metrics.rows
-        if r["level"] == "task" and r["split"] == "val" and int(r["round"]) == last
-    }
+    rounds: dict[int, dict[str, dict[str, float]]] = {}  # round -> accuracy (test) / val -> task -> percent
+    for r in sim.metrics.rows:
+        if r["level"] == "task" and r["split"] in ("test", "val"):
+            split = "accuracy" if r["split"] == "test" else "val"
+            rounds.setdefault(int(r["round"]), {"accuracy": {}, "val": {}})[split][f"{r['task']}/{r['modality']}"] = (
+                100 * float(r["accuracy"])
+            )
+    last = max(rounds)
     seconds = time.perf_counter() - t0
-    return {"accuracy": acc, "val": val, "zero_shot": zero, "run": str(run_dir), "seconds": seconds}
+    return {
+        **rounds[last],
+        "zero_shot": rounds[0]["accuracy"],
+        "rounds": rounds,
+        "run": str(run_dir),
+        "seconds": seconds,
+    }
 
 
 def spread(values: list[float]) -> dict:
@@ -119,6 +125,34 @@ def fmt(s: dict) -> str:
     return f"{s['mean']:.1f} ± {s['std']:.1f}"
 
 
+def table(results: dict, settings: list[str], seeds: list[int], rnd: int | None) -> tuple[dict, list[str]]:
+    """Per task and split (val, test): every setting's accuracy over seeds and its difference to the first setting,
+    paired by seed, after the last round (``rnd`` None) or after round ``rnd``; and the printed table's lines."""
+
+    def at(name: str, seed: int) -> dict:
+        r = results[name][seed]
+        return r if rnd is None else r["rounds"][rnd]
+
+    ref, rows = settings[0], {}
+    lines = [f"{'task':<15} {'split':<5} {'zero-shot':<12} " + "  ".join(f"{s:<28}" for s in settings)]
+    for t in results[ref][seeds[0]]["accuracy"]:
+        for split in ("val", "accuracy"):
+            if t not in at(ref, seeds[0])[split]:
+                continue
+            row: dict = {"zero_shot": spread([results[ref][s]["zero_shot"][t] for s in seeds])}
+            cells = []
+            base = [at(ref, s)[split][t] for s in seeds]
+            for name in settings:
+                vals = [at(name, s)[split][t] for s in seeds]
+                diff = spread([y - x for x, y in zip(base, vals, strict=True)])
+                row[name] = {**spread(vals), "difference": diff}
+                cells.append(fmt(row[name]) + ("" if name == ref else f" ({diff['mean']:+.1f} ± {diff['std']:.1f})"))
+            label = "test" if split == "accuracy" else "val"
+            rows.setdefault(t, {})[label] = row
+            lines.append(f"{t:<15} {label:<5} {fmt(row['zero_shot']):<12} " + "  ".join(f"{c:<28}" for c in cells))
+    return rows, lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run, print the tables, write ``--json``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -132,6 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS)[:3], choices=list(SETTINGS))
+    p.add_argument(
+        "--at-rounds",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="R",
+        help="also tabulate each run after these rounds (a run's first R rounds are an R-round run)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1, help="training data held out as validation data")
     args, overrides = p.parse_known_args(argv)
     if not all(0.0 <= m <= 1.0 for m in args.mix):  # before any training
@@ -139,6 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     datasets.disable_progress_bars()
     cfg = fit_parser().parse_args(["-c", args.recipe, *lists_replace(overrides)])
+    bad = [r for r in args.at_rounds if not 0 <= r <= cfg.federation.rounds]
+    if bad:  # before any training
+        p.error(
+            f"--at-rounds {bad}: each must be from 0 (before training) to federation.rounds ({cfg.federation.rounds})"
+        )
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     out = Path(tmp.name) if tmp is not None else args.out
     settings = args.settings
@@ -163,26 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
                 adapted = Backbone(backbone.model_name, pretrained=str(path))
                 guard[mix][seed] = first = forgetting_report(backbone, adapted, tasks, reference=first)
                 path.unlink()
-    tasks = list(results[settings[0]][args.seeds[0]]["accuracy"])
-    summary: dict = {"seeds": args.seeds, "recipe": args.recipe, "overrides": overrides, "tasks": {}}
-    ref = settings[0]
-    lines = [f"{'task':<15} {'split':<5} {'zero-shot':<12} " + "  ".join(f"{s:<28}" for s in settings)]
-    for t in tasks:
-        for split in ("val", "accuracy"):
-            if t not in results[ref][args.seeds[0]][split]:
-                continue
-            z = [results[ref][s]["zero_shot"][t] for s in args.seeds]
-            row: dict = {"zero_shot": spread(z)}
-            cells = []
-            base = [results[ref][s][split][t] for s in args.seeds]
-            for name in settings:
-                vals = [results[name][s][split][t] for s in args.seeds]
-                diff = spread([y - x for x, y in zip(base, vals, strict=True)])
-                row[name] = {**spread(vals), "difference": diff}
-                cells.append(fmt(row[name]) + ("" if name == ref else f" ({diff['mean']:+.1f} ± {diff['std']:.1f})"))
-            summary["tasks"].setdefault(t, {})["test" if split == "accuracy" else "val"] = row
-            label = "test" if split == "accuracy" else "val"
-            lines.append(f"{t:<15} {label:<5} {fmt(row['zero_shot']):<12} " + "  ".join(f"{c:<28}" for c in cells))
+    summary: dict = {"seeds": args.seeds, "recipe": args.recipe, "overrides": overrides}
+    summary["tasks"], lines = table(results, settings, args.seeds, None)
+    if args.at_rounds:
+        summary["at_rounds"] = {}
+        for rnd in args.at_rounds:
+            summary["at_rounds"][str(rnd)], more = table(results, settings, args.seeds, rnd)
+            lines += ["", f"after round {rnd} of the same runs", *more]
     if any(guard.values()):
         summary["exports"] = {}
         for mix, by_seed in guard.items():

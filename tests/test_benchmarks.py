@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -296,3 +298,16 @@ def test_scale_benchmark_measures_each_size_in_its_own_process(tmp_path: Path) -
     assert small["train_examples"] == big["train_examples"] == 1617  # one data set for every size
     assert coop["rss_40_over_2"] == big["peak_rss_mib"] / small["peak_rss_mib"]
     assert coop["client_round_40_over_2"] == big["client_round_s"] / small["client_round_s"] > 0
+
+
+def test_unlabeled_benchmark_refuses_a_round_the_runs_do_not_reach() -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.unlabeled", "--at-rounds", "3", "12", "--federation.rounds=10"],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--at-rounds [12]" in p.stderr and "federation.rounds (10)" in p.stderr
+    assert "round 1/" not in p.stderr  # refused before any training

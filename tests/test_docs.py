@@ -199,7 +199,7 @@ BENCH_TINY = {
     "mmfl.backbones.build_mini": ["--out", "{tmp}/proj.safetensors"],
     "benchmarks.unlabeled": [
         *("--seeds", "0", "--guard-limit", "8", "--settings", "labeled alone", "with unlabeled", "--mix", "0"),
-        *(*TINY, "--json", "{tmp}/u.json"),
+        *(*TINY, "--at-rounds", "0", "1", "--json", "{tmp}/u.json"),
     ],
     "benchmarks.flower_node": ["--out", "{tmp}/n", "--backbone", "mmfl-tiny", "--clients", "2", "--copies", "1"],
 }
@@ -241,6 +241,11 @@ def test_a_quoted_benchmark_runs_with_a_tiny_override(module: str, tmp_path: Pat
             assert set(row) == {"val", "test"} and {"labeled alone", "with unlabeled"} <= set(row["test"])
             assert all(0 <= row["test"][k]["mean"] <= 100 for k in row["test"])
         assert out["export"]["photos/image"]["kind"] == "never seen"
+        assert out["at_rounds"]["1"] == out["tasks"]  # the last round tabulated again: the same figures
+        before = out["at_rounds"]["0"]  # round 0, before training: every setting scores the zero-shot model
+        for t, row in out["tasks"].items():
+            assert before[t]["test"]["with unlabeled"]["mean"] == pytest.approx(row["test"]["zero_shot"]["mean"])
+            assert before[t]["test"]["with unlabeled"]["difference"]["mean"] == 0
         assert set(out["exports"]) == {"0.0"} and out["export"] == out["exports"]["0.0"]
         assert all(r["change"]["mean"] == 0 for r in out["export"].values())  # --mix 0: the original backbone
     if module == "benchmarks.flower_node":  # a real deployment's ClientApp and ServerApp were both measured
