@@ -181,11 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     datasets.disable_progress_bars()
     cfg = fit_parser().parse_args(["-c", args.recipe, *lists_replace(overrides)])
-    bad = [r for r in args.at_rounds if not 0 <= r <= cfg.federation.rounds]
+    rounds, every = cfg.federation.rounds, cfg.federation.eval_every
+    bad = [r for r in args.at_rounds if not 0 <= r <= rounds]
     if bad:  # before any training
-        p.error(
-            f"--at-rounds {bad}: each must be from 0 (before training) to federation.rounds ({cfg.federation.rounds})"
-        )
+        p.error(f"--at-rounds {bad}: each must be from 0 (before training) to federation.rounds ({rounds})")
+    unscored = [r for r in args.at_rounds if r % every and r != rounds]
+    if unscored:
+        p.error(f"--at-rounds {unscored}: the runs are scored every federation.eval_every={every} rounds; pick those")
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     out = Path(tmp.name) if tmp is not None else args.out
     settings = args.settings

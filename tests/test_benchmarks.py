@@ -311,3 +311,7 @@ def test_unlabeled_benchmark_refuses_a_round_the_runs_do_not_reach() -> None:
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--at-rounds [12]" in p.stderr and "federation.rounds (10)" in p.stderr
     assert "round 1/" not in p.stderr  # refused before any training
+    every = [sys.executable, "-m", "benchmarks.unlabeled", "--at-rounds", "4", "5", "--federation.eval_every=2"]
+    p = subprocess.run(every, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--at-rounds [5]" in p.stderr and "eval_every=2" in p.stderr  # round 5 of 20 is never scored
