@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = p.parse_known_args(argv)
     if not all(0.0 <= m <= 1.0 for m in args.mix):  # before any training
         p.error(f"--mix {' '.join(map(str, args.mix))}: each must be from 0 (the original) to 1 (the run's change)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    datasets.disable_progress_bars()
     cfg = fit_parser().parse_args(["-c", args.recipe, *lists_replace(overrides)])
     rounds, every = cfg.federation.rounds, cfg.federation.eval_every
     bad = [r for r in args.at_rounds if not 0 <= r <= rounds]
@@ -188,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     unscored = [r for r in args.at_rounds if r % every and r != rounds]
     if unscored:
         p.error(f"--at-rounds {unscored}: the runs are scored every federation.eval_every={every} rounds; pick those")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    datasets.disable_progress_bars()
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     out = Path(tmp.name) if tmp is not None else args.out
     settings = args.settings

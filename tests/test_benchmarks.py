@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import unlabeled
 from benchmarks.collaboration import SCENARIOS, SETTINGS, run_setting
 from mmfl.backbone import Backbone
 from tests.test_cli import NEEDS
@@ -300,18 +299,15 @@ def test_scale_benchmark_measures_each_size_in_its_own_process(tmp_path: Path) -
     assert coop["client_round_40_over_2"] == big["client_round_s"] / small["client_round_s"] > 0
 
 
-def test_unlabeled_benchmark_refuses_a_round_the_runs_do_not_reach() -> None:
-    p = subprocess.run(
-        [sys.executable, "-m", "benchmarks.unlabeled", "--at-rounds", "3", "12", "--federation.rounds=10"],
-        cwd=Path(__file__).parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "--at-rounds [12]" in p.stderr and "federation.rounds (10)" in p.stderr
-    assert "round 1/" not in p.stderr  # refused before any training
-    every = [sys.executable, "-m", "benchmarks.unlabeled", "--at-rounds", "4", "5", "--federation.eval_every=2"]
-    p = subprocess.run(every, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "--at-rounds [5]" in p.stderr and "eval_every=2" in p.stderr  # round 5 of 20 is never scored
+def test_unlabeled_benchmark_refuses_a_round_the_runs_do_not_reach(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:  # before any training: nothing is built
+        unlabeled.main(["--at-rounds", "3", "12", "--federation.rounds=10"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "--at-rounds [12]" in err and "federation.rounds (10)" in err
+    assert "round 1/" not in err  # refused before any training
+    with pytest.raises(SystemExit) as e:
+        unlabeled.main(["--at-rounds", "4", "5", "--federation.eval_every=2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "--at-rounds [5]" in err and "eval_every=2" in err  # round 5 of 20 is never scored
