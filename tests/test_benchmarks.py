@@ -299,8 +299,14 @@ def test_scale_benchmark_measures_each_size_in_its_own_process(tmp_path: Path) -
     assert coop["client_round_40_over_2"] == big["client_round_s"] / small["client_round_s"] > 0
 
 
-def test_unlabeled_benchmark_refuses_a_round_the_runs_do_not_reach(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as e:  # before any training: nothing is built
+def test_unlabeled_benchmark_refuses_a_round_the_runs_do_not_reach(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_training(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("a federation was trained before the refusal")
+
+    monkeypatch.setattr(unlabeled, "run", no_training)  # refused before any training: no run starts
+    with pytest.raises(SystemExit) as e:
         unlabeled.main(["--at-rounds", "3", "12", "--federation.rounds=10"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
