@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,6 +155,20 @@ def status(env: dict[str, str], connection: str) -> list[str]:
     done = flwr(env, "ls", connection, "--format", "json", timeout=60)
     runs = json.loads(done.stdout)["runs"]
     return [r["status"] for r in runs]
+
+
+def wait_for_nodes(env: dict[str, str], connection: str, n: int, timeout: float = 120) -> None:
+    """Wait until the SuperLink lists ``n`` SuperNodes online (``flwr supernode ls``): a node's start-up time varies
+    with the machine's load, and a run started before every node is up samples only those that are."""
+    deadline, online = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        done = flwr(env, "supernode", "ls", connection, "--format", "json", timeout=60)
+        listed = json.loads(done.stdout) if done.returncode == 0 else {}  # no "nodes" while the SuperLink starts
+        online = sum(node["status"] == "online" for node in listed.get("nodes", []))
+        if online >= n:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{online} of {n} SuperNodes online after {timeout:.0f} s")
 
 
 def in_process(recipe: Path, out: Path) -> dict:

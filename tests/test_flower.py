@@ -29,6 +29,7 @@ from flower_procs import (
     port,
     processes,
     status,
+    wait_for_nodes,
     write_app,
 )
 
@@ -63,7 +64,7 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
                 f"--port={port()}",
                 f'--node-config=client="{cid}"',
             )
-        time.sleep(4)
+        wait_for_nodes(env, "deploy", 2)
         done = flwr(env, "run", str(tmp_path / "app"), "deploy", "--stream")
         assert done.returncode == 0, done.stdout + done.stderr
         assert status(env, "deploy") == ["finished:completed"]
@@ -129,7 +130,7 @@ def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> N
                 f"--port={port()}",
                 f'--node-config=client="{cid}"',
             )
-        time.sleep(4)
+        wait_for_nodes(env, "deploy", 3)  # all three, or round 1 may sample only the first two
         run = subprocess.Popen(
             [str(BIN / "flwr"), "run", str(tmp_path / "app"), "deploy", "--stream"],
             env=env,
