@@ -163,7 +163,10 @@ def wait_for_nodes(env: dict[str, str], connection: str, n: int, timeout: float 
     deadline, online = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
         done = flwr(env, "supernode", "ls", connection, "--format", "json", timeout=60)
-        listed = json.loads(done.stdout) if done.returncode == 0 else {}  # no "nodes" while the SuperLink starts
+        try:  # no "nodes" (or no JSON at all) while the SuperLink starts
+            listed = json.loads(done.stdout) if done.returncode == 0 else {}
+        except json.JSONDecodeError:
+            listed = {}
         online = sum(node["status"] == "online" for node in listed.get("nodes", []))
         if online >= n:
             return
