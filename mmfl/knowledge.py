@@ -22,6 +22,11 @@ data it was never tuned on. These regularisers, added to a client's cross-entrop
   class as label, so a client's prompt keeps telling apart the classes it never sees. Built from class names and
   the client's own batch only. With ``anchor_source: merged`` the anchors start from the class features of the
   prompt the client received this round (what the federation learned so far) instead of the hand-written ones.
+- ``unseen_blend`` — not a training term: for class names the parts were never trained on (novel classes, another
+  data set's), the class features are ``norm((1 − w)·t_c + w·t̂_c)``, the learned features mixed with the
+  hand-written ones (WiSE-FT's ensemble of the tuned and the zero-shot classifier, Wortsman et al., CVPR 2022),
+  so what the parts learned on a few base classes does not override what the frozen model knows of the others.
+  The classes the parts trained on are scored as without it.
 
 One implementation for every part: the terms read only the client's final class text features and input features,
 so they apply to CoOp, CoCoOp, MaPLe, adapters and any plugin part alike. With every weight 0 nothing is computed
@@ -55,6 +60,9 @@ class KnowledgeGuidance:
         anchors: weight of the cross-entropy of synthetic anchors for the classes a client does not hold.
         anchor_source: the class features the anchors are made from: ``frozen`` (the hand-written prompts') or
             ``merged`` (the received prompt's at the start of each round's local training, held fixed during it).
+        unseen_blend: the hand-written features' share ``w`` in [0, 1] of the class features of class names the
+            parts were not trained on (0: the learned features alone; 1: the zero-shot classifier). Changes
+            scoring only, never training.
     """
 
     text: float = 0.0
@@ -65,14 +73,24 @@ class KnowledgeGuidance:
     prograd: float = 0.0
     anchors: float = 0.0
     anchor_source: str = "frozen"
+    unseen_blend: float = 0.0
 
     def check(self) -> None:
         """Raise a clear error for negative weights, a non-positive temperature or an unknown anchor source."""
-        bad = {k: v for k, v in vars(self).items() if k not in ("temperature", "anchor_source") and not v >= 0}
+        bad = {
+            k: v
+            for k, v in vars(self).items()
+            if k not in ("temperature", "anchor_source", "unseen_blend") and not v >= 0
+        }
         if bad:
             raise ValueError(f"training.knowledge weights must be >= 0, got {bad}")
         if not self.temperature > 0:
             raise ValueError(f"training.knowledge.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.unseen_blend <= 1.0:
+            raise ValueError(
+                f"training.knowledge.unseen_blend must be in [0, 1] (the hand-written features' share), "
+                f"got {self.unseen_blend}"
+            )
         if self.anchor_source not in ANCHOR_SOURCES:
             raise ValueError(
                 f"training.knowledge.anchor_source must be one of {list(ANCHOR_SOURCES)}, got {self.anchor_source!r}"
@@ -80,7 +98,7 @@ class KnowledgeGuidance:
 
     @property
     def active(self) -> bool:
-        """Whether any term has a positive weight."""
+        """Whether any training term has a positive weight (``unseen_blend`` changes scoring only)."""
         return any(w > 0 for w in (self.text, self.text_l1, self.input_l1, self.logits_kl, self.prograd, self.anchors))
 
     @property
@@ -194,6 +212,18 @@ def anchor_loss(
     else:
         a_logits = scale * a @ f_t.t()  # [M, C]
     return F.cross_entropy(a_logits.float(), m)
+
+
+def unseen_mix(f_t: Tensor, zs_t: Tensor, w: float) -> Tensor:
+    """``norm((1 − w)·f_t + w·zs_t)``: the class features of class names the parts were not trained on, mixed with
+    the hand-written ones (``KnowledgeGuidance.unseen_blend``).
+
+    Args:
+        f_t: the learned normalised class features [C, D] or [B, C, D].
+        zs_t: the hand-written normalised class features [C, D].
+        w: the hand-written features' share in [0, 1].
+    """
+    return F.normalize((1.0 - w) * f_t + w * zs_t.to(f_t.dtype), dim=-1)
 
 
 def total(terms: dict[str, Tensor]) -> Tensor | float:

@@ -16,7 +16,7 @@ from mmfl.data.splits import ENCODED, LABEL
 from mmfl.federated.mixing import MixRule, rules_for
 from mmfl.federated.scopes import is_local
 from mmfl.guidance import KnowledgeHooks
-from mmfl.knowledge import KnowledgeGuidance
+from mmfl.knowledge import KnowledgeGuidance, unseen_mix
 from mmfl.mixup import mix_features, mixed_cross_entropy
 from mmfl.modalities.base import Modality
 from mmfl.prompts.base import TrainablePart, optimizer_for
@@ -52,6 +52,8 @@ class ClientModule(KnowledgeHooks, L.LightningModule):
         templates: hand-written prompt templates for the zero-shot class features.
         knowledge: terms that keep the learned features near the frozen model's, added to the training loss
             (:mod:`mmfl.knowledge`); None or all weights 0: plain cross-entropy.
+        unseen_blend: for a module built for class names its parts were not trained on (novel classes, another data
+            set's): the hand-written features' share of the class features (``knowledge.unseen_blend``); 0: none.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class ClientModule(KnowledgeHooks, L.LightningModule):
         optimizer: OptimizerFactory = default_optimizer,
         templates: Sequence[str] = ("a photo of a {}.",),
         knowledge: KnowledgeGuidance | None = None,
+        unseen_blend: float = 0.0,
     ) -> None:
         super().__init__()
         names = [p.part_name for p in parts]
@@ -92,6 +95,9 @@ class ClientModule(KnowledgeHooks, L.LightningModule):
         self._adapted_templates = AdaptedTemplates(self.class_names, self.templates)
         self._replaced: frozenset[str] | None = None  # the names of backbone_parameters() (fixed per module)
         self.knowledge = knowledge if knowledge is not None and knowledge.active else None
+        if not 0.0 <= unseen_blend <= 1.0:
+            raise ValueError(f"unseen_blend must be in [0, 1], got {unseen_blend}")
+        self.unseen_blend = unseen_blend
         # (parameter, the zero-shot KL's gradient) of this step, for ProGrad's projection after the backward pass
         self._prograd_ref: list[tuple[nn.Parameter, Tensor]] | None = None
         self._anchor_source: Tensor | None = None  # [C, D], set at each fit's start (anchor_source: merged)
@@ -175,7 +181,8 @@ class ClientModule(KnowledgeHooks, L.LightningModule):
     # ---------------------------------------------------------------- forward
     def class_text_features(self, input_features: Tensor | None = None) -> Tensor:
         """Normalised class features: from the text part, else the zero-shot templates (cached), then
-        through the parts' text adapters. [C, D], or [B, C, D] from an input-conditioned text part.
+        through the parts' text adapters, then mixed with the hand-written ones when ``unseen_blend`` > 0. [C, D],
+        or [B, C, D] from an input-conditioned text part.
 
         Args:
             input_features: the batch's normalised encoded inputs [B, D], for conditioned prompts.
@@ -191,7 +198,10 @@ class ClientModule(KnowledgeHooks, L.LightningModule):
             f_t = self.hand_written_features()
         for part in self.parts.values():
             f_t = part.adapt_text_features(f_t)
-        return F.normalize(f_t, dim=-1)
+        f_t = F.normalize(f_t, dim=-1)
+        if self.unseen_blend > 0:  # class names the parts never trained on: mixed with the zero-shot classifier
+            f_t = unseen_mix(f_t, self.hand_written_features(), self.unseen_blend)  # [C, D] or [B, C, D]
+        return f_t
 
     def adapts_backbone(self) -> bool:
         """Whether a part replaces backbone weights while this client encodes (``backbone_parameters``)."""

@@ -86,7 +86,8 @@ class ClientRunner(PseudoLabeling):
             templates: other hand-written templates than the task's.
             trained_classes: whether the module classifies the classes the parts were trained on; when not (or when
                 ``class_names`` differ from the task's), parts that serve only those (``trained_classes_only``: a
-                classifier head) are left out.
+                classifier head) are left out, and ``training.knowledge.unseen_blend`` mixes the class features with
+                the hand-written ones.
         """
         names = list(class_names or task.class_names)
         other = not trained_classes or names != list(task.class_names)
@@ -104,6 +105,7 @@ class ClientRunner(PseudoLabeling):
             optimizer=self.training.optimizer,
             templates=templates or task.task.prompt_templates(),
             knowledge=self.training.knowledge,
+            unseen_blend=self.training.knowledge.unseen_blend if other else 0.0,
         )
         module.log_train_metrics = False  # fit_client reads module.epoch_metrics
         return module
