@@ -76,7 +76,8 @@ class KnowledgeGuidance:
     unseen_blend: float = 0.0
 
     def check(self) -> None:
-        """Raise a clear error for negative weights, a non-positive temperature or an unknown anchor source."""
+        """Raise a clear error for negative weights, a non-positive temperature, an unknown anchor source or an
+        ``unseen_blend`` outside [0, 1]."""
         bad = {
             k: v
             for k, v in vars(self).items()
