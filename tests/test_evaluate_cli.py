@@ -174,14 +174,16 @@ def test_bad_input_is_reported_before_any_model(extra, args, message, tmp_path, 
 
 
 def test_variants_are_trained_and_scored_beside_the_recipe_with_the_same_protocol(tmp_path: Path) -> None:
-    """A variant that changes nothing in effect (knowledge weights 0) scores exactly as the recipe's own method; a
-    prompt generator trained on the base classes scores the novel ones and the transfer target; the report lists
-    each variant with what it changes."""
+    """A variant that changes nothing in effect (a setting of a term whose weight is 0) is trained and scores exactly
+    as the recipe's own method; one that changes only scoring (``unseen_blend``) is not trained again: it scores the
+    recipe's trained state, the base classes as it does, the novel ones otherwise; a prompt generator trained on the
+    base classes scores the novel ones and the transfer target; the report lists each variant with what it changes."""
     recipe = tmp_path / "v.yaml"
     recipe.write_text(
         B2N.replace("seeds: [0, 1]", "seeds: [0]\n  baselines: [zeroshot]").replace("mmfl-mini", "mmfl-tiny")
         + "  variants:\n"
-        + "    - {name: same, knowledge: {text: 0}}\n"
+        + "    - {name: same, knowledge: {text: 0, anchor_source: merged}}\n"
+        + "    - {name: blend, knowledge: {unseen_blend: 0.5}}\n"
         + "    - name: generator\n"
         + "      parts: [{class_path: mmfl.prompts.PromptGenerator, init_args: {depth: 1}}]\n"
         + "      optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01}}\n"
@@ -189,16 +191,22 @@ def test_variants_are_trained_and_scored_beside_the_recipe_with_the_same_protoco
     out = tmp_path / "eval"
     assert _evaluate("-c", str(recipe), "--output_dir", str(out)) == 0
     doc = json.loads((out / "metrics.json").read_text())
-    assert list(doc["summary"]) == ["zeroshot", "federated", "same", "generator"]
+    assert list(doc["summary"]) == ["zeroshot", "federated", "same", "blend", "generator"]
     methods = doc["seeds"]["0"]["methods"]
-    assert methods["same"] == methods["federated"]
+    assert methods["same"] == methods["federated"] and (out / "seed_0" / "same").is_dir()
+    blend, fed = methods["blend"]["tasks"]["digits/image"], methods["federated"]["tasks"]["digits/image"]
+    assert not (out / "seed_0" / "blend").exists()  # scored with the recipe's trained state
+    assert blend["base"] == fed["base"] and blend["novel"] != fed["novel"]
+    facts = doc["seeds"]["0"]["facts"]
+    assert facts["blend_selected_round"] == facts["federated_selected_round"]
     gen = methods["generator"]
     assert 0.0 <= gen["tasks"]["digits/image"]["novel"]["top1"] <= 1.0 and "animals→photos" in gen["transfer"]
     assert gen != methods["federated"]
     state = load_file(out / "seed_0" / "generator" / "best.safetensors")
     assert state and all(k.startswith("global/generator.") for k in state)
     report = (out / "report.md").read_text()
-    assert "- variant `same`: the recipe with knowledge off" in report
+    assert "- variant `same`: the recipe with knowledge anchor_source merged" in report
+    assert "- variant `blend`: the recipe with knowledge unseen_blend 0.5" in report
     assert "- variant `generator`: the recipe with parts PromptGenerator(depth=1); optimizer SGD(lr=0.01)" in report
     table = report.split("## Base-to-novel top-1 (%)")[1].split("\n\n")[1].splitlines()
     assert [line.split(" | ")[0] for line in table if not line.startswith("|---")] == [
@@ -206,8 +214,28 @@ def test_variants_are_trained_and_scored_beside_the_recipe_with_the_same_protoco
         "| zero-shot (one template)",
         "| federated (this recipe)",
         "| variant `same`",
+        "| variant `blend`",
         "| variant `generator`",
     ]
+
+
+def test_variants_that_differ_only_in_scoring_are_found_before_training() -> None:
+    from mmfl.evaluation.command import training_twins
+    from mmfl.recipe import lists_replace
+
+    variants = (
+        "[{name: zero, knowledge: {text: 0}}, {name: k, knowledge: {text: 1}},"
+        " {name: kb, knowledge: {text: 1, unseen_blend: 0.5}}, {name: b, knowledge: {unseen_blend: 1}},"
+        " {name: opt, optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01}}},"
+        " {name: optb, knowledge: {unseen_blend: 0.5},"
+        " optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01}}},"
+        " {name: gen, knowledge: {unseen_blend: 0.5}, parts: [{class_path: mmfl.prompts.PromptGenerator}]}]"
+    )
+    recipe = Path(__file__).parent.parent / "recipes" / "base_to_novel.yaml"
+    argv = ["evaluate", "-c", str(recipe), f"--evaluation.variants={variants}"]
+    cfg = cli.build_parser().parse_args(lists_replace(argv))  # as `mmfl evaluate` parses it: the list replaced
+    # the recipe sets no knowledge: `zero` (weights 0) and `b` (scoring only) train as it does; `kb` as `k`
+    assert training_twins(cfg.evaluate) == {"zero": "federated", "kb": "k", "b": "federated", "optb": "opt"}
 
 
 def _localised(recipe: Path, tmp_path: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 from pathlib import Path
 
@@ -48,6 +49,37 @@ def check_checkpoint(path: str | None, seed: int, seeds: list[int]) -> Path | No
     return Path(path)
 
 
+def training_twins(cfg: Namespace) -> dict[str, str]:
+    """The variants that train exactly as the recipe's own method or an earlier variant: the same parts, knowledge
+    terms, optimizer and server training, differing only in what changes scoring, not training
+    (``knowledge.unseen_blend``). Variant name → that method's name (``federated`` for the recipe's own), in the
+    recipe's order: ``mmfl evaluate`` scores such a variant with that method's trained state."""
+
+    def plain(x: object) -> object:
+        if isinstance(x, Namespace):
+            x = x.as_dict()
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, list | tuple) else x
+
+    def signature(parts: object, knowledge: object, optimizer: object, virtual: object) -> str:
+        k = plain(knowledge)
+        k = {key: v for key, v in k.items() if key != "unseen_blend"} if isinstance(k, dict) else k
+        return json.dumps(plain([parts, k, optimizer, virtual]), sort_keys=True, default=str)
+
+    fields = ("parts", "knowledge", "optimizer", "virtual_features")
+    recipe = (cfg.parts, cfg.training.knowledge, cfg.training.optimizer, cfg.federation.virtual_features)
+    seen = {signature(*recipe): "federated"}
+    twins: dict[str, str] = {}
+    for v in (cfg.evaluation.variants if cfg.evaluation else None) or []:
+        sig = signature(*(r if v.get(f) is None else v.get(f) for f, r in zip(fields, recipe, strict=True)))
+        if sig in seen:
+            twins[v.name] = seen[sig]
+        else:
+            seen[sig] = v.name
+    return twins
+
+
 def run_evaluate(cfg: Namespace, init: Namespace, tasks: list[Task], federation: Federation, out: Path) -> dict:
     """Run the protocol for every seed, then write ``metrics.json``, ``report.md`` and the plots to ``out``.
 
@@ -74,10 +106,11 @@ def run_evaluate(cfg: Namespace, init: Namespace, tasks: list[Task], federation:
         (out / f).unlink(missing_ok=True)
     per_seed: dict[int, dict] = {}
     curves = []
+    twins = training_twins(cfg)
     for s in seeds:
         ckpt = checkpoint if s == cfg.seed else None
         results, facts = run_seed(
-            backbone, tasks, init.parts, init.training, federation, protocol, s, out, checkpoint=ckpt
+            backbone, tasks, init.parts, init.training, federation, protocol, s, out, checkpoint=ckpt, twins=twins
         )
         per_seed[s] = {"facts": facts, "methods": {m: add_means(r) for m, r in results.items()}}
         csv_file = (ckpt.parent if ckpt is not None else out / f"seed_{s}" / "federated") / "metrics.csv"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -267,8 +267,14 @@ def run_seed(
     seed: int,
     out: Path,
     checkpoint: Path | None = None,
+    twins: Mapping[str, str] | None = None,
 ) -> tuple[dict, dict]:
     """Train (or load) and score every method for one seed.
+
+    Args:
+        twins: variants that train exactly as an earlier method (``federated`` or a variant before them) and differ
+            only in how they score, by name → that method's name (:func:`mmfl.evaluation.command.training_twins`):
+            scored with its trained state, not trained again.
 
     Returns:
         ``(results by method, facts)`` where facts records what was trained and selected.
@@ -313,9 +319,17 @@ def run_seed(
     if checkpoint is None:
         state, local = train("federated", sim)
     results["federated"] = scorer.score(learned_method(sim, state), personal_method(sim, state, local))
+    trained = {"federated": (state, local)}
     for v in protocol.variants:
         v_sim = simulation(prepared, *variant_settings(v, parts, training, federation))
-        v_state, v_local = train(v.name, v_sim)
+        twin = (twins or {}).get(v.name)
+        if twin in trained:  # the same training: only its scoring differs
+            log.info("seed %d: %s trains exactly as %s; scoring %s's state", seed, v.name, twin, twin)
+            v_state, v_local = trained[twin]
+            facts[f"{v.name}_selected_round"] = facts.get(f"{twin}_selected_round", "as the checkpoint")
+        else:
+            v_state, v_local = train(v.name, v_sim)
+        trained[v.name] = (v_state, v_local)
         results[v.name] = scorer.score(learned_method(v_sim, v_state), personal_method(v_sim, v_state, v_local))
     if "centralised" in protocol.baselines:
         central = simulation([pooled(t) for t in prepared])
