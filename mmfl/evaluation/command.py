@@ -55,24 +55,22 @@ def training_twins(cfg: Namespace) -> dict[str, str]:
     (``knowledge.unseen_blend``). Variant name → that method's name (``federated`` for the recipe's own), in the
     recipe's order: ``mmfl evaluate`` scores such a variant with that method's trained state."""
 
-    def plain(x: object) -> object:
-        if isinstance(x, Namespace):
-            x = x.as_dict()
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        return [plain(v) for v in x] if isinstance(x, list | tuple) else x
+    def signature(settings: dict[str, object]) -> str:
+        plain = Namespace(**settings).as_dict()  # nested Namespaces (also inside lists) become dicts: a fresh copy
+        if isinstance(plain["knowledge"], dict):
+            plain["knowledge"].pop("unseen_blend", None)  # scoring only
+        return json.dumps(plain, sort_keys=True, default=str)
 
-    def signature(parts: object, knowledge: object, optimizer: object, virtual: object) -> str:
-        k = plain(knowledge)
-        k = {key: v for key, v in k.items() if key != "unseen_blend"} if isinstance(k, dict) else k
-        return json.dumps(plain([parts, k, optimizer, virtual]), sort_keys=True, default=str)
-
-    fields = ("parts", "knowledge", "optimizer", "virtual_features")
-    recipe = (cfg.parts, cfg.training.knowledge, cfg.training.optimizer, cfg.federation.virtual_features)
-    seen = {signature(*recipe): "federated"}
+    recipe = {
+        "parts": cfg.parts,
+        "knowledge": cfg.training.knowledge,
+        "optimizer": cfg.training.optimizer,
+        "virtual_features": cfg.federation.virtual_features,
+    }
+    seen = {signature(recipe): "federated"}
     twins: dict[str, str] = {}
     for v in (cfg.evaluation.variants if cfg.evaluation else None) or []:
-        sig = signature(*(r if v.get(f) is None else v.get(f) for f, r in zip(fields, recipe, strict=True)))
+        sig = signature({f: r if v.get(f) is None else v.get(f) for f, r in recipe.items()})
         if sig in seen:
             twins[v.name] = seen[sig]
         else:
