@@ -3,6 +3,7 @@ clients in a round, exact resume, and the refusals."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from pathlib import Path
@@ -17,9 +18,10 @@ from mmfl.data import SklearnDigits, Task, prepare_task
 from mmfl.evaluation.protocol import Protocol, Variant
 from mmfl.evaluation.runner import variant_settings
 from mmfl.federated import FedAvg, Federation, LocalTraining, Simulation
+from mmfl.federated.class_statistics import ClassStatistics, draw, pooled_covariances, summarize
 from mmfl.federated.node import read_recipe
 from mmfl.federated.privacy import DifferentialPrivacy
-from mmfl.federated.virtual_features import ClassStatistics, VirtualFeatures, draw, pooled_covariances
+from mmfl.federated.virtual_features import VirtualFeatures
 from mmfl.module import quiet_lightning
 from mmfl.progress import NoProgress
 from mmfl.prompts import CoOp, PaddingPrompt
@@ -64,6 +66,38 @@ def test_statistics_add_up_over_clients_and_a_rank_deficient_covariance_keeps_it
     few = ClassStatistics(1, 5)
     few.add(x[:3], torch.zeros(3, dtype=torch.long))  # 3 examples: a covariance of rank 2
     assert few.gaussians()[0][1].shape == (5, 2)
+
+
+def test_a_client_sends_each_classs_second_moments_as_a_factor_of_their_rank() -> None:
+    # class 0 = (1,0,0), (3,0,0), (2,4,0): Σxxᵀ = [[14,8,0],[8,16,0],[0,0,0]], rank 2 (nothing along the third axis)
+    x = torch.tensor([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [2.0, 4.0, 0.0]])
+    y = torch.tensor([0, 0, 1, 0])
+    sent = summarize(x, y)
+    assert sorted(sent) == [0, 1] and sent[0].count == 3 and sent[0].total.tolist() == [6.0, 4.0, 0.0]
+    f = sent[0].factor
+    assert f.shape == (3, 2)  # rank 2 of 3 examples
+    torch.testing.assert_close(f @ f.T, torch.tensor([[14.0, 8.0, 0.0], [8.0, 16.0, 0.0], [0.0, 0.0, 0.0]]).double())
+    # the factor is Σxxᵀ's eigenvectors times √eigenvalues (so FᵀF is diagonal), each signed by its largest entry
+    ftf = f.T @ f
+    torch.testing.assert_close(ftf, torch.diag(torch.diagonal(ftf)))
+    assert (f.gather(0, f.abs().argmax(0, keepdim=True)) > 0).all()
+    assert sent[0].nbytes() == 8 * (1 + 3 + 3 * 2)  # the factor: 6 numbers, as many as the upper triangle here
+    assert sent[1].factor.shape == (3, 1) and sent[1].nbytes() == 8 * (1 + 3 + 3)
+    assert summarize(x, y, full=False)[0].factor is None and summarize(x, y, full=False)[0].nbytes() == 8 * (1 + 3 + 1)
+    # added up over clients, the factors give the same statistics as the examples themselves
+    torch.manual_seed(0)
+    feats, labels = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    direct, sums = ClassStatistics(3, 4), ClassStatistics(3, 4)
+    direct.add(feats, labels)
+    for part in (slice(0, 11), slice(11, 30)):
+        for c, summary in summarize(feats[part], labels[part]).items():
+            sums.add_summary(c, summary)
+    assert sums.count.tolist() == direct.count.tolist()
+    torch.testing.assert_close(sums.sum, direct.sum)
+    torch.testing.assert_close(sums.outer, direct.outer)
+    torch.testing.assert_close(sums.sqnorm, direct.sqnorm)
+    many = summarize(torch.randn(9, 4), torch.zeros(9, dtype=torch.long))[0]  # rank 4 of D = 4: the triangle is smaller
+    assert many.factor.shape == (4, 4) and many.nbytes() == 8 * (1 + 4 + 10)
 
 
 def test_a_pooled_covariance_is_the_groups_within_class_scatter_over_their_degrees_of_freedom() -> None:
@@ -158,9 +192,11 @@ def test_the_servers_virtual_client_trains_the_merge_on_every_classs_virtual_fea
     assert rows[0]["note"] == "6 classes x 6 virtual features"  # a class no client holds has no virtual features
     sent = [r for r in cal.metrics.rows if r["level"] == "traffic" and r["split"] == "statistics"]
     d = tiny_backbone.embed_dim
-    held = sum(len(set(c.data.train["label"])) for c in cal.clients)  # classes held, summed over the clients
+    # per class a client holds: the count, Σx and Σxxᵀ's factor, whose rank is the class's examples there (< D / 2)
+    per_class = [n for c in cal.clients for n in collections.Counter(c.data.train["label"]).values()]
+    assert max(per_class) < d // 2
     assert len(sent) == 1 and int(sent[0]["examples"]) == 5
-    assert float(sent[0]["value"]) == held * 8 * (1 + d + d * (d + 1) // 2)  # count, Σx, Σxxᵀ's upper triangle
+    assert float(sent[0]["value"]) == sum(8 * (1 + d + d * n) for n in per_class)
     # the Gaussians are those of the clients' frozen features, pooled
     gauss = cal.class_gaussians(1)["digits/image"]
     assert sorted(gauss) == list(range(6))
@@ -200,7 +236,7 @@ def test_virtual_features_refuse_what_it_cannot_serve(tiny_backbone: Backbone, t
     with pytest.raises(ValueError, match="samples and epochs must be >= 1"):
         Federation(virtual_features=VirtualFeatures(samples=0)).check()
     with pytest.raises(
-        ValueError, match=r"covariance must be one of class, task_modality, task, modality, global, got"
+        ValueError, match=r"covariance must be one of class, isotropic, task_modality, task, modality, global, got"
     ):
         Federation(virtual_features=VirtualFeatures(covariance="local")).check()
     with pytest.raises(ValueError, match=r"prior must be a finite number > 0, got 0"):
@@ -309,3 +345,45 @@ def test_a_run_pools_the_class_covariances_over_the_groups_of_its_scope(tiny_bac
     own = gaussians["class"]["few/image"][0][1]
     assert own.shape[1] == 1  # two examples: a line; pooled, the class spreads in the pool's directions
     assert gaussians["global"]["few/image"][0][1].shape[1] > 1
+
+
+def test_an_isotropic_class_is_a_ball_of_its_own_variance_averaged_over_dimensions() -> None:
+    # class 0: (1,0), (3,0), (2,4) → μ (2, 4/3); tr S = Σ‖x‖² − n‖μ‖², by hand from the
+    # deviations (−1, −4/3), (1, −4/3), (0, 8/3): squared norms 25/9, 25/9, 64/9 → tr S = 114/9; v = tr S / (2 · 2)
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [2.0, 4.0]])
+    y = torch.tensor([0, 0, 1, 0])
+    s = ClassStatistics(num_classes=3, dim=2, full=False)
+    s.add(x, y)
+    assert s.outer is None and s.sqnorm.tolist() == [1 + 9 + 4 + 16, 4.0, 0.0]
+    g = s.isotropic()
+    assert sorted(g) == [0, 1]
+    assert g[0][0].tolist() == [2.0, 4 / 3] and g[0][1].dim() == 0
+    assert g[0][1].item() ** 2 == pytest.approx(114 / 9 / 4)
+    assert g[1][1].item() == 0.0  # one example: no spread
+    # the average of the full covariance's diagonal (var x = 1, var y = 16/3) is the same number
+    assert s.variance(0) == pytest.approx((1 + 16 / 3) / 2)
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    draws, labels = draw({4: (mu, mu.new_tensor(2.0))}, 6000, torch.Generator().manual_seed(0))
+    assert draws.shape == (6000, 3) and labels.eq(4).all()
+    torch.testing.assert_close(draws.double().mean(0), mu, atol=0.1, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.double().T), 4.0 * torch.eye(3, dtype=torch.float64), atol=0.25, rtol=0)
+
+
+def test_an_isotropic_run_sends_only_counts_sums_and_squared_norms(tiny_backbone: Backbone) -> None:
+    sim = _sim(tiny_backbone, VirtualFeatures(samples=5, epochs=1, covariance="isotropic"), rounds=1)
+    sim.run()
+    sent = [r for r in sim.metrics.rows if r["level"] == "traffic" and r["split"] == "statistics"]
+    d = tiny_backbone.embed_dim
+    held = sum(len(set(c.data.train["label"])) for c in sim.clients)
+    assert len(sent) == 1 and float(sent[0]["value"]) == held * 8 * (d + 2)  # count, Σx, Σ‖x‖² per class
+    module = sim._virtual["digits/image"][1]
+    feats = torch.cat([sim.features.encodings(module.modality, c.data.train, train=False) for c in sim.clients])
+    labels = torch.cat([torch.as_tensor(c.data.train["label"]) for c in sim.clients])
+    gauss = sim.class_gaussians(1)["digits/image"]
+    assert sorted(gauss) == list(range(6))
+    for k in range(6):
+        xs = feats[labels == k].double()  # [n_k, D]
+        torch.testing.assert_close(gauss[k][0], xs.mean(0))
+        torch.testing.assert_close(gauss[k][1] ** 2, torch.var(xs, dim=0).mean())  # unbiased, averaged over D
+    rows = [r for r in sim.metrics.rows if r["split"] == "virtual_features"]
+    assert len(rows) == 1 and int(rows[0]["examples"]) == 6 * 5

@@ -5,11 +5,12 @@ its clients' class statistics.
 Under label skew each client's update pulls a task's shared prompt toward telling its own few classes apart, and
 merging the updates does not undo that (docs/evaluation.md, "Knowledge guidance"). With a frozen input encoder a
 client's features never change, so what it holds of each class is summarised, once, by three sums of its frozen
-encodings: the count ``n_c``, the sum ``Σx`` [D] and the sum of outer products ``Σxxᵀ`` [D, D]. The sums add up
-over clients, so the server learns only each (task, modality)'s class means and covariances (never a client's
-examples); from them it draws ``samples`` virtual features per class from N(μ_c, Σ_c) and, after every round's
-merge, a *virtual client* per (task, modality) trains the merged tensors on them — the same module, loss and
-optimizer as a real client, for ``epochs`` epochs. A key held by several (task, modality)s (``global`` or
+encodings: the count ``n_c``, the sum ``Σx`` [D] and the sum of outer products ``Σxxᵀ`` [D, D] — sent as a factor
+of its rank, at most the client's examples of the class (:mod:`.class_statistics`). The sums add up over clients,
+so the server learns only each (task, modality)'s class means and covariances (never a client's examples); from
+them it draws ``samples`` virtual features per class from N(μ_c, Σ_c) and, after every round's merge, a *virtual
+client* per (task, modality) trains the merged tensors on them — the same module, loss and optimizer as a real
+client, for ``epochs`` epochs. A key held by several (task, modality)s (``global`` or
 ``modality`` scope) takes the mean of their virtual clients' results, weighted by their virtual examples.
 
 A class seen a few times has a covariance of rank n_c − 1 (two examples: a line). With ``covariance`` set to a scope
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from mmfl.data.feature_cache import FeatureCache, encoded_loader
-from mmfl.federated.scopes import scope_prefix
+from mmfl.federated.class_statistics import ClassStatistics, draw, pooled_covariances, summarize
 
 if TYPE_CHECKING:
     from mmfl.data.task import PreparedTask
@@ -53,7 +54,10 @@ class VirtualFeatures:
             (with the recipe's optimizer and batch size). 5 was chosen over 1 on the validation split of
             ``recipes/label_skew.yaml`` (mean validation accuracy 84.9 ± 2.7 against 79.8 ± 5.1, 3 seeds).
         covariance: the covariance each class's features are drawn with. ``class`` (CCVR's): the class's own, from
-            its examples alone (rank at most n_c − 1: a class with 2 examples varies along one line). A scope
+            its examples alone (rank at most n_c − 1: a class with 2 examples varies along one line). ``isotropic``:
+            ``v_c · I`` with ``v_c = tr(S_c) / ((n_c − 1) · D)``, the class's own variance averaged over the D
+            dimensions (a class seen once: no spread) — the clients then send per class only its count, ``Σx`` and
+            ``Σ‖x‖²`` (8·(D + 2) bytes instead of 8·(1 + D + D(D + 1)/2): 10 kB instead of 6.6 MB in 1280-d). A scope
             (``task_modality``, ``task``, ``modality``, ``global``): the class's own shrunk toward the within-class
             covariance pooled over every (task, modality) group that shares the class's key of that scope —
             ``(S_c + prior · Σ_pool) / (n_c − 1 + prior)`` with ``S_c`` the class's scatter — so a class with few
@@ -78,15 +82,16 @@ class VirtualFeatures:
         if self.covariance not in COVARIANCES:
             raise ValueError(
                 f"federation.virtual_features.covariance must be one of {', '.join(COVARIANCES)}, got "
-                f"{self.covariance!r}: `class` keeps each class's own covariance, a scope pools the within-class "
-                "covariance over the (task, modality) groups that share its key"
+                f"{self.covariance!r}: `class` keeps each class's own covariance, `isotropic` its variance only, a "
+                "scope pools the within-class covariance over the (task, modality) groups that share its key"
             )
         if not (self.prior > 0 and math.isfinite(self.prior)):
             raise ValueError(f"federation.virtual_features.prior must be a finite number > 0, got {self.prior}")
 
 
-COVARIANCES: tuple[str, ...] = ("class", "task_modality", "task", "modality", "global")
-"""What ``federation.virtual_features.covariance`` may be: each class's own, or a scope to pool over."""
+COVARIANCES: tuple[str, ...] = ("class", "isotropic", "task_modality", "task", "modality", "global")
+"""What ``federation.virtual_features.covariance`` may be: each class's own (full, or its variance), or a scope to
+pool over."""
 
 
 def refuse_on_flower(virtual_features: VirtualFeatures | None) -> None:
@@ -98,112 +103,6 @@ def refuse_on_flower(virtual_features: VirtualFeatures | None) -> None:
             "the class statistics would need messages of their own, which are not built; drop "
             "federation.virtual_features for `mmfl flower-app`"
         )
-
-
-class ClassStatistics:
-    """Per-class sums of features: counts, ``Σx`` [C, D] and ``Σxxᵀ`` [C, D, D] (float64), which add up over clients.
-
-    Args:
-        num_classes: C.
-        dim: D.
-    """
-
-    def __init__(self, num_classes: int, dim: int) -> None:
-        self.count = torch.zeros(num_classes, dtype=torch.long)  # [C]
-        self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)  # [C, D]
-        self.outer = torch.zeros(num_classes, dim, dim, dtype=torch.float64)  # [C, D, D]
-
-    def add(self, features: Tensor, labels: Tensor) -> None:
-        """Add examples: ``features`` [N, D], ``labels`` [N] (class indices)."""
-        x = features.to(torch.float64)  # [N, D]
-        for c in labels.unique().tolist():
-            xs = x[labels == c]  # [n_c, D]
-            self.count[c] += xs.shape[0]
-            self.sum[c] += xs.sum(0)
-            self.outer[c] += xs.T @ xs
-
-    def scatter(self, c: int) -> Tensor:
-        """Class ``c``'s scatter ``Σ (x − μ_c)(x − μ_c)ᵀ = Σxxᵀ − n_c μ_c μ_cᵀ`` [D, D] (0 for a class seen once)."""
-        n = int(self.count[c])
-        mu = self.sum[c] / n  # [D]
-        return self.outer[c] - n * torch.outer(mu, mu)
-
-    def within(self) -> tuple[Tensor, int]:
-        """The within-class scatter summed over the classes with examples [D, D], and its degrees of freedom
-        ``Σ_c (n_c − 1)`` (the pooled within-class covariance is their quotient)."""
-        total = torch.zeros_like(self.outer[0])  # [D, D]
-        dof = 0
-        for c in torch.nonzero(self.count).flatten().tolist():
-            total += self.scatter(c)
-            dof += int(self.count[c]) - 1
-        return total, dof
-
-    def gaussians(self, pooled: Tensor | None = None, prior: float = 0.0) -> dict[int, tuple[Tensor, Tensor]]:
-        """Per class with examples: (mean μ [D], a factor L [D, r] with L Lᵀ the covariance, r its rank);
-        μ + L z with z ~ N(0, I_r) is a draw from N(μ, Σ).
-
-        Args:
-            pooled: a covariance [D, D] to shrink each class's toward; None: the class's own, unbiased (a class
-                seen once has r = 0: its one feature).
-            prior: the examples' worth of ``pooled`` in each class's: ``Σ_c = (S_c + prior · pooled) /
-                (n_c − 1 + prior)`` with ``S_c`` the class's :meth:`scatter`.
-        """
-        out = {}
-        for c in torch.nonzero(self.count).flatten().tolist():
-            n = int(self.count[c])
-            mu = self.sum[c] / n  # [D]
-            if pooled is not None:
-                cov = (self.scatter(c) + prior * pooled) / (n - 1 + prior)  # [D, D]
-            elif n < 2:
-                out[c] = (mu, mu.new_zeros(mu.shape[0], 0))
-                continue
-            else:
-                cov = self.scatter(c) / (n - 1)  # [D, D]
-            ev, vec = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
-            keep = ev > ev.max().clamp_min(0) * 1e-10  # the covariance's rank is at most n - 1 (+ the pool's)
-            out[c] = (mu, vec[:, keep] * ev[keep].sqrt())  # [D, r]
-        return out
-
-
-def pooled_covariances(stats: dict[tuple[str, str], ClassStatistics], scope: str) -> dict[tuple[str, str], Tensor]:
-    """For each (task, modality) group, the within-class covariance pooled over the groups that share its key of
-    ``scope`` (``task_modality``: its own classes only; ``global``: every group's): ``Σ_g W_g / Σ_g dof_g`` [D, D]
-    with :meth:`ClassStatistics.within`'s scatter and degrees of freedom. A group whose pool has no degree of
-    freedom (every class seen once) is left out.
-
-    Raises:
-        ValueError: groups of one pool whose features differ in width.
-    """
-    within = {g: s.within() for g, s in stats.items()}
-    pools: dict[str, list[tuple[str, str]]] = {}
-    for task, modality in stats:
-        pools.setdefault(scope_prefix(scope, task, modality), []).append((task, modality))
-    out = {}
-    for members in pools.values():
-        widths = {within[g][0].shape[0] for g in members}
-        if len(widths) > 1:
-            raise ValueError(
-                f"federation.virtual_features.covariance={scope!r} pools groups whose features differ in width "
-                f"({', '.join(f'{t}/{m}: {within[(t, m)][0].shape[0]}' for t, m in members)}): pool over a narrower "
-                "scope"
-            )
-        dof = sum(within[g][1] for g in members)
-        if dof > 0:
-            total = sum(within[g][0] for g in members)  # [D, D]
-            out.update({g: total / dof for g in members})
-    return out
-
-
-def draw(
-    gaussians: dict[int, tuple[Tensor, Tensor]], samples: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """``samples`` draws per class: features [C'·samples, D] (float32, class by class) and their labels."""
-    xs, ys = [], []
-    for c, (mu, factor) in sorted(gaussians.items()):
-        z = torch.randn(samples, factor.shape[1], generator=generator, dtype=torch.float64)  # [S, r]
-        xs.append(mu + z @ factor.T)  # [S, D]
-        ys.append(torch.full((samples,), c, dtype=torch.long))
-    return torch.cat(xs).float(), torch.cat(ys)
 
 
 class VirtualClients:
@@ -241,8 +140,9 @@ class VirtualClients:
         """Each (task, modality)'s class Gaussians from the sums of its labelled clients' training features (every
         labelled client's, gathered once, at round ``rnd``: its data and the frozen encoder do not change), their
         covariances pooled as ``covariance`` says. What the clients send is counted in a ``traffic`` row (split
-        ``statistics``) of that round: per class held, the count, ``Σx`` and the upper triangle of the symmetric
-        ``Σxxᵀ``, in float64."""
+        ``statistics``) of that round: per class held, the count, ``Σx`` and ``Σxxᵀ`` as a factor of its rank or
+        its upper triangle, whichever is smaller (``isotropic``: ``Σ‖x‖²`` instead), in float64
+        (:class:`~mmfl.federated.class_statistics.ClassSummary`)."""
         if self._gaussians is None:
             vf = self.federation.virtual_features
             self._gaussians, held = {}, {}
@@ -252,6 +152,8 @@ class VirtualClients:
                     self._gaussians[key] = {}
                 elif vf.covariance == "class":  # each class its own: one group's C·D² sums held at a time
                     self._gaussians[key] = stats.gaussians()
+                elif vf.covariance == "isotropic":
+                    self._gaussians[key] = stats.isotropic()
                 else:  # a pool needs every group's sums at once: filled below, in the groups' order
                     self._gaussians[key], held[key] = {}, ((task.name, task.modality), stats)
             pools = pooled_covariances(dict(held.values()), vf.covariance) if held else {}
@@ -264,6 +166,7 @@ class VirtualClients:
         ``traffic`` row (once in a run, also when resumed) and a log line."""
         cache = self.features or FeatureCache(self.backbone, None, self.training.eval_batch_size)
         task, module, _ = self._virtual[key]
+        full = self.federation.virtual_features.covariance != "isotropic"
         stats: ClassStatistics | None = None
         senders, nbytes = 0, 0
         for c in self.clients:
@@ -272,11 +175,11 @@ class VirtualClients:
             x = cache.encodings(module.modality, c.data.train, train=False)  # [N, D]: no random transform
             labels = cache.labels(c.data.train)  # [N]
             if stats is None:
-                stats = ClassStatistics(len(task.class_names), x.shape[1])
-            stats.add(x, labels)
-            d = x.shape[1]
+                stats = ClassStatistics(len(task.class_names), x.shape[1], full=full)
+            for k, summary in summarize(x, labels, full).items():  # what this client sends
+                stats.add_summary(k, summary)
+                nbytes += summary.nbytes()
             senders += 1
-            nbytes += len(labels.unique()) * 8 * (1 + d + d * (d + 1) // 2)
         sent = any(
             r["split"] == "statistics" and (r["task"], r["modality"]) == (task.name, task.modality)
             for r in self.metrics.rows
@@ -286,9 +189,10 @@ class VirtualClients:
                 rnd, "traffic", task.name, task.modality, "", "statistics", math.nan, math.nan, senders, value=nbytes
             )
         log.info(
-            "virtual features: %s: class statistics (count, mean, covariance) of %d labelled clients, %d classes "
+            "virtual features: %s: class statistics (count, mean, %s) of %d labelled clients, %d classes "
             "(%.1f MB sent, once)",
             key,
+            "covariance" if full else "variance",
             senders,
             0 if stats is None else int((stats.count > 0).sum()),
             nbytes / 1e6,
