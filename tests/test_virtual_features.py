@@ -15,6 +15,7 @@ from flwr_datasets.partitioner import PathologicalPartitioner
 from mmfl import cli
 from mmfl.backbone import Backbone
 from mmfl.data import SklearnDigits, Task, prepare_task
+from mmfl.evaluation.command import describe_variant
 from mmfl.evaluation.protocol import Protocol, Variant
 from mmfl.evaluation.runner import variant_settings
 from mmfl.federated import FedAvg, Federation, LocalTraining, Simulation
@@ -279,6 +280,12 @@ def test_an_evaluation_variant_may_change_only_the_virtual_features() -> None:
     assert (
         got_fed.virtual_features == VirtualFeatures(samples=7) and got_fed.rounds == 4 and fed.virtual_features is None
     )
+    # the report names the variant's spread when it is not each class's own covariance
+    assert describe_variant(v) == "server training on virtual features (7 per class, 5 epochs a round)"
+    iso = Variant(name="iso", virtual_features=VirtualFeatures(covariance="isotropic"))
+    assert describe_variant(iso).endswith("(100 per class, 5 epochs a round, covariance isotropic)")
+    pool = Variant(name="pool", virtual_features=VirtualFeatures(covariance="global", prior=4))
+    assert describe_variant(pool).endswith("5 epochs a round, covariance global (prior 4))")
 
 
 def test_a_key_several_groups_hold_takes_their_virtual_clients_mean_weighted_by_virtual_examples(

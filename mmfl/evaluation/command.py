@@ -163,10 +163,11 @@ def describe_variant(v: Namespace) -> str:
     if v.optimizer is not None:
         out.append("optimizer " + _call(v.optimizer))
     if v.virtual_features is not None:
-        out.append(
-            f"server training on virtual features ({v.virtual_features.samples} per class, "
-            f"{v.virtual_features.epochs} epochs a round)"
-        )
+        vf = v.virtual_features
+        spread = "" if vf.covariance == "class" else f", covariance {vf.covariance}"
+        if vf.covariance not in ("class", "isotropic"):
+            spread += f" (prior {vf.prior:g})"
+        out.append(f"server training on virtual features ({vf.samples} per class, {vf.epochs} epochs a round{spread})")
     return "; ".join(out)
 
 
