@@ -19,7 +19,8 @@ class ClassSummary:
 
     ``F`` is ``Σxxᵀ``'s own eigenvectors (each signed so its largest entry is positive) scaled by the square roots of
     its eigenvalues — a function of ``Σxxᵀ`` alone, so it tells the server no more than the matrix, in D·r numbers
-    instead of the D(D + 1)/2 of its upper triangle (r = 16 of D = 1280: 164 kB instead of 6.6 MB in float64).
+    instead of the D(D + 1)/2 of its upper triangle (r = 16 of D = 1280: 174 kB with the count and ``Σx``, instead of
+    6.6 MB, in float64).
     """
 
     count: int
