@@ -59,7 +59,7 @@ class VirtualFeatures:
             dimensions (a class seen once: no spread) — the clients then send per class only its count, ``Σx`` and
             ``Σ‖x‖²`` (8·(D + 2) bytes instead of 8·(1 + D + D·r) with ``Σxxᵀ``'s factor of rank r ≤ n_c: 10 kB
             instead of 174 kB for 16 examples in 1280-d), and the server learns no covariance; measured 2.5–4.8
-            points below ``class`` (docs/measurements.md). A scope
+            points below ``class`` with 16 examples a class, above it for 2 (docs/measurements.md). A scope
             (``task_modality``, ``task``, ``modality``, ``global``): the class's own shrunk toward the within-class
             covariance pooled over every (task, modality) group that shares the class's key of that scope —
             ``(S_c + prior · Σ_pool) / (n_c − 1 + prior)`` with ``S_c`` the class's scatter — so a class with few
