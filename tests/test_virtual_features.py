@@ -97,8 +97,15 @@ def test_a_client_sends_each_classs_second_moments_as_a_factor_of_their_rank() -
     torch.testing.assert_close(sums.sum, direct.sum)
     torch.testing.assert_close(sums.outer, direct.outer)
     torch.testing.assert_close(sums.sqnorm, direct.sqnorm)
-    many = summarize(torch.randn(9, 4), torch.zeros(9, dtype=torch.long))[0]  # rank 4 of D = 4: the triangle is smaller
+    nine = torch.randn(9, 4)  # more examples than dimensions: rank 4 of D = 4, the triangle is smaller
+    many, few = summarize(nine, torch.zeros(9, dtype=torch.long))[0], summarize(nine[:3], torch.zeros(3).long())[0]
     assert many.factor.shape == (4, 4) and many.nbytes() == 8 * (1 + 4 + 10)
+    torch.testing.assert_close(many.factor @ many.factor.T, nine.double().T @ nine.double())
+    assert few.factor.shape == (4, 3)  # fewer: the examples' Gram matrix gives the same kind of factor
+    for f in (many.factor, few.factor):  # Σxxᵀ's eigenvectors × √eigenvalues, signed by the largest entry
+        ftf = f.T @ f
+        torch.testing.assert_close(ftf, torch.diag(torch.diagonal(ftf)))
+        assert (f.gather(0, f.abs().argmax(0, keepdim=True)) > 0).all()
 
 
 def test_a_pooled_covariance_is_the_groups_within_class_scatter_over_their_degrees_of_freedom() -> None:

@@ -44,10 +44,11 @@ def summarize(features: Tensor, labels: Tensor, full: bool = True) -> dict[int, 
     for c in labels.unique().tolist():
         xs = x[labels == c]  # [n, D]
         factor = None
-        if full:  # Σxxᵀ = xsᵀ xs; with the Gram matrix xs xsᵀ = V Λ Vᵀ, F = xsᵀ V has F Fᵀ = Σxxᵀ and FᵀF = Λ
-            ev, vec = torch.linalg.eigh(xs @ xs.T)  # [n], [n, n]
+        if full:  # Σxxᵀ = xsᵀ xs = U Λ Uᵀ and F = U √Λ, from the smaller of the two Gram matrices
+            small = xs.shape[0] <= xs.shape[1]  # xs xsᵀ = V Λ Vᵀ [n, n] gives F = xsᵀ V (F Fᵀ = Σxxᵀ, FᵀF = Λ)
+            ev, vec = torch.linalg.eigh(xs @ xs.T if small else xs.T @ xs)  # [m], [m, m]; m = min(n, D)
             keep = ev > ev.max().clamp_min(0) * 1e-12  # directions with no spread carry nothing
-            factor = xs.T @ vec[:, keep]  # [D, r]
+            factor = xs.T @ vec[:, keep] if small else vec[:, keep] * ev[keep].sqrt()  # [D, r]
             sign = factor.gather(0, factor.abs().argmax(0, keepdim=True)).sign()  # [1, r]
             factor = factor * torch.where(sign == 0, 1.0, sign)
         out[c] = ClassSummary(xs.shape[0], xs.sum(0), float(xs.square().sum()), factor)
