@@ -16,6 +16,9 @@ scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as f
     similarity:            ``mix(task_modality, BASE, similarity)``: shares from the similarity of updates;
     own val:               ``mix(task_modality, BASE, own=val)``: each (task, modality)'s own share chosen every
                            round on its validation split (see ``--val-fraction``);
+    by modality:           ``task_modality`` for a ``task`` base, the base itself for the others: a task's prompt
+                           kept per (task, modality), a modality's own part (an audio projection, ``modality``)
+                           shared by that modality's clients of every task;
     recipe:                the recipe's scopes as written (the default docs/measurements.md recommends).
 
 ``--val-fraction F`` (default 0.2) holds F of each task's training pool out as validation data *in every setting*,
@@ -80,6 +83,7 @@ SETTINGS: dict[str, Callable[[str], str] | None] = {
     "others 0.1": lambda base: f"mix(task_modality, {base}, others=0.1)",
     "similarity": lambda base: f"mix(task_modality, {base}, similarity)",
     "own val": lambda base: f"mix(task_modality, {base}, own=val)",
+    "by modality": lambda base: "task_modality" if base == "task" else base,
     "recipe": None,
 }
 """Each setting's scope for a part of a given base scope (None: the recipe's own scopes)."""

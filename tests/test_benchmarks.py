@@ -49,6 +49,12 @@ def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbo
     plain = [*[f"modality/image/{p}" for p in proj], "task/digits/coop.ctx", "task/moods/coop.ctx"]
     assert out["recipe"].merged_keys == out["plain"].merged_keys == out["task"].merged_keys == plain
     assert out["components"].merged_keys == sorted(plain + out["same (task, modality)"].merged_keys)
+    assert out["by modality"].merged_keys == [  # the prompt per (task, modality), the projection per modality
+        "modality/image/proj.input.bias",
+        "modality/image/proj.input.weight",
+        "task_modality/digits/image/coop.ctx",
+        "task_modality/moods/text/coop.ctx",
+    ]
     for name in ("own 0.8", "others 0.1", "similarity", "own val"):  # held per (task, modality), mixed at the server
         assert out[name].merged_keys == out["same (task, modality)"].merged_keys
     assert sorted(out["own val"].shares) == ["task_modality/digits/image", "task_modality/moods/text"]
@@ -82,6 +88,8 @@ def test_collaboration_settings_rewrite_the_wide_scopes(tmp_path: Path) -> None:
     assert scopes("similarity") == ["mix(task_modality, task, similarity)", "mix(task_modality, modality, similarity)"]
     assert scopes("components", base="global") == ["global+task_modality", "global+task_modality"]
     assert scopes("alone", base="global") == ["local", "local"]
+    assert scopes("by modality") == ["task_modality", "modality"]  # the prompt per group, the modality's part shared
+    assert scopes("by modality", base="global") == ["global", "global"]
 
 
 def _shrink(cfg) -> None:
