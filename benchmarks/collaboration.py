@@ -25,6 +25,10 @@ scope is wider than a (task, modality) (``global``, ``task``, ``modality``) as f
 so every setting trains on the same clients' data and only ``own val`` looks at the held-out part; ``0`` holds
 nothing out (then ``own val`` cannot run).
 
+``--choose A B …`` adds a row where each (task, modality) group keeps, seed by seed, the one of the settings A, B, …
+(each also run) whose final state scores highest on the group's validation split (``benchmarks/val_choice.py``): a
+choice of sharing from whole runs, at the cost of training every candidate.
+
 ``--base modality`` takes ``modality`` as the base scope of every part whose own is wide (e.g. to share a scarce
 task's context with the other tasks of its modality only, where the recipe says ``global``).
 
@@ -51,6 +55,8 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
+from benchmarks.collab_tables import Summary, paired, paired_table, summarize, table
+from benchmarks.val_choice import check_choice, choose_per_group, chosen_name
 from mmfl.backbone import Backbone
 from mmfl.data import prepare_task
 from mmfl.evaluation.protocol import Protocol
@@ -128,6 +134,8 @@ class SettingResult:
     """With ``average_rounds``: each client's accuracy with its tensors averaged over the last rounds."""
     best_val: dict[str, float] | None = None
     """With ``best_val``: each client's accuracy with the state ``selection: best_val`` keeps."""
+    val: dict[str, float] = field(default_factory=dict)
+    """Each client's accuracy on its (task, modality) validation split with its final state (when there is one)."""
 
 
 class _TimedSimulation(Simulation):
@@ -200,7 +208,7 @@ def run_setting(
     selection["average_rounds"] = average_rounds
     sim = _TimedSimulation(backbone, prepared, init.parts, init.training, init.federation, seed=cfg.seed, **selection)
     t0 = time.perf_counter()
-    accs, groups = {}, {}
+    accs, groups, vals = {}, {}, {}
     sent = [
         sum(t.numel() * t.element_size() for t in c.module.trainable_state_dict(False).values()) for c in sim.clients
     ]
@@ -217,6 +225,8 @@ def run_setting(
             c.module.load_trainable_state_dict(sim.global_state)  # merged tensors; its local ones stay its own
             accs[c.data.cid] = sim.evaluate(c.module, c.task, c.task.test)["accuracy"]
             groups[c.data.cid] = f"{c.task.name}/{c.task.modality}"
+            if c.task.val is not None and len(c.task.val):
+                vals[c.data.cid] = sim.evaluate(c.module, c.task, c.task.val)["accuracy"]
         averaged = _score(sim, *sim.averaged()) if average_rounds else None
         chosen = _score(sim, *sim.selected()) if best_val else None
     return SettingResult(
@@ -229,6 +239,7 @@ def run_setting(
         _shares(sim),
         averaged,
         chosen,
+        vals,
     )
 
 
@@ -249,90 +260,6 @@ def _shares(sim: Simulation) -> dict[str, list[float]]:
         if r["split"] == "mix_share":
             out.setdefault(str(r["note"]), []).append(float(r["value"]))
     return out
-
-
-@dataclass
-class Summary:
-    """One setting over seeds: per row and over clients, the mean and std over seeds (of the per-seed means)."""
-
-    rows: dict[str, dict] = field(default_factory=dict)
-    clients_mean: dict = field(default_factory=dict)
-    per_seed: dict[int, dict[str, float]] = field(default_factory=dict)
-    bytes_per_client_round: float = 0.0
-    server_seconds_per_round: float = 0.0
-    seconds: float = 0.0
-
-
-def _spread(values: list[float]) -> dict:
-    return {
-        "mean": statistics.mean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "per_seed": values,
-    }
-
-
-def summarize(results: dict[int, SettingResult]) -> Summary:
-    """Mean ± std over seeds of each row's mean over its clients, and of the mean over all clients (percent)."""
-    seeds = sorted(results)
-    groups = results[seeds[0]].groups
-    order = list(dict.fromkeys(groups.values()))
-    s = Summary(per_seed={seed: {c: 100 * a for c, a in results[seed].accuracy.items()} for seed in seeds})
-    for g in order:
-        members = [c for c in groups if groups[c] == g]
-        s.rows[g] = _spread([statistics.mean(s.per_seed[seed][c] for c in members) for seed in seeds])
-    s.clients_mean = _spread([statistics.mean(s.per_seed[seed].values()) for seed in seeds])
-    s.bytes_per_client_round = statistics.mean(r.bytes_per_client_round for r in results.values())
-    s.server_seconds_per_round = statistics.mean(r.server_seconds_per_round for r in results.values())
-    s.seconds = statistics.mean(r.seconds for r in results.values())
-    return s
-
-
-def paired(summaries: dict[str, Summary], reference: str) -> dict[str, dict[str, dict]]:
-    """Each setting's difference to ``reference``, seed by seed (same seed: same clients, shots and data order), per
-    row and over clients: ``{setting: {row: {mean, std, per_seed}}}`` (the row ``mean over clients`` included).
-    The spread of a paired difference is the one to hold a difference against."""
-    ref = summaries[reference]
-    out: dict[str, dict[str, dict]] = {}
-    for name, s in summaries.items():
-        rows = {g: (s.rows[g]["per_seed"], ref.rows[g]["per_seed"]) for g in s.rows}
-        rows["mean over clients"] = (s.clients_mean["per_seed"], ref.clients_mean["per_seed"])
-        out[name] = {g: _spread([x - y for x, y in zip(a, b, strict=True)]) for g, (a, b) in rows.items()}
-    return out
-
-
-def paired_table(summaries: dict[str, Summary], reference: str) -> str:
-    """A markdown table of :func:`paired` differences (points), a column per other setting."""
-    diff = paired(summaries, reference)
-    names = [n for n in summaries if n != reference]
-    lines = [f"| minus {reference}, paired by seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for g in next(iter(diff.values())):
-        lines.append(
-            f"| {g} | " + " | ".join(f"{diff[n][g]['mean']:+.1f} ± {diff[n][g]['std']:.1f}" for n in names) + " |"
-        )
-    return "\n".join(lines)
-
-
-def table(summaries: dict[str, Summary]) -> str:
-    """A markdown table: a row per (task, modality) and the mean over clients, a column per setting."""
-    names = list(summaries)
-    first = summaries[names[0]]
-    lines = ["| task / modality | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for g in first.rows:
-        cells = [f"{summaries[n].rows[g]['mean']:.1f} ± {summaries[n].rows[g]['std']:.1f}" for n in names]
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    cells = [f"**{summaries[n].clients_mean['mean']:.1f} ± {summaries[n].clients_mean['std']:.1f}**" for n in names]
-    lines.append("| mean over clients | " + " | ".join(cells) + " |")
-    lines.append(
-        "| bytes sent per client-round | "
-        + " | ".join(f"{summaries[n].bytes_per_client_round:,.0f}" for n in names)
-        + " |"
-    )
-    lines.append(
-        "| server ms per round | "
-        + " | ".join(f"{1000 * summaries[n].server_seconds_per_round:.1f}" for n in names)
-        + " |"
-    )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Summary]:
@@ -363,9 +290,21 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
         help="also score every setting with the state evaluation.selection: best_val keeps (with --average-rounds, "
         "the average is a candidate): rows 'SETTING, best_val'",
     )
+    ap.add_argument(
+        "--choose",
+        nargs="+",
+        action="append",
+        default=[],
+        choices=list(SETTINGS),
+        metavar="SETTING",
+        help="also a row where each (task, modality) keeps the one of these settings (each also in --settings) whose "
+        "final state scores highest on its validation split: 'chosen on val: A or B' (repeatable)",
+    )
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. -- --training.epochs=2")
     args = ap.parse_args(argv)
+    for names in args.choose:
+        check_choice(names, args.settings, args.val_fraction, ap.error)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     recipe = args.recipe or SCENARIOS[args.scenario]
     overrides = [f"--evaluation.val_fraction={args.val_fraction}", *args.overrides]
@@ -401,6 +340,15 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
                 log.warning(
                     "seed %d, %s, best_val: mean %.1f%%", seed, name, 100 * statistics.mean(r.best_val.values())
                 )
+    choices: dict[str, dict[int, dict[str, str]]] = {}
+    for names in args.choose:
+        row = chosen_name(names)
+        # every task holds validation data out (at least one example each: check_choice made sure it is > 0)
+        picks = {seed: choose_per_group({n: runs[n][seed] for n in names}, names) for seed in args.seeds}
+        runs[row] = {seed: r for seed, (r, _) in picks.items()}
+        choices[row] = {seed: c for seed, (_, c) in picks.items()}
+        for seed, (r, c) in picks.items():
+            log.warning("seed %d, %s: mean %.1f%% %s", seed, row, 100 * statistics.mean(r.accuracy.values()), c)
     summaries = {name: summarize(r) for name, r in runs.items()}
     reference = "same (task, modality)" if "same (task, modality)" in summaries else next(iter(summaries))
     print(table(summaries) + "\n\n" + paired_table(summaries, reference))  # the benchmark's output
@@ -421,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
             "paired": paired(summaries, reference),
             "merged_keys": {name: r[args.seeds[0]].merged_keys for name, r in runs.items()},
             "shares": {name: {seed: r[seed].shares for seed in r} for name, r in runs.items() if "val" in name},
+            "choices": choices,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=1))

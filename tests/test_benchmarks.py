@@ -66,9 +66,39 @@ def test_collaboration_settings_change_only_what_is_merged(tiny_backbone: Backbo
             "moods/text/0": "moods/text",
         }
         assert all(0.0 <= a <= 1.0 for a in r.accuracy.values())
+        assert r.val.keys() == r.accuracy.keys() and all(0.0 <= a <= 1.0 for a in r.val.values())
     # components send both tensors of a split parameter; mixing sends what task_modality does
     assert out["components"].bytes_per_client_round > out["task"].bytes_per_client_round
     assert out["own 0.8"].bytes_per_client_round == out["task"].bytes_per_client_round > 0
+
+
+def test_a_choice_on_validation_keeps_per_group_the_setting_that_scores_highest_there() -> None:
+    from benchmarks.collaboration import SettingResult
+    from benchmarks.val_choice import choose_per_group
+
+    groups = {"d/image/0": "d/image", "d/image/1": "d/image", "d/audio/0": "d/audio"}
+
+    def result(test: list[float], val: list[float], keys: list[str], sent: float) -> SettingResult:
+        acc, v = dict(zip(groups, test, strict=True)), dict(zip(groups, val, strict=True))
+        return SettingResult(acc, groups, keys, sent, 0.5, 10.0, val=v)
+
+    runs = {  # image: own 0.7, 0.5 -> 0.60 against wide 0.6, 0.6 -> 0.60 (a tie: the first name); audio: 0.2 < 0.4
+        "own": result([0.9, 0.8, 0.3], [0.7, 0.5, 0.2], ["a", "b"], 100.0),
+        "wide": result([0.1, 0.2, 0.6], [0.6, 0.6, 0.4], ["b", "c"], 50.0),
+    }
+    chosen, choice = choose_per_group(runs, ["own", "wide"])
+    assert choice == {"d/image": "own", "d/audio": "wide"}
+    assert chosen.accuracy == {"d/image/0": 0.9, "d/image/1": 0.8, "d/audio/0": 0.6}  # each group's chosen test
+    assert chosen.val == {"d/image/0": 0.7, "d/image/1": 0.5, "d/audio/0": 0.4}
+    assert chosen.merged_keys == ["a", "b", "c"] and chosen.bytes_per_client_round == 150.0  # both runs trained
+    assert chosen.seconds == 20.0 and chosen.groups == groups
+    _, choice = choose_per_group(runs, ["wide", "own"])  # the tie now goes to "wide"
+    assert choice == {"d/image": "wide", "d/audio": "wide"}
+    runs["own"].val = {}
+    with pytest.raises(ValueError, match="no validation figure"):
+        choose_per_group(runs, ["own", "wide"])
+    with pytest.raises(ValueError, match="no result for"):
+        choose_per_group(runs, ["wide", "task"])
 
 
 def test_collaboration_settings_rewrite_the_wide_scopes(tmp_path: Path) -> None:
@@ -120,12 +150,20 @@ def test_collaboration_json_holds_means_spreads_and_every_client(tmp_path: Path)
     recipe, out = tmp_path / "r.yaml", tmp_path / "c.json"
     recipe.write_text(RECIPE.replace("data: {text:", "data: {label: [0, 1, 0, 1, 0, 1], text:"))
     args = ["-c", str(recipe), "--seeds", "0", "1", "--settings", "alone", "others 0.1", "--average-rounds", "1"]
-    summaries = main([*args, "--best-val", "--json", str(out)])
+    with pytest.raises(SystemExit):  # a choice among settings that are not all run: refused before any training
+        main([*args, "--choose", "alone", "task"])
+    summaries = main([*args, "--best-val", "--choose", "alone", "others 0.1", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["seeds"] == [0, 1] and saved["average_rounds"] == 1 and saved["best_val"]
     assert list(saved["settings"]) == [
-        *("alone", "others 0.1", "alone, averaged", "others 0.1, averaged", "alone, best_val", "others 0.1, best_val")
+        *("alone", "others 0.1", "alone, averaged", "others 0.1, averaged", "alone, best_val", "others 0.1, best_val"),
+        "chosen on val: alone or others 0.1",
     ]
+    for seed in ("0", "1"):  # each row's figures are those of the setting it chose
+        for row, name in saved["choices"]["chosen on val: alone or others 0.1"][seed].items():
+            assert saved["settings"]["chosen on val: alone or others 0.1"]["rows"][row]["per_seed"][int(seed)] == (
+                pytest.approx(saved["settings"][name]["rows"][row]["per_seed"][int(seed)])
+            )
     for name in ("alone", "others 0.1"):  # the mean of the last round alone is the last round's state
         assert saved["settings"][f"{name}, averaged"]["per_seed"] == saved["settings"][name]["per_seed"]
     s = saved["settings"]["alone"]
