@@ -63,11 +63,8 @@ def choose_per_group(results: dict[str, SettingResult], names: Sequence[str]) ->
     choice: dict[str, str] = {}
     for g in dict.fromkeys(first.groups.values()):
         members = [c for c, gg in first.groups.items() if gg == g]
-
-        def score(n: str, members: list[str] = members) -> float:
-            return statistics.mean(results[n].val[c] for c in members)
-
-        choice[g] = max(names, key=lambda n: (score(n), -names.index(n)))
+        score = {n: statistics.mean(results[n].val[c] for c in members) for n in names}
+        choice[g] = max(names, key=score.__getitem__)  # max keeps the first of equal scores: the earlier name
     picked = {c: results[choice[g]] for c, g in first.groups.items()}
     runs = [results[n] for n in names]
     chosen = type(first)(
