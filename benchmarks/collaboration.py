@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
 from jsonargparse import Namespace
 
 from benchmarks.collab_tables import Summary, paired, paired_table, summarize, table
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Summary]:
     for names in args.choose:
         check_choice(names, args.settings, args.val_fraction, ap.error)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    datasets.disable_progress_bars()  # else a "Flattening the indices" bar per split, setting and seed
     recipe = args.recipe or SCENARIOS[args.scenario]
     overrides = [f"--evaluation.val_fraction={args.val_fraction}", *args.overrides]
     overrides += [f"--federation.rounds={args.rounds}"] if args.rounds else []

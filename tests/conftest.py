@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,8 +24,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# mmfl-mini's assembled checkpoint goes to a throw-away cache, never the user's home
-os.environ.setdefault("MMFL_CACHE", tempfile.mkdtemp(prefix="mmfl-test-cache-"))
+# mmfl-mini's assembled checkpoint, cached encodings and Flower node state go to a throw-away cache, never the user's
+# home: made by the process that starts pytest (its xdist workers inherit the variable), removed when that one ends
+if "MMFL_CACHE" not in os.environ:
+    os.environ["MMFL_CACHE"] = tempfile.mkdtemp(prefix="mmfl-test-cache-")
+    os.environ["MMFL_TEST_CACHE_OWNER"] = str(os.getpid())
 
 import datasets
 
@@ -57,6 +61,12 @@ WORDS = [
     "eight",
     "nine",
 ]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the throw-away cache this process made (the suite leaves ~240 MB there)."""
+    if os.environ.get("MMFL_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["MMFL_CACHE"], ignore_errors=True)
 
 
 def _write_tiny_bert(folder: Path) -> None:
