@@ -1,5 +1,6 @@
 """The ``mmfl`` command: ``mmfl fit -c RECIPE [--a.b=value ...]``, ``mmfl evaluate``, ``mmfl plot RUN``,
-``mmfl zeroshot``, ``mmfl export RUN``, ``mmfl modalities``; ``-v`` shows everything, ``-q`` warnings only."""
+``mmfl zeroshot``, ``mmfl export RUN``, ``mmfl choose RUN RUN``, ``mmfl modalities``; ``-v`` shows everything,
+``-q`` warnings only."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 from mmfl import plots
 from mmfl.backbone import Backbone, check_backbone_args
+from mmfl.choose import choose_parser, run_choose
 from mmfl.data.bundled import BUNDLED
 from mmfl.data.task import Task, check_task, load_split, prepare_task
 from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
@@ -207,6 +209,9 @@ def build_parser() -> ArgumentParser:
         export_parser(),
         help="write a run's merged backbone projections as an open_clip checkpoint, scored against the original",
     )
+    sub.add_subcommand(
+        "choose", choose_parser(), help="keep per (task, modality) the run that scores highest on its validation data"
+    )
     sub.add_subcommand("plot", plot_parser(), help="redraw a run's accuracy_per_round.png (finished or running)")
     sub.add_subcommand("modalities", Parser(), help="list the registered modalities")
     return parser
@@ -379,6 +384,8 @@ def _dispatch(cfg: Namespace, sub: dict) -> int:
         run_zeroshot(cfg.zeroshot)
     elif cfg.subcommand == "export":
         run_export(cfg.export)
+    elif cfg.subcommand == "choose":
+        run_choose(cfg.choose.runs, cfg.choose.output, cfg.choose.state, cfg.choose.overwrite)
     elif cfg.subcommand == "plot":
         log.info("wrote %s", plots.plot_run(cfg.plot.run))
     elif cfg.subcommand == "flower-app":

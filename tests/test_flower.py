@@ -4,6 +4,7 @@ virtual clients, and a SuperNode killed mid-run. Every process started here is s
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -82,6 +83,12 @@ def test_deployment_engine_on_loopback_matches_the_in_process_engine(tmp_path: P
 
     assert chosen(out) == chosen(tmp_path / "in-process")
     assert [r[:2] for r in chosen(out)] == [(rnd, f"task/{t}") for rnd in "12" for t in ("animals", "digits")]
+
+    # the ServerApp's folder holds its recipe, as a run of mmfl fit does: `mmfl choose` reads it as one
+    assert (out / "config.yaml").is_file()
+    assert cli.main(["choose", str(out), str(tmp_path / "in-process"), "--output", str(tmp_path / "chosen")]) == 0
+    groups = json.loads((tmp_path / "chosen" / "choice.json").read_text())["groups"]
+    assert sorted(groups) == ["animals/image", "digits/image"]
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from mmfl.federated.faults import RoundFailed
 from mmfl.federated.flower_stop import stop_line
 from mmfl.federated.flower_strategy import ScopedFedAvg, as_flag, check_output, resume_server
-from mmfl.federated.node import Node, node_client_id, read_layout, read_recipe
+from mmfl.federated.node import Node, node_client_id, read_layout, read_recipe, save_recipe
 from mmfl.federated.node_state import latest_round, load_local, save_local, state_folder
 from mmfl.federated.pool import Client
 from mmfl.federated.resume import CHECKPOINT, completed_round
@@ -215,6 +215,8 @@ def server_setup(cfg: dict) -> tuple[Simulation, Path | None, int, int]:
     check_output(out, as_flag(cfg.get("resume", False)))  # before anything there is touched
     if out is not None:
         sim.attach_output(out)
+        if not as_flag(cfg.get("resume", False)) or not (out / "config.yaml").is_file():
+            save_recipe(cfg, out)  # the run folder holds its recipe, as mmfl fit's does
     min_nodes = int(cfg.get("min-nodes", len(sim.clients)))
     fed = sim.federation
     min_train = max(1, min(min_nodes, max(fed.min_clients, math.ceil(fed.fraction * min_nodes))))

@@ -94,7 +94,21 @@ def read_recipe(run_config: dict) -> tuple:
         ValueError: the recipe is missing or invalid (the message names what to fix).
     """
     from mmfl.federated.virtual_features import refuse_on_flower
-    from mmfl.recipe import check_recipe, fit_parser, lists_replace
+    from mmfl.recipe import check_recipe
+
+    parser, cfg = parse_recipe(run_config)
+    init, tasks, federation = check_recipe(parser, cfg)
+    refuse_on_flower(federation.virtual_features)
+    return cfg, init, tasks, federation
+
+
+def parse_recipe(run_config: dict) -> tuple:
+    """(the fit parser, the parsed config) of the recipe a Flower run config carries, unchecked.
+
+    Raises:
+        ValueError: the run config has no recipe.
+    """
+    from mmfl.recipe import fit_parser, lists_replace
 
     text = str(run_config.get("recipe-yaml", ""))
     if not text.strip():
@@ -104,9 +118,15 @@ def read_recipe(run_config: dict) -> tuple:
         recipe.write_text(text)
         parser = fit_parser()
         cfg = parser.parse_args(["-c", str(recipe), *lists_replace(shlex.split(str(run_config.get("overrides", ""))))])
-    init, tasks, federation = check_recipe(parser, cfg)
-    refuse_on_flower(federation.virtual_features)
-    return cfg, init, tasks, federation
+    return parser, cfg
+
+
+def save_recipe(run_config: dict, out: Path) -> None:
+    """Write the run config's resolved recipe to ``out/config.yaml``, as ``mmfl fit`` does beside its outputs (so
+    ``mmfl choose`` and ``mmfl export`` read a Flower run's folder as a run folder)."""
+    parser, cfg = parse_recipe(run_config)
+    out.mkdir(parents=True, exist_ok=True)
+    parser.save(cfg, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
 
 
 def _rng_state() -> tuple:
