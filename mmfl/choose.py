@@ -76,10 +76,9 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def groups_of(run: Path) -> dict[str, int]:
-    """The (task, modality) groups a run scored, ``task/modality``, with the number of their clients that trained
-    (at least 1)."""
-    rows = _rows(run)
+def groups_of(rows: list[dict[str, str]]) -> dict[str, int]:
+    """The (task, modality) groups a run's ``metrics.csv`` rows score, ``task/modality``, with the number of their
+    clients that trained (at least 1)."""
     groups = {f"{r['task']}/{r['modality']}" for r in rows if r["level"] == "task"}
     clients = {g: set() for g in groups}
     for r in rows:
@@ -126,11 +125,12 @@ def run_scores(run: str | Path, state: str = "selected") -> RunScores:
     level = "average" if averaged else "task"
     val: dict[str, float] = {}
     test: dict[str, float] = {}
-    for row in _rows(run):
+    rows = _rows(run)
+    for row in rows:
         if row["level"] == level and int(row["round"]) == rnd and row["split"] in ("val", "test"):
             g = f"{row['task']}/{row['modality']}"
             (val if row["split"] == "val" else test)[g] = float(row["accuracy"])
-    bare = sorted(set(groups_of(run)) - set(val))
+    bare = sorted(set(groups_of(rows)) - set(val))
     if bare:
         raise ChooseError(
             f"{str(run)!r} has no validation scores for {', '.join(bare)}: the choice is made on validation data "
@@ -142,11 +142,11 @@ def run_scores(run: str | Path, state: str = "selected") -> RunScores:
 def check_same_federation(runs: list[Path]) -> dict[str, int]:
     """Raise unless every run trained the same groups on the same seed; return the groups and their clients."""
     configs = [_config(r) for r in runs]
-    first = groups_of(runs[0])
-    for run, config in zip(runs[1:], configs[1:], strict=True):
-        if sorted(groups_of(run)) != sorted(first):
+    groups = [groups_of(_rows(r)) for r in runs]
+    for run, config, mine in zip(runs[1:], configs[1:], groups[1:], strict=True):
+        if sorted(mine) != sorted(groups[0]):
             raise ChooseError(
-                f"{str(run)!r} scored the groups {sorted(groups_of(run))}, {str(runs[0])!r} {sorted(first)}: compare "
+                f"{str(run)!r} scored the groups {sorted(mine)}, {str(runs[0])!r} {sorted(groups[0])}: compare "
                 "runs of one recipe that differ only in the parts' scopes"
             )
         if config.get("seed") != configs[0].get("seed"):
@@ -154,7 +154,7 @@ def check_same_federation(runs: list[Path]) -> dict[str, int]:
                 f"{str(run)!r} ran with seed {config.get('seed')}, {str(runs[0])!r} with {configs[0].get('seed')}: "
                 "compare runs of one seed (the same clients and data), then repeat per seed"
             )
-    return first
+    return groups[0]
 
 
 def choose(scores: list[RunScores]) -> dict[str, int]:
