@@ -17,7 +17,7 @@ from mmfl.choose import choose_parser, run_choose
 from mmfl.data.task import Task, prepare_task
 from mmfl.evaluation.command import OUTPUTS, add_evaluate_arguments, run_evaluate
 from mmfl.evaluation.protocol import Protocol
-from mmfl.evaluation.zeroshot_command import run_zeroshot, zeroshot_parser
+from mmfl.evaluation.zeroshot_command import run_zeroshot, zeroshot_parser, zeroshot_report
 from mmfl.export import export_parser, run_export
 from mmfl.federated.averaging import AVERAGE
 from mmfl.federated.faults import RoundFailed
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(cfg: Namespace, sub: dict) -> int:
     """Run the parsed subcommand."""
     if cfg.subcommand == "zeroshot":
-        run_zeroshot(cfg.zeroshot)
+        print(zeroshot_report(cfg.zeroshot, run_zeroshot(cfg.zeroshot)))
     elif cfg.subcommand == "export":
         run_export(cfg.export)
     elif cfg.subcommand == "choose":

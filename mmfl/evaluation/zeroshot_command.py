@@ -54,7 +54,7 @@ def zeroshot_parser() -> ArgumentParser:
 
 
 def run_zeroshot(cfg: Namespace) -> dict:
-    """Check the arguments, build the backbone, score, and print the result."""
+    """Check the arguments, build the backbone and score; :func:`zeroshot_report` words the result for stdout."""
     if cfg.backbone is None:
         cfg.backbone = checkpoint_model_name(cfg.pretrained) or "mmfl-mini"
     check_backbone_args(cfg.backbone, cfg.pretrained)
@@ -82,12 +82,15 @@ def run_zeroshot(cfg: Namespace) -> dict:
         **result,
         "templates": task.prompt_templates(),
     }
-    if cfg.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"{cfg.backbone} zero-shot on {cfg.data} ({cfg.split}, n={result['n']}, "
-            f"{result['classes']} classes): top-1 {100 * result['top1']:.1f}% (chance {100 * result['chance']:.1f}%, "
-            f"{result['top1'] / result['chance']:.1f}x chance)"
-        )
     return result
+
+
+def zeroshot_report(cfg: Namespace, result: dict) -> str:
+    """What ``mmfl zeroshot`` prints: one JSON object (``--json``) or a sentence."""
+    if cfg.json:
+        return json.dumps(result)
+    return (
+        f"{cfg.backbone} zero-shot on {cfg.data} ({cfg.split}, n={result['n']}, "
+        f"{result['classes']} classes): top-1 {100 * result['top1']:.1f}% (chance {100 * result['chance']:.1f}%, "
+        f"{result['top1'] / result['chance']:.1f}x chance)"
+    )
