@@ -121,6 +121,16 @@ def processes(env: dict[str, str], logs: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
+# `flower-supernode` whose heartbeat is Flower's shortest allowed, 10 s instead of its hard-coded 30: the SuperLink
+# then reports the node gone 2 × 10 s after it dies instead of 60 s (a test that kills a node waits that long)
+QUICK_HEARTBEAT_SUPERNODE = (
+    "python",
+    "-c",
+    "import sys; import flwr.common.constant as c; c.HEARTBEAT_DEFAULT_INTERVAL = c.HEARTBEAT_MIN_INTERVAL; "
+    "from flwr.supernode.cli import flower_supernode; sys.argv[0] = 'flower-supernode'; sys.exit(flower_supernode())",
+)
+
+
 def write_app(
     tmp_path: Path,
     clients: int,

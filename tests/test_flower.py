@@ -21,6 +21,7 @@ pytest.importorskip("flwr", reason="the Flower engine needs flwr: pip install 'm
 
 from flower_procs import (
     BIN,
+    QUICK_HEARTBEAT_SUPERNODE,
     RECIPE,
     Processes,
     flwr,
@@ -128,9 +129,9 @@ def test_a_killed_supernode_is_reported_and_the_run_goes_on(tmp_path: Path) -> N
         procs.start("superlink", "flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={link}")
         nodes = {}
         for cid in ["digits/image/0", "animals/image/0", "digits/image/1"]:
-            nodes[cid] = procs.start(
+            nodes[cid] = procs.start(  # the node killed below reports a shorter heartbeat: its loss shows sooner
                 cid.replace("/", "-"),
-                "flower-supernode",
+                *(QUICK_HEARTBEAT_SUPERNODE if cid == "digits/image/1" else ("flower-supernode",)),
                 "--insecure",
                 f"--superlink=127.0.0.1:{link}",
                 "--host=127.0.0.1",
