@@ -121,12 +121,18 @@ def processes(env: dict[str, str], logs: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
-# `flower-supernode` whose heartbeat is Flower's shortest allowed, 10 s instead of its hard-coded 30: the SuperLink
-# then reports the node gone 2 × 10 s after it dies instead of 60 s (a test that kills a node waits that long)
+# `flower-supernode` whose node heartbeat is Flower's shortest allowed, 10 s instead of its hard-coded 30: the
+# SuperLink then reports the node gone 2 x 10 s after it dies instead of 60 s (a test that kills a node waits that
+# long). Only the node's heartbeat changes (the interval it reports and its sender's pace, both module globals of
+# flwr 1.42, pinned); `flwr.common.constant` stays as it is, because the SuperNode also judges its ClientApp's task
+# heartbeat by it, and the ClientApp (a fresh process) still beats every ~20 s: a 10 s constant there would call a
+# busy but healthy ClientApp dead (seen on a loaded machine).
 QUICK_HEARTBEAT_SUPERNODE = (
     "python",
     "-c",
-    "import sys; import flwr.common.constant as c; c.HEARTBEAT_DEFAULT_INTERVAL = c.HEARTBEAT_MIN_INTERVAL; "
+    "import sys; import flwr.common.constant as c; import flwr.supercore.heartbeat as h; "
+    "import flwr.supernode.fleet_http_connection as f; "
+    "h.HEARTBEAT_DEFAULT_INTERVAL = f.HEARTBEAT_DEFAULT_INTERVAL = c.HEARTBEAT_MIN_INTERVAL; "
     "from flwr.supernode.cli import flower_supernode; sys.argv[0] = 'flower-supernode'; sys.exit(flower_supernode())",
 )
 
